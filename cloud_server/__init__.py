@@ -1,0 +1,1 @@
+"""The cloud pool: broker, tail workers, dynamic batching, HTTP admin."""

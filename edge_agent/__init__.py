@@ -1,0 +1,1 @@
+"""The on-device runtime: EdgeAgent (sync and asyncio), link monitor, local fallback."""
