@@ -1,0 +1,150 @@
+"""Byte stages of a codec: lossless transforms of a flat buffer (byte shuffle, zstd, lz4).
+
+Every decoder is told the exact size its output must have (derived from the declared shape, which
+the protocol has already bounded), so a hostile payload can never make it allocate more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgesplit.errors import CodecError
+
+
+def _nbytes(buf: Any) -> int:
+    return memoryview(buf).nbytes
+
+
+class ByteStage:
+    name = ""
+    compresses = False
+
+    def encode(self, buf: Any, itemsize: int, params: dict) -> Any:
+        raise NotImplementedError
+
+    def decode(self, buf: Any, size: int, params: dict) -> Any:
+        raise NotImplementedError
+
+    def validate(self, buf: Any, size: int, params: dict) -> None:
+        """Cheap checks that need no allocation."""
+
+
+class ShuffleStage(ByteStage):
+    """Byte shuffle (byte k of every element together): floats' exponent bytes then compress well."""
+
+    name = "shuffle"
+
+    def encode(self, buf, itemsize, params):
+        params["shuffle"] = itemsize
+        if itemsize <= 1:
+            return buf
+        a = np.frombuffer(buf, np.uint8)
+        if a.size % itemsize:
+            raise CodecError(f"shuffle: {a.size} bytes is not a multiple of {itemsize}")
+        return np.ascontiguousarray(a.reshape(-1, itemsize).T).reshape(-1)
+
+    def _k(self, size, params):
+        k = params.get("shuffle")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16 or size % k:
+            raise CodecError(f"shuffle: bad element size {k!r} for {size} bytes")
+        return k
+
+    def validate(self, buf, size, params):
+        self._k(size, params)
+        if _nbytes(buf) != size:
+            raise CodecError(f"shuffle: payload has {_nbytes(buf)} bytes, the shape needs {size}")
+
+    def decode(self, buf, size, params):
+        self.validate(buf, size, params)
+        k = params["shuffle"]
+        if k <= 1:
+            return buf
+        a = np.frombuffer(buf, np.uint8)
+        return np.ascontiguousarray(a.reshape(k, -1).T).reshape(-1)
+
+
+class ZstdStage(ByteStage):
+    """Zstandard (level 1-3 keeps pace with the link; the frame records its content size)."""
+
+    name = "zstd"
+    compresses = True
+
+    def __init__(self, level: int = 1):
+        import zstandard
+
+        if not -7 <= level <= 22:
+            raise CodecError(f"zstd: level {level} is outside -7..22")
+        self.level = level
+        self._zstd = zstandard
+        self._c = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        self._d = zstandard.ZstdDecompressor()
+
+    def encode(self, buf, itemsize, params):
+        if _nbytes(buf) == 0:
+            return b""
+        return self._c.compress(buf)
+
+    def validate(self, buf, size, params):
+        n = _nbytes(buf)
+        if size == 0:
+            if n:
+                raise CodecError("zstd: payload for an empty tensor must be empty")
+            return
+        try:
+            declared = self._zstd.frame_content_size(buf)
+        except self._zstd.ZstdError as exc:
+            raise CodecError(f"zstd: not a zstd frame ({exc})") from None
+        if declared != size:
+            raise CodecError(f"zstd: frame declares {declared} bytes, the shape needs {size}")
+
+    def decode(self, buf, size, params):
+        self.validate(buf, size, params)
+        if size == 0:
+            return b""
+        try:
+            out = self._d.decompress(buf, max_output_size=size)
+        except self._zstd.ZstdError as exc:
+            raise CodecError(f"zstd: corrupt payload ({exc})") from None
+        if len(out) != size:
+            raise CodecError(f"zstd: got {len(out)} bytes, the shape needs {size}")
+        return out
+
+
+class Lz4Stage(ByteStage):
+    """LZ4 block (fastest; sizes come from the shape, not the payload)."""
+
+    name = "lz4"
+    compresses = True
+
+    def __init__(self, acceleration: int = 1):
+        import lz4.block
+
+        self._lz4 = lz4.block
+        self.acceleration = acceleration
+
+    def encode(self, buf, itemsize, params):
+        if _nbytes(buf) == 0:
+            return b""
+        return self._lz4.compress(buf, store_size=False, mode="fast", acceleration=self.acceleration)
+
+    def validate(self, buf, size, params):
+        n = _nbytes(buf)
+        if size == 0 and n:
+            raise CodecError("lz4: payload for an empty tensor must be empty")
+        # LZ4 expands at most 255:1; a payload too short for `size` bytes is corrupt.
+        if size and (n == 0 or n * 255 + 16 < size):
+            raise CodecError(f"lz4: {n} bytes cannot hold {size} bytes")
+
+    def decode(self, buf, size, params):
+        self.validate(buf, size, params)
+        if size == 0:
+            return b""
+        try:
+            out = self._lz4.decompress(buf, uncompressed_size=size)
+        except Exception as exc:  # lz4 raises LZ4BlockError (a bare Exception subclass)
+            raise CodecError(f"lz4: corrupt payload ({exc})") from None
+        if len(out) != size:
+            raise CodecError(f"lz4: got {len(out)} bytes, the shape needs {size}")
+        return out

@@ -1,0 +1,281 @@
+"""Codec pipelines named by spec strings ("int8+zstd"), the Encoded form, and the registry."""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgesplit.errors import CodecError
+from edgesplit.codecs import _bytes, _quant
+
+# The dtypes a codec accepts (the bundle's; kept in sync by a test).
+DTYPES = frozenset(
+    {"float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+     "int64", "uint64", "bool"}
+)
+NUMERIC_STAGES = ("raw", "fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2")
+BYTE_STAGES = ("shuffle", "zstd", "lz4")
+MAX_RANK = 32
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded tensor: what the wire carries.
+
+    Attributes:
+        codec: the stages actually applied, e.g. "int8+zstd" (a lossy stage on an integer tensor
+            falls back to "raw", so this may differ from the codec's spec).
+        dtype: the original numpy dtype name.
+        shape: the original shape.
+        params: what decoding needs (scales, zero points, shuffle width), msgpack-able.
+        payload: the bytes (bytes, memoryview or a buffer-protocol object; not copied).
+    """
+
+    codec: str
+    dtype: str
+    shape: tuple[int, ...]
+    params: dict = field(default_factory=dict)
+    payload: Any = b""
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes (what the link carries besides the small header)."""
+        return memoryview(self.payload).nbytes
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Bytes of the decoded tensor."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * np.dtype(self.dtype).itemsize
+
+
+def _parse_stage(token: str) -> tuple[str, list[str]]:
+    name, *opts = token.strip().split(":")
+    return name.strip().lower(), [o.strip().lower() for o in opts]
+
+
+def parse_spec(spec: str) -> tuple[tuple[str, list[str]], list[tuple[str, list[str]]]]:
+    """Split "int8:pc+zstd:3" into ("int8", ["pc"]) + byte stages; checks every name."""
+    if not isinstance(spec, str) or not spec.strip() or len(spec) > 200:
+        raise CodecError(f"codec spec must be a non-empty string, got {spec!r}")
+    tokens = [_parse_stage(t) for t in spec.split("+")]
+    numeric: tuple[str, list[str]] = ("raw", [])
+    if tokens[0][0] in NUMERIC_STAGES:
+        numeric = tokens.pop(0)
+    for name, _ in tokens:
+        if name not in BYTE_STAGES:
+            where = "first" if name in NUMERIC_STAGES else ""
+            hint = f" (a numeric stage must come {where})" if where else ""
+            raise CodecError(
+                f"unknown codec stage {name!r} in {spec!r}{hint}; numeric stages: "
+                f"{', '.join(NUMERIC_STAGES)}; byte stages: {', '.join(BYTE_STAGES)}"
+            )
+    return numeric, tokens
+
+
+class Codec:
+    """A numeric stage followed by byte stages. Thread-safe to share; build with get_codec()."""
+
+    def __init__(self, spec: str, *, per_channel: bool | None = None, axis: int = 1,
+                 level: int | None = None, packed: bool | None = None, shuffle: bool | None = None,
+                 use_calibration: bool = True):
+        (name, opts), byte_tokens = parse_spec(spec)
+        if name.startswith("int"):
+            pc = per_channel if per_channel is not None else ("pc" in opts)
+            if "pt" in opts and per_channel is None:
+                pc = False
+            pk = packed if packed is not None else ("u" not in opts)
+            self.numeric: _quant.NumericStage = _quant.IntStage(
+                int(name[3:]), per_channel=pc, axis=axis, packed=pk,
+                use_calibration=use_calibration and "nocal" not in opts)
+        else:
+            self.numeric = {"raw": _quant.RawStage, "fp16": _quant.Fp16Stage, "bf16": _quant.Bf16Stage}[name]()
+        self.stage_names: list[str] = []
+        self._byte_specs: list[tuple[str, list[str]]] = []
+        explicit_shuffle = any(n == "shuffle" for n, _ in byte_tokens)
+        for bname, bopts in byte_tokens:
+            if bname in ("zstd", "lz4") and not explicit_shuffle and shuffle is not False:
+                # Implicit byte shuffle in front of the first compressor: it pays for every
+                # multi-byte payload (benchmarks/results/codecs.md) and is a no-op for 1-byte ones.
+                if shuffle is None or shuffle:
+                    self._byte_specs.append(("shuffle", []))
+                explicit_shuffle = True
+            self._byte_specs.append((bname, bopts))
+        self.level = level
+        self.byte_stages = [self._make_byte_stage(n, o) for n, o in self._byte_specs]
+        # The spec as the wire names it: stage names only, options live in params.
+        self.spec = "+".join([self.numeric.name] + [b.name for b in self.byte_stages])
+
+    def _make_byte_stage(self, name: str, opts: list[str]) -> _bytes.ByteStage:
+        if name == "shuffle":
+            return _bytes.ShuffleStage()
+        if name == "zstd":
+            lvl = self.level if self.level is not None else (int(opts[0]) if opts and _isint(opts[0]) else 1)
+            return _bytes.ZstdStage(lvl)
+        return _bytes.Lz4Stage()
+
+    @property
+    def lossy(self) -> bool:
+        return self.numeric.lossy
+
+    def __repr__(self) -> str:
+        return f"Codec({self.spec!r})"
+
+    # -- encode ----------------------------------------------------------------------------
+    def encode(self, array: Any, calibration: Mapping[str, Any] | None = None) -> Encoded:
+        """Encode one tensor.
+
+        Args:
+            array: a numpy array (any dtype in DTYPES, any layout; the payload may alias it).
+            calibration: this tensor's entry of the bundle's "calibration" field
+                ({"min", "max", "axis", "min_c", "max_c"}); int stages then use the recorded
+                range instead of this message's own min/max.
+        """
+        arr = np.asarray(array)
+        dtype = arr.dtype.name
+        if dtype not in DTYPES:
+            raise CodecError(f"cannot encode dtype {arr.dtype} (allowed: {', '.join(sorted(DTYPES))})")
+        numeric = self.numeric
+        if numeric.lossy and dtype not in _quant.FLOAT_DTYPES:
+            numeric = _RAW  # lossy stages only touch floating point tensors; ids, masks stay exact
+        with np.errstate(invalid="ignore", over="ignore"):
+            buf, params = numeric.encode(arr, calibration)
+        itemsize = numeric.out_itemsize(dtype)
+        names = [numeric.name]
+        for stage in self.byte_stages:
+            if stage.name == "shuffle" and itemsize <= 1:
+                continue  # shuffling 1-byte codes changes nothing
+            buf = stage.encode(buf, itemsize, params)
+            names.append(stage.name)
+        payload = buf if isinstance(buf, (bytes, memoryview)) else memoryview(buf)
+        return Encoded("+".join(names), dtype, tuple(int(d) for d in arr.shape), params, payload)
+
+    # -- decode ----------------------------------------------------------------------------
+    def decode(self, enc: Encoded) -> np.ndarray:
+        """Decode `enc` (which may come from the network); raises CodecError on any inconsistency."""
+        return decode(enc)
+
+
+_RAW = _quant.RawStage()
+_NUMERIC = {"raw": _RAW, "fp16": _quant.Fp16Stage(), "bf16": _quant.Bf16Stage()}
+_BYTE_DECODERS: dict[str, _bytes.ByteStage] = {}
+_lock = threading.Lock()
+
+
+def _isint(s: str) -> bool:
+    try:
+        int(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _byte_decoder(name: str) -> _bytes.ByteStage:
+    stage = _BYTE_DECODERS.get(name)
+    if stage is None:
+        with _lock:
+            stage = _BYTE_DECODERS.get(name)
+            if stage is None:
+                stage = {"shuffle": _bytes.ShuffleStage, "zstd": _bytes.ZstdStage, "lz4": _bytes.Lz4Stage}[name]()
+                _BYTE_DECODERS[name] = stage
+    return stage
+
+
+def _numeric_decoder(name: str) -> _quant.NumericStage:
+    stage = _NUMERIC.get(name)
+    if stage is None:
+        stage = _quant.IntStage(int(name[3:]))
+    return stage
+
+
+def _plan(enc: Encoded) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], int]:
+    """Check everything about `enc` that needs no allocation; return the stages and payload size."""
+    if not isinstance(enc, Encoded):
+        raise CodecError(f"expected an Encoded, got {type(enc).__name__}")
+    if not isinstance(enc.codec, str) or len(enc.codec) > 200:
+        raise CodecError("codec name must be a short string")
+    names = enc.codec.split("+")
+    if names[0] not in NUMERIC_STAGES or any(n not in BYTE_STAGES for n in names[1:]) or len(names) > 8:
+        raise CodecError(f"unknown codec {enc.codec!r}")
+    if enc.dtype not in DTYPES:
+        raise CodecError(f"dtype {enc.dtype!r} is not allowed")
+    if not isinstance(enc.shape, tuple) or len(enc.shape) > MAX_RANK or any(
+        isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in enc.shape
+    ):
+        raise CodecError(f"shape {enc.shape!r} must be a tuple of non-negative ints")
+    if not isinstance(enc.params, dict):
+        raise CodecError("params must be a dict")
+    numeric = _numeric_decoder(names[0])
+    if numeric.lossy and enc.dtype not in _quant.FLOAT_DTYPES:
+        raise CodecError(f"{numeric.name} cannot carry dtype {enc.dtype}")
+    try:
+        memoryview(enc.payload)
+    except TypeError:
+        raise CodecError(f"payload must be bytes-like, got {type(enc.payload).__name__}") from None
+    size = numeric.payload_size(enc.dtype, enc.shape, enc.params)
+    if isinstance(numeric, _quant.IntStage):
+        numeric.validate(enc.dtype, enc.shape, enc.params)
+    stages = [_byte_decoder(n) for n in names[1:]]
+    return numeric, stages, size
+
+
+def validate(enc: Encoded) -> None:
+    """Check an Encoded (codec, dtype, shape, params, payload size) without decoding it."""
+    numeric, stages, size = _plan(enc)
+    if stages:
+        stages[-1].validate(enc.payload, size, enc.params)
+    elif memoryview(enc.payload).nbytes != size:
+        raise CodecError(
+            f"{enc.codec}: payload has {memoryview(enc.payload).nbytes} bytes, "
+            f"{enc.dtype}{list(enc.shape)} needs {size}"
+        )
+
+
+def decode(enc: Encoded) -> np.ndarray:
+    """Decode any Encoded, picking the stages from `enc.codec`."""
+    numeric, stages, size = _plan(enc)
+    buf = enc.payload
+    for stage in reversed(stages):
+        buf = stage.decode(buf, size, enc.params)
+    if memoryview(buf).nbytes != size:
+        raise CodecError(
+            f"{enc.codec}: payload has {memoryview(buf).nbytes} bytes, {enc.dtype}{list(enc.shape)} needs {size}"
+        )
+    try:
+        return numeric.decode(buf, enc.dtype, enc.shape, enc.params)
+    except (ValueError, TypeError) as exc:
+        raise CodecError(f"{enc.codec}: cannot decode ({exc})") from None
+
+
+_CACHE: dict[tuple, Codec] = {}
+
+
+def get_codec(spec: str, **params: Any) -> Codec:
+    """The codec named by `spec`, e.g. "raw", "fp16+lz4", "int8+zstd", "int4:pc+zstd:3".
+
+    Stages are joined by "+": one numeric stage first (raw, fp16, bf16, int8..int2; default raw),
+    then byte stages (shuffle, zstd, lz4). Stage options follow a colon: ``int8:pc`` per channel,
+    ``int8:pt`` per tensor, ``int4:u`` one code per byte instead of packed, ``int8:nocal`` ignore
+    calibration, ``zstd:3`` level 3. Keyword params override them: per_channel, axis, level,
+    packed, shuffle (False disables the implicit byte shuffle before a compressor), use_calibration.
+    """
+    key = (spec, tuple(sorted(params.items())))
+    codec = _CACHE.get(key)
+    if codec is None:
+        try:
+            codec = Codec(spec, **params)
+        except TypeError as exc:
+            raise CodecError(f"bad codec option for {spec!r}: {exc}") from None
+        with _lock:
+            _CACHE[key] = codec
+    return codec
+
+
+def is_finite_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)

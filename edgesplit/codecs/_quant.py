@@ -1,0 +1,331 @@
+"""Numeric stages of a codec: how an array becomes a flat byte buffer (raw, fp16, bf16, intN).
+
+Each stage turns an array into a 1-D uint8 buffer plus msgpack-able params, and back. Decoding
+checks every param and the buffer size against the declared shape before it allocates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from edgesplit.errors import CodecError
+
+FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+
+
+def wire_dtype(name: str) -> np.dtype:
+    """The little-endian numpy dtype that carries `name` on the wire."""
+    dt = np.dtype(name)
+    return dt if dt.itemsize == 1 else dt.newbyteorder("<")
+
+
+def as_bytes(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous little-endian array viewed as flat uint8, copying only when it must."""
+    dt = wire_dtype(arr.dtype.name)
+    if arr.dtype != dt:
+        arr = arr.astype(dt)
+    arr = np.ascontiguousarray(arr)
+    return arr.reshape(-1).view(np.uint8)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _finite_float(params: dict, key: str) -> float:
+    v = params.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise CodecError(f"codec param {key!r} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _int_param(params: dict, key: str, lo: int, hi: int) -> int:
+    v = params.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise CodecError(f"codec param {key!r} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+class NumericStage:
+    """Base: the first stage of every codec."""
+
+    name = "raw"
+    lossy = False
+
+    def out_itemsize(self, dtype: str) -> int:
+        """Bytes per element of the buffer this stage makes (drives the byte shuffle)."""
+        return np.dtype(dtype).itemsize
+
+    def payload_size(self, dtype: str, shape: tuple[int, ...], params: dict) -> int:
+        return _count(shape) * np.dtype(dtype).itemsize
+
+    def encode(self, arr: np.ndarray, calibration: Any) -> tuple[np.ndarray, dict]:
+        return as_bytes(arr), {}
+
+    def decode(self, buf: Any, dtype: str, shape: tuple[int, ...], params: dict) -> np.ndarray:
+        return np.frombuffer(buf, dtype=wire_dtype(dtype)).reshape(shape)
+
+
+class RawStage(NumericStage):
+    """The array's own bytes (little-endian, C order); zero copy both ways."""
+
+
+class Fp16Stage(NumericStage):
+    """IEEE half precision."""
+
+    name = "fp16"
+    lossy = True
+
+    def out_itemsize(self, dtype: str) -> int:
+        return 2
+
+    def payload_size(self, dtype, shape, params):
+        return _count(shape) * 2
+
+    def encode(self, arr, calibration):
+        return as_bytes(np.asarray(arr, dtype=np.float16)), {}
+
+    def decode(self, buf, dtype, shape, params):
+        half = np.frombuffer(buf, dtype="<f2").reshape(shape)
+        return half.astype(dtype)
+
+
+class Bf16Stage(NumericStage):
+    """bfloat16: the top 16 bits of float32, rounded to nearest even (float32's range, 8-bit mantissa)."""
+
+    name = "bf16"
+    lossy = True
+
+    def out_itemsize(self, dtype: str) -> int:
+        return 2
+
+    def payload_size(self, dtype, shape, params):
+        return _count(shape) * 2
+
+    def encode(self, arr, calibration):
+        f = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)
+        u = f.view(np.uint32)
+        # Round to nearest even on the dropped 16 bits; NaN stays NaN because its exponent is all ones
+        # and a set mantissa bit survives unless it sat only in the low half (then make it quiet).
+        rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+        out = (rounded >> np.uint32(16)).astype("<u2")
+        nan = np.isnan(f)
+        if nan.any():
+            out[nan] = 0x7FC0
+        return out.view(np.uint8), {}
+
+    def decode(self, buf, dtype, shape, params):
+        hi = np.frombuffer(buf, dtype="<u2")
+        u = hi.astype(np.uint32) << np.uint32(16)
+        return u.view(np.float32).reshape(shape).astype(dtype, copy=False)
+
+
+class IntStage(NumericStage):
+    """Affine integer quantisation to `bits` (2..8), per tensor or per channel.
+
+    x ~= (q - zero) * scale with q in [0, 2**bits - 1]; the range always includes 0, so exact zeros
+    (ReLU/ReLU6 outputs) stay exact and compress well. Below 8 bits the codes are packed densely
+    unless `packed=False` (one code per byte, which an entropy stage after it codes better).
+    """
+
+    lossy = True
+
+    def __init__(self, bits: int, per_channel: bool = False, axis: int = 1, packed: bool = True,
+                 use_calibration: bool = True):
+        if not 2 <= bits <= 8:
+            raise CodecError(f"int{bits}: bit width must be 2..8")
+        self.bits = bits
+        self.name = f"int{bits}"
+        self.per_channel = per_channel
+        self.axis = axis
+        self.packed = packed and bits < 8
+        self.use_calibration = use_calibration
+
+    def out_itemsize(self, dtype):
+        return 1
+
+    # -- ranges -----------------------------------------------------------------------------
+    def _ranges(self, x: np.ndarray, calibration: Any) -> tuple[np.ndarray, np.ndarray, int | None]:
+        axis = None
+        if self.per_channel and x.ndim >= 2:
+            axis = self.axis % x.ndim
+        cal = calibration if (self.use_calibration and isinstance(calibration, dict)) else None
+        if cal is not None:
+            if axis is not None and "min_c" in cal and len(cal["min_c"]) == x.shape[axis]:
+                return (np.asarray(cal["min_c"], np.float32), np.asarray(cal["max_c"], np.float32), axis)
+            if "min" in cal and "max" in cal:
+                return np.float32(cal["min"]), np.float32(cal["max"]), None
+        if axis is None:
+            if x.size == 0:
+                return np.float32(0), np.float32(0), None
+            return np.float32(x.min()), np.float32(x.max()), None
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        if x.size == 0:
+            z = np.zeros(x.shape[axis], np.float32)
+            return z, z, axis
+        return x.min(axis=others).astype(np.float32), x.max(axis=others).astype(np.float32), axis
+
+    def _scale_zero(self, lo, hi):
+        qmax = (1 << self.bits) - 1
+        lo = np.minimum(lo, 0).astype(np.float32)
+        hi = np.maximum(hi, 0).astype(np.float32)
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            raise CodecError(f"{self.name}: the tensor holds NaN or infinity; use raw, fp16 or bf16")
+        scale = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+        zero = np.clip(np.rint(-lo / scale), 0, qmax).astype(np.uint8)
+        return scale, zero
+
+    def encode(self, arr, calibration):
+        x = np.asarray(arr)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        lo, hi, axis = self._ranges(x, calibration)
+        scale, zero = self._scale_zero(lo, hi)
+        qmax = (1 << self.bits) - 1
+        if axis is None:
+            inv = np.float32(1.0) / scale
+            bshape = ()
+        else:
+            bshape = [1] * x.ndim
+            bshape[axis] = x.shape[axis]
+            inv = (np.float32(1.0) / scale).reshape(bshape)
+        # One temporary: scale, shift by zero + 0.5, clip, truncate == round half up into [0, qmax].
+        tmp = np.multiply(x, inv, dtype=np.float32)
+        np.add(tmp, (zero.astype(np.float32) + np.float32(0.5)).reshape(bshape), out=tmp)
+        np.clip(tmp, 0, np.float32(qmax) + np.float32(0.5), out=tmp)
+        q = tmp.astype(np.uint8).reshape(-1)
+        if axis is None:
+            params = {"bits": self.bits, "scale": float(scale), "zero": int(zero)}
+        else:
+            params = {"bits": self.bits, "axis": axis, "scales": scale.astype("<f4").tobytes(),
+                      "zeros": zero.tobytes()}
+        params["packed"] = self.packed
+        if self.packed:
+            q = pack_bits(q, self.bits)
+        return q, params
+
+    # -- decode -----------------------------------------------------------------------------
+    def _check(self, dtype, shape, params):
+        if dtype not in FLOAT_DTYPES:
+            raise CodecError(f"{self.name}: cannot carry dtype {dtype}")
+        bits = _int_param(params, "bits", 2, 8)
+        if bits != self.bits:
+            raise CodecError(f"{self.name}: params say {bits} bits")
+        packed = params.get("packed", False)
+        if not isinstance(packed, bool):
+            raise CodecError(f"{self.name}: param 'packed' must be a bool")
+        return packed and bits < 8
+
+    def payload_size(self, dtype, shape, params):
+        packed = self._check(dtype, shape, params)
+        n = _count(shape)
+        return (n * self.bits + 7) // 8 if packed else n
+
+    def _scale_zero_from(self, shape, params):
+        qmax = (1 << self.bits) - 1
+        if "axis" in params:
+            if not shape:
+                raise CodecError(f"{self.name}: per-channel params on a scalar")
+            axis = _int_param(params, "axis", 0, len(shape) - 1)
+            c = shape[axis]
+            scales, zeros = params.get("scales"), params.get("zeros")
+            if not isinstance(scales, bytes) or len(scales) != 4 * c:
+                raise CodecError(f"{self.name}: 'scales' must be {4 * c} bytes (float32 per channel)")
+            if not isinstance(zeros, bytes) or len(zeros) != c:
+                raise CodecError(f"{self.name}: 'zeros' must be {c} bytes (uint8 per channel)")
+            scale = np.frombuffer(scales, "<f4")
+            zero = np.frombuffer(zeros, np.uint8)
+            if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+                raise CodecError(f"{self.name}: channel scales must be finite and positive")
+            if np.any(zero > qmax):
+                raise CodecError(f"{self.name}: a zero point exceeds {qmax}")
+            bshape = [1] * len(shape)
+            bshape[axis] = c
+            return scale.reshape(bshape), zero.astype(np.float32).reshape(bshape)
+        scale = _finite_float(params, "scale")
+        if scale <= 0:
+            raise CodecError(f"{self.name}: scale must be positive")
+        zero = _int_param(params, "zero", 0, qmax)
+        return np.float32(scale), np.float32(zero)
+
+    def validate(self, dtype, shape, params):
+        self._check(dtype, shape, params)
+        self._scale_zero_from(shape, params)
+
+    def decode(self, buf, dtype, shape, params):
+        packed = self._check(dtype, shape, params)
+        scale, zero = self._scale_zero_from(shape, params)
+        n = _count(shape)
+        raw = np.frombuffer(buf, np.uint8)
+        q = unpack_bits(raw, self.bits, n) if packed else raw
+        out = np.subtract(q.reshape(shape), zero, dtype=np.float32)
+        np.multiply(out, scale, out=out)
+        return out if dtype == "float32" else out.astype(dtype)
+
+
+# -- dense bit packing ----------------------------------------------------------------------
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack uint8 codes < 2**bits densely, little-endian bit order; returns ceil(n*bits/8) bytes."""
+    n = q.size
+    if bits == 8:
+        return q
+    if bits == 4:
+        if n % 2:
+            q = np.concatenate([q, np.zeros(1, np.uint8)])
+        return q[0::2] | (q[1::2] << np.uint8(4))
+    if bits == 2:
+        pad = (-n) % 4
+        if pad:
+            q = np.concatenate([q, np.zeros(pad, np.uint8)])
+        q = q.reshape(-1, 4)
+        return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
+    if bits == 6:
+        pad = (-n) % 4
+        if pad:
+            q = np.concatenate([q, np.zeros(pad, np.uint8)])
+        q = q.reshape(-1, 4)
+        a, b, c, d = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
+        out = np.empty((q.shape[0], 3), np.uint8)
+        out[:, 0] = a | (b << 6)
+        out[:, 1] = (b >> 2) | (c << 4)
+        out[:, 2] = (c >> 4) | (d << 2)
+        return out.reshape(-1)[: (n * 6 + 7) // 8]
+    bitsarr = np.unpackbits(q.reshape(-1, 1), axis=1, count=bits, bitorder="little")
+    return np.packbits(bitsarr.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of pack_bits: n uint8 codes."""
+    if bits == 8:
+        return packed[:n]
+    if bits == 4:
+        out = np.empty(2 * packed.size, np.uint8)
+        out[0::2] = packed & np.uint8(0x0F)
+        out[1::2] = packed >> np.uint8(4)
+        return out[:n]
+    if bits == 2:
+        out = np.empty((packed.size, 4), np.uint8)
+        for i in range(4):
+            out[:, i] = (packed >> np.uint8(2 * i)) & np.uint8(3)
+        return out.reshape(-1)[:n]
+    if bits == 6:
+        groups = (n + 3) // 4
+        full = np.zeros(groups * 3, np.uint8)
+        full[: packed.size] = packed
+        g = full.reshape(-1, 3)
+        b0, b1, b2 = g[:, 0], g[:, 1], g[:, 2]
+        out = np.empty((groups, 4), np.uint8)
+        out[:, 0] = b0 & 0x3F
+        out[:, 1] = (b0 >> 6) | ((b1 & 0x0F) << 2)
+        out[:, 2] = (b1 >> 4) | ((b2 & 0x03) << 4)
+        out[:, 3] = b2 >> 2
+        return out.reshape(-1)[:n]
+    bitsarr = np.unpackbits(packed, count=n * bits, bitorder="little").reshape(n, bits)
+    return np.packbits(bitsarr, axis=1, bitorder="little").reshape(-1)

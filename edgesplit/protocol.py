@@ -1,0 +1,440 @@
+"""The wire protocol: ZeroMQ multipart messages [msgpack header, payload frame, payload frame, ...].
+
+Header (a msgpack map)::
+
+    {"v": 1, "kind": "infer", "id": "...", "bundle": "<id>", "cut": 3, "deadline_ms": 80.0,
+     "tensors": [{"name", "dtype", "shape", "codec", "params", "nbytes"}, ...], **meta}
+
+Payloads travel as their own frames and are never copied: `encode` hands out the codecs' buffers,
+`decode` wraps the received frames in memoryviews. Everything from the network is untrusted:
+`decode` checks sizes against `Limits` before it parses or allocates anything, checks the header's
+schema, dtypes, codecs and that every declared size matches its frame, and raises ProtocolError
+(never anything else) when a message breaks the protocol. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import msgpack
+
+from edgesplit.codecs import BYTE_STAGES, NUMERIC_STAGES, Encoded
+from edgesplit.codecs import validate as _validate_encoded
+from edgesplit.errors import CodecError, ConfigError, ProtocolError
+
+__all__ = [
+    "VERSION", "KINDS", "ERROR_CODES", "Limits", "Message", "MessageError",
+    "infer", "result", "error", "ping", "pong", "hello", "welcome", "cancel",
+    "encode", "decode", "check_tensors", "send", "recv", "error_code",
+]
+
+VERSION = 1
+KINDS = frozenset({"infer", "result", "error", "ping", "pong", "hello", "welcome", "cancel"})
+# Kinds whose messages may carry tensors.
+TENSOR_KINDS = frozenset({"infer", "result"})
+ERROR_CODES = frozenset(
+    {"bad_request", "version", "unknown_bundle", "bad_cut", "busy", "deadline", "internal",
+     "shutdown", "worker_lost"}
+)
+RESERVED = frozenset({"v", "kind", "id", "bundle", "cut", "deadline_ms", "tensors"})
+_TENSOR_KEYS = frozenset({"name", "dtype", "shape", "codec", "params", "nbytes"})
+_DTYPES = frozenset(
+    {"float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+     "int64", "uint64", "bool"}
+)
+_ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2,
+             "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "bool": 1}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts; everything is checked before parsing or allocating."""
+
+    max_message_bytes: int = 256 << 20  # all frames together, header included
+    max_header_bytes: int = 256 << 10  # the msgpack header frame (per-channel scales live here)
+    max_decoded_bytes: int = 1 << 30  # all tensors of one message once decoded
+    max_tensors: int = 64  # tensors (payload frames) per message
+    max_rank: int = 8  # dims per tensor
+    max_dim: int = 1 << 31  # largest single dimension
+    max_name_length: int = 256  # tensor names, request ids, bundle ids, codec names, meta keys
+    max_meta_depth: int = 8  # nesting of meta values (timings, load, profile)
+    max_items: int = 4096  # msgpack arrays and maps (the parser allocates for the declared count)
+
+    def __post_init__(self):
+        for name, value in self.__dict__.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Limits.{name} must be a positive int, got {value!r}")
+
+
+class MessageError(ProtocolError):
+    """A ProtocolError that knows the reply code and, when the header was readable, the request id.
+
+    Attributes:
+        code: the error code a server answers with ("version" or "bad_request").
+        request_id: the message's id if it could be read, else None.
+    """
+
+    def __init__(self, message: str, code: str = "bad_request", request_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+def error_code(exc: BaseException) -> str:
+    """The protocol error code to answer a failed decode with."""
+    return getattr(exc, "code", "bad_request") if isinstance(exc, ProtocolError) else "internal"
+
+
+@dataclass
+class Message:
+    """One wire message. `deadline_ms` is a relative budget at send time (no clock sync needed)."""
+
+    kind: str
+    id: str = ""
+    bundle: str | None = None
+    cut: int | None = None
+    deadline_ms: float | None = None
+    tensors: dict[str, Encoded] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def payload_nbytes(self) -> int:
+        return sum(e.nbytes for e in self.tensors.values())
+
+
+# -- constructors ------------------------------------------------------------------------------
+def infer(id: str, bundle: str, cut: int, tensors: Mapping[str, Encoded], deadline_ms: float | None = None,
+          **meta: Any) -> Message:
+    """An inference request: run the bundle's segments from `cut` on `tensors`."""
+    return Message("infer", id, bundle, cut, deadline_ms, dict(tensors), meta)
+
+
+def result(id: str, tensors: Mapping[str, Encoded], **meta: Any) -> Message:
+    """The answer to an infer: the model outputs (meta: timings, worker)."""
+    return Message("result", id, tensors=dict(tensors), meta=meta)
+
+
+def error(id: str, code: str, message: str, **meta: Any) -> Message:
+    """An error reply (codes in ERROR_CODES; meta may hold retry_after_ms)."""
+    return Message("error", id, meta={"code": code, "message": message, **meta})
+
+
+def ping(id: str = "", **meta: Any) -> Message:
+    return Message("ping", id, meta=meta)
+
+
+def pong(id: str = "", **meta: Any) -> Message:
+    return Message("pong", id, meta=meta)
+
+
+def hello(id: str = "", bundle: str | None = None, **meta: Any) -> Message:
+    """Ask the broker whether it holds `bundle`; answered by `welcome`."""
+    return Message("hello", id, bundle=bundle, meta=meta)
+
+
+def welcome(id: str = "", **meta: Any) -> Message:
+    return Message("welcome", id, meta=meta)
+
+
+def cancel(id: str, **meta: Any) -> Message:
+    """The edge no longer wants the answer to request `id` (best effort)."""
+    return Message("cancel", id, meta=meta)
+
+
+# -- encode ------------------------------------------------------------------------------------
+def encode(msg: Message) -> list[Any]:
+    """Header frame + one payload frame per tensor; payloads are the codecs' buffers, not copies.
+
+    Send with ``socket.send_multipart(frames, copy=False)``. Raises ProtocolError for a message
+    that the peer would refuse (unknown kind, reserved meta key, non-finite number, ...).
+    """
+    if msg.kind not in KINDS:
+        raise ProtocolError(f"unknown message kind {msg.kind!r} (known: {', '.join(sorted(KINDS))})")
+    if msg.tensors and msg.kind not in TENSOR_KINDS:
+        raise ProtocolError(f"a {msg.kind!r} message carries no tensors")
+    clash = RESERVED.intersection(msg.meta)
+    if clash:
+        raise ProtocolError(f"meta keys {sorted(clash)} are reserved header fields")
+    header: dict[str, Any] = {"v": VERSION, "kind": msg.kind, "id": msg.id}
+    if msg.bundle is not None:
+        header["bundle"] = msg.bundle
+    if msg.cut is not None:
+        header["cut"] = msg.cut
+    if msg.deadline_ms is not None:
+        header["deadline_ms"] = float(msg.deadline_ms)
+    frames: list[Any] = [None]
+    if msg.tensors:
+        descs = []
+        for name, enc in msg.tensors.items():
+            if not isinstance(enc, Encoded):
+                raise ProtocolError(f"tensor {name!r} must be an Encoded (use a codec), got {type(enc).__name__}")
+            nbytes = enc.nbytes
+            descs.append({"name": name, "dtype": enc.dtype, "shape": list(enc.shape), "codec": enc.codec,
+                          "params": enc.params, "nbytes": nbytes})
+            frames.append(enc.payload)
+        header["tensors"] = descs
+    header.update(msg.meta)
+    _check_header_values(header, Limits())
+    try:
+        frames[0] = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"cannot encode the {msg.kind} header: {exc}") from None
+    return frames
+
+
+# -- decode ------------------------------------------------------------------------------------
+def _fail(message: str, request_id: str | None = None, code: str = "bad_request"):
+    raise MessageError(message, code=code, request_id=request_id)
+
+
+def _buffer(frame: Any, i: int) -> memoryview:
+    # zmq.Frame (copy=False), bytes, bytearray, memoryview: all expose the buffer protocol.
+    try:
+        view = memoryview(frame)
+    except TypeError:
+        _fail(f"frame {i} is a {type(frame).__name__}, not a bytes-like object")
+    if view.ndim != 1 or view.itemsize != 1:
+        try:
+            view = view.cast("B")
+        except TypeError:
+            _fail(f"frame {i} is not a contiguous byte buffer")
+    return view
+
+
+def _check_header_values(obj: Any, limits: Limits, depth: int = 0, where: str = "header") -> None:
+    """Reject extension types, non-finite floats, non-str keys and deep nesting anywhere."""
+    if depth > limits.max_meta_depth:
+        raise MessageError(f"{where}: nested deeper than {limits.max_meta_depth} levels")
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise MessageError(f"{where}: number {obj!r} is not finite")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str) or len(k) > limits.max_name_length:
+                raise MessageError(f"{where}: keys must be strings of at most {limits.max_name_length} chars")
+            _check_header_values(v, limits, depth + 1, f"{where}.{k}" if len(where) < 200 else where)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_header_values(v, limits, depth + 1, f"{where}[]" if len(where) < 200 else where)
+    elif obj is None or isinstance(obj, (bool, int, str, bytes, bytearray, memoryview)):
+        pass
+    else:
+        raise MessageError(f"{where}: values of type {type(obj).__name__} are not allowed")
+
+
+def _str(value: Any, what: str, limits: Limits, rid: str | None, allow_empty: bool = True) -> str:
+    if not isinstance(value, str) or len(value) > limits.max_name_length or (not allow_empty and not value):
+        _fail(f"{what} must be a{' non-empty' if not allow_empty else ''} string of at most "
+              f"{limits.max_name_length} chars, got {_short(value)}", rid)
+    return value
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _known_codec(codec: str) -> bool:
+    names = codec.split("+")
+    return names[0] in NUMERIC_STAGES and all(n in BYTE_STAGES for n in names[1:]) and len(names) <= 8
+
+
+def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
+    """Parse and check a received message (without a ROUTER identity frame).
+
+    Frames may be zmq.Frame objects (recv_multipart(copy=False)); payloads then stay in ZeroMQ's
+    buffers. Raises ProtocolError (a MessageError with .code and .request_id) and nothing else.
+    """
+    try:
+        return _decode(frames, limits)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise MessageError("header nested too deeply") from None
+
+
+def _decode(frames: Sequence[Any], limits: Limits) -> Message:
+    if not isinstance(frames, (list, tuple)):
+        _fail(f"a message is a list of frames, got {type(frames).__name__}")
+    if not frames:
+        _fail("empty message (no header frame)")
+    if len(frames) > limits.max_tensors + 1:
+        _fail(f"{len(frames) - 1} payload frames exceed the limit of {limits.max_tensors} tensors")
+    views = [_buffer(f, i) for i, f in enumerate(frames)]
+    total = sum(v.nbytes for v in views)
+    if total > limits.max_message_bytes:
+        _fail(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
+    head = views[0]
+    if head.nbytes > limits.max_header_bytes:
+        _fail(f"header of {head.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
+    if head.nbytes == 0:
+        _fail("empty header frame")
+    try:
+        header = msgpack.unpackb(
+            head, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=limits.max_header_bytes, max_bin_len=limits.max_header_bytes,
+            max_array_len=limits.max_items, max_map_len=limits.max_items, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo (ValueError, ExtraData, FormatError, StackError...)
+        _fail(f"header is not valid msgpack ({type(exc).__name__}: {_short(str(exc))})")
+    if not isinstance(header, dict):
+        _fail(f"header must be a msgpack map, got {type(header).__name__}")
+    rid = header.get("id") if isinstance(header.get("id"), str) and len(header.get("id")) <= limits.max_name_length else None
+    v = header.get("v")
+    if not _int(v):
+        _fail(f"header lacks an integer protocol version 'v' (got {_short(v)}); this peer speaks "
+              f"version {VERSION}", rid)
+    if v != VERSION:
+        _fail(f"protocol version {_short(v)} is not supported: this peer speaks version {VERSION}",
+              rid, code="version")
+    _check_header_values(header, limits)
+    kind = header.get("kind")
+    if kind not in KINDS:
+        _fail(f"unknown message kind {_short(kind)} (known: {', '.join(sorted(KINDS))})", rid)
+    mid = _str(header.get("id", ""), "id", limits, rid)
+    bundle = header.get("bundle")
+    if bundle is not None:
+        _str(bundle, "bundle", limits, rid, allow_empty=False)
+    cut = header.get("cut")
+    if cut is not None and not (_int(cut) and 0 <= cut <= 1_000_000):
+        _fail(f"cut must be a non-negative int, got {_short(cut)}", rid)
+    deadline = header.get("deadline_ms")
+    if deadline is not None:
+        if not (isinstance(deadline, (int, float)) and not isinstance(deadline, bool)):
+            _fail(f"deadline_ms must be a number, got {_short(deadline)}", rid)
+        deadline = float(deadline)
+    if kind == "infer":
+        if bundle is None or cut is None:
+            _fail("an infer message needs 'bundle' and 'cut'", rid)
+    if kind == "error":
+        _str(header.get("code"), "error code", limits, rid, allow_empty=False)
+        if not isinstance(header.get("message", ""), str):
+            _fail("error message must be a string", rid)
+
+    descs = header.get("tensors", [])
+    if not isinstance(descs, list):
+        _fail("'tensors' must be a list", rid)
+    if descs and kind not in TENSOR_KINDS:
+        _fail(f"a {kind!r} message carries no tensors", rid)
+    if len(descs) != len(views) - 1:
+        _fail(f"header describes {len(descs)} tensors but {len(views) - 1} payload frames came", rid)
+    tensors: dict[str, Encoded] = {}
+    decoded_total = 0
+    for i, d in enumerate(descs):
+        enc, size = _tensor(d, views[i + 1], i, limits, rid)
+        if d["name"] in tensors:
+            _fail(f"tensor {d['name']!r} appears twice", rid)
+        decoded_total += size
+        if decoded_total > limits.max_decoded_bytes:
+            _fail(f"tensors decode to more than the limit of {limits.max_decoded_bytes} bytes", rid)
+        tensors[d["name"]] = enc
+    meta = {k: val for k, val in header.items() if k not in RESERVED}
+    return Message(kind, mid, bundle, cut, deadline, tensors, meta)
+
+
+def _tensor(d: Any, view: memoryview, i: int, limits: Limits, rid: str | None) -> tuple[Encoded, int]:
+    if not isinstance(d, dict):
+        _fail(f"tensor {i}: descriptor must be a map", rid)
+    missing = _TENSOR_KEYS.difference(d)
+    if missing:
+        _fail(f"tensor {i}: descriptor lacks {sorted(missing)}", rid)
+    name = _str(d["name"], f"tensor {i} name", limits, rid, allow_empty=False)
+    dtype = d["dtype"]
+    if dtype not in _DTYPES:
+        _fail(f"tensor {name!r}: dtype {_short(dtype)} is not allowed (allowed: {', '.join(sorted(_DTYPES))})", rid)
+    shape = d["shape"]
+    if not isinstance(shape, list) or len(shape) > limits.max_rank:
+        _fail(f"tensor {name!r}: shape must be a list of at most {limits.max_rank} dims", rid)
+    count = 1
+    for dim in shape:
+        if not _int(dim) or not 0 <= dim <= limits.max_dim:
+            _fail(f"tensor {name!r}: dim {_short(dim)} must be an int in [0, {limits.max_dim}]", rid)
+        count *= dim
+    size = count * _ITEMSIZE[dtype]
+    if size > limits.max_decoded_bytes:
+        _fail(f"tensor {name!r}: {dtype}{shape} decodes to {size} bytes, over the limit of "
+              f"{limits.max_decoded_bytes}", rid)
+    codec = d["codec"]
+    if not isinstance(codec, str) or len(codec) > limits.max_name_length or not _known_codec(codec):
+        _fail(f"tensor {name!r}: unknown codec {_short(codec)}", rid)
+    params = d["params"]
+    if not isinstance(params, dict):
+        _fail(f"tensor {name!r}: params must be a map", rid)
+    nbytes = d["nbytes"]
+    if not _int(nbytes) or nbytes != view.nbytes:
+        _fail(f"tensor {name!r}: header declares {_short(nbytes)} bytes but its frame has {view.nbytes}", rid)
+    enc = Encoded(codec, dtype, tuple(shape), params, view)
+    try:
+        _validate_encoded(enc)
+    except CodecError as exc:
+        _fail(f"tensor {name!r}: {exc}", rid)
+    return enc, size
+
+
+# -- checks against the bundle -----------------------------------------------------------------
+def check_tensors(msg: Message, specs: Sequence[Any], max_batch: int | None = None) -> dict[str, int]:
+    """Check that `msg.tensors` are exactly `specs` (a cut's TensorSpecs): names, dtypes, shapes.
+
+    A symbolic dim (a str such as "N") matches any size, but the same symbol must have the same
+    size in every tensor; with `max_batch`, a symbolic leading dim may not exceed it.
+    Returns the symbol bindings, e.g. {"N": 4}. Raises ProtocolError.
+    """
+    rid = msg.id
+    want = {s.name: s for s in specs}
+    missing = [n for n in want if n not in msg.tensors]
+    extra = [n for n in msg.tensors if n not in want]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        raise MessageError(f"tensors do not match the cut: {'; '.join(parts)}", request_id=rid)
+    bindings: dict[str, int] = {}
+    for name, spec in want.items():
+        enc = msg.tensors[name]
+        if enc.dtype != spec.dtype:
+            raise MessageError(f"tensor {name!r}: dtype {enc.dtype} but the cut needs {spec.dtype}", request_id=rid)
+        if not _known_codec(enc.codec):
+            raise MessageError(f"tensor {name!r}: unknown codec {enc.codec!r}", request_id=rid)
+        if len(enc.shape) != len(spec.shape):
+            raise MessageError(
+                f"tensor {name!r}: shape {list(enc.shape)} has rank {len(enc.shape)}, the cut needs "
+                f"{list(spec.shape)}", request_id=rid)
+        for axis, (got, dim) in enumerate(zip(enc.shape, spec.shape)):
+            if isinstance(dim, str) or dim is None or (isinstance(dim, int) and dim < 0):
+                sym = dim if isinstance(dim, str) else f"?{name}:{axis}"
+                bound = bindings.setdefault(sym, got)
+                if bound != got:
+                    raise MessageError(
+                        f"tensor {name!r}: dim {axis} ({sym}) is {got} but another tensor has {sym}={bound}",
+                        request_id=rid)
+                if max_batch is not None and axis == 0 and got > max_batch:
+                    raise MessageError(f"tensor {name!r}: batch {got} exceeds the limit of {max_batch}",
+                                       request_id=rid)
+            elif got != dim:
+                raise MessageError(
+                    f"tensor {name!r}: shape {list(enc.shape)} does not match the cut's {list(spec.shape)}",
+                    request_id=rid)
+    return {k: v for k, v in bindings.items() if not k.startswith("?")}
+
+
+# -- sockets -----------------------------------------------------------------------------------
+def send(socket: Any, msg: Message, envelope: Iterable[bytes] = (), flags: int = 0) -> None:
+    """Send `msg` on a ZeroMQ socket without copying payloads (ROUTER: pass the identity as envelope)."""
+    socket.send_multipart([*envelope, *encode(msg)], flags=flags, copy=False)
+
+
+def recv(socket: Any, limits: Limits = Limits(), envelope: int = 0, flags: int = 0) -> tuple[list[Any], Message]:
+    """Receive one message; returns (envelope frames, Message). ROUTER: envelope=1 (the identity)."""
+    frames = socket.recv_multipart(flags=flags, copy=False)
+    if len(frames) < envelope:
+        raise MessageError("message shorter than its envelope")
+    env = [f.bytes for f in frames[:envelope]]
+    return env, decode(frames[envelope:], limits)
