@@ -1,0 +1,160 @@
+"""AgentConfig: every timeout, heartbeat, retry, backoff and fallback setting of the edge agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from edgesplit.errors import ConfigError
+
+__all__ = ["AgentConfig", "FALLBACK_POLICIES"]
+
+# "local": finish on the device; "error": raise LinkDownError / DeadlineExceeded / RemoteError;
+# "wait": hold the request until a server is back (or its deadline passes, then DeadlineExceeded).
+FALLBACK_POLICIES = ("local", "error", "wait")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of one EdgeAgent. Validated on construction (raises ConfigError).
+
+    All durations are milliseconds. The defaults suit a LAN or loopback; on a cellular link
+    raise ``deadline_ms`` and ``heartbeat_interval_ms``.
+    """
+
+    # --- requests ---------------------------------------------------------------------------
+    # Budget of one request from submit to answer, unless the call passes its own deadline_ms.
+    deadline_ms: float = 2000.0
+    # What to do when no server is live or the cloud misses the deadline: see FALLBACK_POLICIES.
+    fallback: str = "local"
+    # Under "local", the agent stops waiting for the cloud this long (plus the profiled local
+    # tail time) before the deadline, so the local answer still lands in time.
+    fallback_margin_ms: float = 2.0
+    # Frames that may be in flight at once (head running, on the wire, or in the cloud);
+    # submit() blocks when this many are pending. This is what pipelines a camera loop.
+    max_in_flight: int = 8
+    # How many times a request is resent to another live server after a failed hop
+    # (server died, bad reply, retryable error) before it is finished locally.
+    max_resends: int = 2
+    # Codec the cloud should use for the outputs it sends back.
+    reply_codec: str = "raw"
+
+    # --- link monitor -----------------------------------------------------------------------
+    # Application heartbeat: a ping to every server this often; the pong carries the server load.
+    heartbeat_interval_ms: float = 200.0
+    # A server that sent nothing for this many intervals is declared down (loss is detected
+    # within heartbeat_misses * heartbeat_interval_ms). ZeroMQ's own ZMQ_HEARTBEAT_IVL/TIMEOUT
+    # are set from the same two numbers, so a dead TCP connection is also dropped by libzmq.
+    heartbeat_misses: int = 2
+    # ZMQ_HEARTBEAT_TTL sent to the server: it drops our connection after this much silence.
+    heartbeat_ttl_ms: float = 2000.0
+    # A reconnect attempt (a fresh socket that sends hello + ping) waits this long for the answer.
+    probe_timeout_ms: float = 400.0
+    # Reconnect backoff after a failed attempt: initial, multiplied each time, capped, +/- jitter.
+    reconnect_initial_ms: float = 50.0
+    reconnect_multiplier: float = 2.0
+    reconnect_max_ms: float = 1000.0
+    # Fraction of random jitter added to each backoff delay (0.2 = +/- 20 %).
+    reconnect_jitter: float = 0.2
+    # A server that sent a bad reply (garbage, wrong id, wrong shapes) gets no requests for this
+    # long; doubled for each further bad reply, reset by a good one.
+    ban_initial_ms: float = 500.0
+    ban_max_ms: float = 30000.0
+    # The constructor waits this long for a first live server (0: do not wait).
+    connect_timeout_ms: float = 2000.0
+    # close() lets requests in flight finish for this long, then fails the rest.
+    close_timeout_ms: float = 5000.0
+    # libzmq send high-water mark per server socket (messages).
+    send_hwm: int = 1000
+
+    # --- estimates and the automatic cut ----------------------------------------------------
+    # Weight of a new sample in the RTT and bandwidth EWMAs.
+    ewma_alpha: float = 0.2
+    # Bandwidth assumed until real traffic has measured it (bits per second).
+    assumed_bandwidth_bps: float = 100e6
+    # A round trip gives a bandwidth sample only when it moved at least this many bytes and
+    # its transfer (network time minus RTT) took at least min_transfer_ms: small messages
+    # measure scheduling noise, not the link.
+    min_sample_bytes: int = 16384
+    min_transfer_ms: float = 0.5
+    # cut="auto" moves to another cut only when it is predicted faster by this fraction.
+    auto_hysteresis: float = 0.15
+    # cut="auto" re-plans at most this often.
+    auto_replan_ms: float = 500.0
+    # When cut="auto" chose to run everything locally, every Nth request still goes to the
+    # cloud so the bandwidth estimate stays fresh.
+    auto_probe_every: int = 20
+    # Cloud segment time = edge segment time / this, when the server reports no profile.
+    cloud_speedup: float = 1.0
+
+    # --- device -----------------------------------------------------------------------------
+    # Timed runs of every segment at start (after one warm-up run); 0 skips warm-up and profile.
+    profile_runs: int = 3
+    # ONNX Runtime intra-op threads for the device's segments (None: its default).
+    intra_op_threads: int | None = None
+    # Threads that run local fallbacks (tails finished on the device).
+    local_workers: int = 1
+
+    # --- security ---------------------------------------------------------------------------
+    # CURVE: the server's public key, and this agent's key pair (Z85 text, 40 characters each).
+    # All three set: encrypted and authenticated; none set: plain TCP.
+    curve_server_key: str | None = None
+    curve_public_key: str | None = None
+    curve_secret_key: str | None = None
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise ConfigError(f"AgentConfig.{name} must be a number, got {v!r}")
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ConfigError(f"AgentConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+        for name in ("deadline_ms", "heartbeat_interval_ms", "heartbeat_ttl_ms", "probe_timeout_ms",
+                     "reconnect_initial_ms", "reconnect_max_ms", "ban_initial_ms", "ban_max_ms",
+                     "assumed_bandwidth_bps", "auto_replan_ms", "cloud_speedup"):
+            positive(name)
+        for name in ("fallback_margin_ms", "connect_timeout_ms", "close_timeout_ms", "min_transfer_ms",
+                     "auto_hysteresis", "reconnect_jitter"):
+            positive(name, allow_zero=True)
+        for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
+                     "max_resends", "profile_runs", "min_sample_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"AgentConfig.{name} must be an integer, got {v!r}")
+        for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("max_resends", "profile_runs", "min_sample_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"AgentConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.fallback not in FALLBACK_POLICIES:
+            raise ConfigError(f"AgentConfig.fallback must be one of {FALLBACK_POLICIES}, got {self.fallback!r}")
+        if self.reconnect_multiplier < 1:
+            raise ConfigError(f"AgentConfig.reconnect_multiplier must be >= 1, got {self.reconnect_multiplier!r}")
+        if self.reconnect_max_ms < self.reconnect_initial_ms:
+            raise ConfigError("AgentConfig.reconnect_max_ms must be >= reconnect_initial_ms")
+        if self.ban_max_ms < self.ban_initial_ms:
+            raise ConfigError("AgentConfig.ban_max_ms must be >= ban_initial_ms")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ConfigError(f"AgentConfig.ewma_alpha must be in (0, 1], got {self.ewma_alpha!r}")
+        if self.reconnect_jitter >= 1:
+            raise ConfigError(f"AgentConfig.reconnect_jitter must be < 1, got {self.reconnect_jitter!r}")
+        if self.intra_op_threads is not None and (not isinstance(self.intra_op_threads, int)
+                                                  or self.intra_op_threads < 1):
+            raise ConfigError(f"AgentConfig.intra_op_threads must be None or >= 1, got {self.intra_op_threads!r}")
+        if not isinstance(self.reply_codec, str) or not self.reply_codec:
+            raise ConfigError(f"AgentConfig.reply_codec must be a codec spec, got {self.reply_codec!r}")
+        keys = (self.curve_server_key, self.curve_public_key, self.curve_secret_key)
+        if any(k is not None for k in keys):
+            if any(k is None for k in keys):
+                raise ConfigError("CURVE needs curve_server_key, curve_public_key and curve_secret_key together")
+            for name, k in zip(("curve_server_key", "curve_public_key", "curve_secret_key"), keys):
+                if not isinstance(k, (str, bytes)) or len(k) != 40:
+                    raise ConfigError(f"AgentConfig.{name} must be a 40-character Z85 key")
+
+    def replace(self, **changes) -> "AgentConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"AgentConfig has no field(s) {sorted(unknown)}")
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})

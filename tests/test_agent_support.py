@@ -1,0 +1,167 @@
+"""Helpers for the agent tests: a tiny chain bundle and a tiny real ROUTER server.
+
+The server is real (a ZeroMQ ROUTER on a random loopback port, the tail run by ONNX Runtime
+through edgesplit.runtime.SegmentChain); its `mode` makes it misbehave on purpose.
+Run as a script it serves a bundle in its own process:  python tests/test_agent_support.py BUNDLE
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import zmq
+from onnx import TensorProto, helper, numpy_helper
+
+from edgesplit import codecs, protocol
+from edgesplit.bundle import Bundle, Cut, TensorSpec, write_bundle
+
+DIM = 16
+WIDTHS = (DIM, 32, 24, 8)  # x[N,16] -> a[N,32] -> b[N,24] -> y[N,8]
+
+
+def _layer(name: str, x: str, y: str, n_in: int, n_out: int, seed: int, act: str | None):
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32), f"{name}_w")
+    b = numpy_helper.from_array(rng.standard_normal(n_out).astype(np.float32) * 0.1, f"{name}_b")
+    pre = y + "_pre" if act else y
+    nodes = [helper.make_node("Gemm", [x, w.name, b.name], [pre], name=f"{name}_gemm")]
+    if act:
+        nodes.append(helper.make_node(act, [pre], [y], name=f"{name}_{act.lower()}"))
+    return nodes, [w, b]
+
+
+def _model(nodes, inits, x: str, n_in: int, y: str, n_out: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", n_out])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def chain_bundle(out: Path) -> tuple[Bundle, Path]:
+    """A 3-segment MLP bundle (cuts 1 and 2) and the unsplit model beside it."""
+    names = ("x", "a", "b", "y")
+    acts = ("Relu", "Tanh", None)
+    layers = [_layer(f"l{i}", names[i], names[i + 1], WIDTHS[i], WIDTHS[i + 1], seed=i, act=acts[i])
+              for i in range(3)]
+    segments = [(_model(n, w, names[i], WIDTHS[i], names[i + 1], WIDTHS[i + 1]), [names[i]], [names[i + 1]])
+                for i, (n, w) in enumerate(layers)]
+    full = _model([n for ls, _ in layers for n in ls], [w for _, ws in layers for w in ws], "x", DIM, "y", WIDTHS[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    full_path = out / "full.onnx"
+    onnx.save(full, str(full_path))
+    specs = [TensorSpec(names[i], "float32", ("N", WIDTHS[i])) for i in range(4)]
+    model = {"name": "chain", "source_sha256": "0" * 64, "inputs": [specs[0].to_json()],
+             "outputs": [specs[3].to_json()]}
+    cuts = [Cut(k, (names[k],), specs[k].bytes_per_sample(), (specs[k],)) for k in (1, 2)]
+    return write_bundle(out / "chain.bundle", model, segments, cuts), full_path
+
+
+def reference(full_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(full_path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+class MiniServer:
+    """A ROUTER that answers like a cloud broker, or misbehaves per `mode`.
+
+    Modes: "good", "wrong_shape", "wrong_dtype", "wrong_id", "garbage", "silent" (answers pings,
+    never results), "error:<code>".
+    """
+
+    def __init__(self, bundle: Bundle, mode: str = "good", address: str = "tcp://127.0.0.1:0",
+                 compute_delay_s: float = 0.0):
+        from edgesplit.runtime import SegmentChain
+
+        self.bundle = bundle
+        self.mode = mode
+        self.compute_delay_s = compute_delay_s
+        self.chains = {k: SegmentChain(bundle, k, bundle.num_segments, runner="ort-cpu")
+                       for k in range(bundle.num_segments)}
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(address)
+        self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.requests = 0
+        self.pings = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mini-server", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        raw = codecs.get_codec("raw")
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(20):
+                continue
+            ident, *frames = self.sock.recv_multipart(copy=False)
+            msg = protocol.decode(frames)
+            if msg.kind == "ping":
+                self.pings += 1
+                protocol.send(self.sock, protocol.pong(msg.id, load={"workers": 1, "queued": 0, "inflight": 0,
+                                                                     "est_wait_ms": 0.0}), [ident])
+                continue
+            if msg.kind == "hello":
+                protocol.send(self.sock, protocol.welcome(msg.id, held=msg.bundle == self.bundle.id,
+                                                         profile={"segment_ms": None, "device": "cpu"}), [ident])
+                continue
+            if msg.kind != "infer":
+                continue
+            self.requests += 1
+            mode = self.mode
+            if mode == "silent":
+                continue
+            if mode.startswith("error:"):
+                protocol.send(self.sock, protocol.error(msg.id, mode[6:], "on purpose"), [ident])
+                continue
+            if mode == "garbage":
+                self.sock.send_multipart([ident, b"\xc1 this is not msgpack", b"junk"])
+                continue
+            tensors = {n: codecs.decode(e) for n, e in msg.tensors.items()}
+            if self.compute_delay_s:
+                time.sleep(self.compute_delay_s)
+            out = self.chains[msg.cut].run(tensors)
+            rid = msg.id
+            if mode == "wrong_shape":
+                out = {n: np.concatenate([a, a], axis=-1) for n, a in out.items()}
+            elif mode == "wrong_dtype":
+                out = {n: a.astype(np.float64) for n, a in out.items()}
+            elif mode == "wrong_id":
+                rid = "someone-else-7"
+            reply = protocol.result(rid, {n: raw.encode(a) for n, a in out.items()},
+                                    timings={"queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.1, "encode_ms": 0.0},
+                                    worker="mini")
+            protocol.send(self.sock, reply, [ident])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close(linger=0)
+        self.ctx.term()
+        for c in self.chains.values():
+            c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+if __name__ == "__main__":  # a mini server in its own process (prints its address)
+    srv = MiniServer(Bundle.load(sys.argv[1]), address=sys.argv[2] if len(sys.argv) > 2 else "tcp://127.0.0.1:0")
+    print(srv.address, flush=True)
+    print("ready", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        srv.close()
