@@ -130,12 +130,13 @@ def pong(id: str = "", **meta: Any) -> Message:
 
 
 def hello(id: str = "", bundle: str | None = None, **meta: Any) -> Message:
-    """Ask the broker whether it holds `bundle`; answered by `welcome`."""
+    """Ask the broker whether it holds `bundle` (also readable as meta["bundle"]); answered by `welcome`."""
     return Message("hello", id, bundle=bundle, meta=meta)
 
 
-def welcome(id: str = "", **meta: Any) -> Message:
-    return Message("welcome", id, meta=meta)
+def welcome(id: str = "", bundle: str | None = None, **meta: Any) -> Message:
+    """The broker's answer to hello (meta: held, profile, load); `bundle` is also in meta on decode."""
+    return Message("welcome", id, bundle=bundle, meta=meta)
 
 
 def cancel(id: str, **meta: Any) -> Message:
@@ -154,12 +155,17 @@ def encode(msg: Message) -> list[Any]:
         raise ProtocolError(f"unknown message kind {msg.kind!r} (known: {', '.join(sorted(KINDS))})")
     if msg.tensors and msg.kind not in TENSOR_KINDS:
         raise ProtocolError(f"a {msg.kind!r} message carries no tensors")
-    clash = RESERVED.intersection(msg.meta)
+    meta = dict(msg.meta)
+    bundle = msg.bundle
+    if "bundle" in meta and (bundle is None or bundle == meta["bundle"]):
+        # hello/welcome name their bundle in meta (CONTRACTS.md); the header has one place for it.
+        bundle = meta.pop("bundle")
+    clash = RESERVED.intersection(meta)
     if clash:
         raise ProtocolError(f"meta keys {sorted(clash)} are reserved header fields")
     header: dict[str, Any] = {"v": VERSION, "kind": msg.kind, "id": msg.id}
-    if msg.bundle is not None:
-        header["bundle"] = msg.bundle
+    if bundle is not None:
+        header["bundle"] = bundle
     if msg.cut is not None:
         header["cut"] = msg.cut
     if msg.deadline_ms is not None:
@@ -175,7 +181,7 @@ def encode(msg: Message) -> list[Any]:
                           "params": enc.params, "nbytes": nbytes})
             frames.append(enc.payload)
         header["tensors"] = descs
-    header.update(msg.meta)
+    header.update(meta)
     _check_header_values(header, Limits())
     try:
         frames[0] = msgpack.packb(header, use_bin_type=True)
@@ -335,6 +341,8 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
             _fail(f"tensors decode to more than the limit of {limits.max_decoded_bytes} bytes", rid)
         tensors[d["name"]] = enc
     meta = {k: val for k, val in header.items() if k not in RESERVED}
+    if kind in ("hello", "welcome") and bundle is not None:
+        meta["bundle"] = bundle  # also where CONTRACTS.md's readers look for it
     return Message(kind, mid, bundle, cut, deadline, tensors, meta)
 
 

@@ -76,6 +76,10 @@ def parse_spec(spec: str) -> tuple[tuple[str, list[str]], list[tuple[str, list[s
                 f"unknown codec stage {name!r} in {spec!r}{hint}; numeric stages: "
                 f"{', '.join(NUMERIC_STAGES)}; byte stages: {', '.join(BYTE_STAGES)}"
             )
+    names = [n for n, _ in tokens]
+    compressors = [i for i, n in enumerate(names) if n in ("zstd", "lz4")]
+    if len(compressors) > 1 or (compressors and compressors[0] != len(names) - 1):
+        raise CodecError(f"codec {spec!r}: at most one compressor (zstd or lz4), and it comes last")
     return numeric, tokens
 
 
@@ -96,21 +100,25 @@ class Codec:
                 use_calibration=use_calibration and "nocal" not in opts)
         else:
             self.numeric = {"raw": _quant.RawStage, "fp16": _quant.Fp16Stage, "bf16": _quant.Bf16Stage}[name]()
-        self.stage_names: list[str] = []
-        self._byte_specs: list[tuple[str, list[str]]] = []
-        explicit_shuffle = any(n == "shuffle" for n, _ in byte_tokens)
-        for bname, bopts in byte_tokens:
-            if bname in ("zstd", "lz4") and not explicit_shuffle and shuffle is not False:
-                # Implicit byte shuffle in front of the first compressor: it pays for every
-                # multi-byte payload (benchmarks/results/codecs.md) and is a no-op for 1-byte ones.
-                if shuffle is None or shuffle:
-                    self._byte_specs.append(("shuffle", []))
-                explicit_shuffle = True
-            self._byte_specs.append((bname, bopts))
         self.level = level
-        self.byte_stages = [self._make_byte_stage(n, o) for n, o in self._byte_specs]
+        self.byte_stages = self._byte_plan(byte_tokens, shuffle, one_byte_codes=name.startswith("int"))
+        # Integer tensors pass a lossy codec untouched (raw), so they get the raw byte plan.
+        self._raw_byte_stages = self._byte_plan(byte_tokens, shuffle, one_byte_codes=False)
         # The spec as the wire names it: stage names only, options live in params.
         self.spec = "+".join([self.numeric.name] + [b.name for b in self.byte_stages])
+
+    def _byte_plan(self, tokens, shuffle: bool | None, one_byte_codes: bool) -> list[_bytes.ByteStage]:
+        plan: list[tuple[str, list[str]]] = []
+        # Shuffling one-byte codes changes nothing; otherwise a byte shuffle goes in front of the
+        # compressor unless asked not to: it pays for every multi-byte payload
+        # (benchmarks/results/codecs.md).
+        have_shuffle = one_byte_codes or any(n == "shuffle" for n, _ in tokens) or shuffle is False
+        for bname, bopts in tokens:
+            if bname in ("zstd", "lz4") and not have_shuffle:
+                plan.append(("shuffle", []))
+                have_shuffle = True
+            plan.append((bname, bopts))
+        return [self._make_byte_stage(n, o) for n, o in plan]
 
     def _make_byte_stage(self, name: str, opts: list[str]) -> _bytes.ByteStage:
         if name == "shuffle":
@@ -148,7 +156,7 @@ class Codec:
             buf, params = numeric.encode(arr, calibration)
         itemsize = numeric.out_itemsize(dtype)
         names = [numeric.name]
-        for stage in self.byte_stages:
+        for stage in (self.byte_stages if numeric is self.numeric else self._raw_byte_stages):
             if stage.name == "shuffle" and itemsize <= 1:
                 continue  # shuffling 1-byte codes changes nothing
             buf = stage.encode(buf, itemsize, params)
@@ -203,6 +211,8 @@ def _plan(enc: Encoded) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], in
     names = enc.codec.split("+")
     if names[0] not in NUMERIC_STAGES or any(n not in BYTE_STAGES for n in names[1:]) or len(names) > 8:
         raise CodecError(f"unknown codec {enc.codec!r}")
+    if any(n in ("zstd", "lz4") for n in names[1:-1]):
+        raise CodecError(f"codec {enc.codec!r}: a compressor must be the last stage")
     if enc.dtype not in DTYPES:
         raise CodecError(f"dtype {enc.dtype!r} is not allowed")
     if not isinstance(enc.shape, tuple) or len(enc.shape) > MAX_RANK or any(

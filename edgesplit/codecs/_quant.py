@@ -186,6 +186,8 @@ class IntStage(NumericStage):
         x = np.asarray(arr)
         if x.dtype != np.float32:
             x = x.astype(np.float32)
+        if x.ndim == 0:
+            x = x.reshape(1)  # ufuncs return scalars for 0-d arrays; the payload is flat anyway
         lo, hi, axis = self._ranges(x, calibration)
         scale, zero = self._scale_zero(lo, hi)
         qmax = (1 << self.bits) - 1
@@ -265,8 +267,9 @@ class IntStage(NumericStage):
         n = _count(shape)
         raw = np.frombuffer(buf, np.uint8)
         q = unpack_bits(raw, self.bits, n) if packed else raw
-        out = np.subtract(q.reshape(shape), zero, dtype=np.float32)
+        out = np.subtract(q.reshape(shape if shape else (1,)), zero, dtype=np.float32)
         np.multiply(out, scale, out=out)
+        out = out.reshape(shape)
         return out if dtype == "float32" else out.astype(dtype)
 
 
