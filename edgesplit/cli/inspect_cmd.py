@@ -1,0 +1,107 @@
+"""`edgesplit inspect`: list a model's candidate cuts with their tensors and bytes per sample."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_shape_option(p: argparse.ArgumentParser) -> None:
+    """The --shape option shared by inspect, partition and verify."""
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
+                   help="bind symbolic dims: an input (input=1x3x512x512) or a dim symbol (seq=128); "
+                        "repeatable. A dynamic batch is 1 unless given")
+
+
+def shapes_from_args(args) -> dict:
+    from edgesplit.graph import parse_shape_option
+
+    shapes: dict = {}
+    for text in getattr(args, "shape", None) or []:
+        name, dims = parse_shape_option(text)
+        shapes[name] = dims
+    return shapes
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="list candidate cuts: tensors and bytes per sample",
+        description="List the narrow closed cuts of an ONNX model (local minima of bytes per sample "
+                    "along a topological order), each with every tensor that crosses it.")
+    p.add_argument("model", metavar="MODEL", help="the .onnx file")
+    p.add_argument("--json", action="store_true", help="print one JSON object with a 'cuts' list")
+    p.add_argument("--all", action="store_true", help="every distinct closed cut, not only the narrow ones")
+    add_shape_option(p)
+    p.set_defaults(func=run)
+
+
+def _dims(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _human(n: int) -> str:
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from edgesplit.graph import candidate_cuts, infer_shapes, load_model
+    from edgesplit.graph._index import GraphIndex
+
+    shapes = shapes_from_args(args)
+    model = load_model(args.model, load_weights=False)
+    index = GraphIndex(model)
+    info = infer_shapes(model, shapes)
+    cuts = candidate_cuts(model, shapes=shapes, narrow=not args.all)
+
+    def spec(name):
+        t = info.symbolic.get(name)
+        return {"name": name, "dtype": t.dtype if t else None,
+                "shape": [d if d is not None else "?" for d in (t.dims or ())] if t else None}
+
+    inputs = [spec(v) for v in index.inputs]
+    outputs = [spec(v) for v in index.outputs]
+    unbound = sorted({d for c in cuts for s in c.specs for d in s.shape
+                      if isinstance(d, str) and d not in info.symbols})
+    if args.json:
+        doc = {
+            "model": str(args.model),
+            "name": Path(args.model).stem,
+            "nodes": len(index.order),
+            "inputs": inputs,
+            "outputs": outputs,
+            "symbols": info.symbols,
+            "unbound_symbols": unbound,
+            "narrow": not args.all,
+            "cuts": [c.to_json() for c in cuts],
+        }
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    out = sys.stdout
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
+    print(f"model   {args.model}  ({len(index.order)} compute nodes, opset {opsets})", file=out)
+    for kind, specs in (("input ", inputs), ("output", outputs)):
+        for s in specs:
+            print(f"{kind}  {s['name']}  {s['dtype']} {_dims(s['shape'] or ['?'])}", file=out)
+    what = "closed cuts" if args.all else "narrow cuts (local minima of bytes per sample)"
+    print(f"\n{len(cuts)} {what}; bytes at batch 1"
+          + (f", {', '.join(f'{k}={v}' for k, v in info.symbols.items())}" if info.symbols else ""), file=out)
+    print(f"{'cut':>4}  {'after':>9}  {'bytes/sample':>12}  {'':>9}  tensors", file=out)
+    for c in cuts:
+        names = [f"{s.name} {_dims(s.shape)}" for s in c.specs]
+        shown = names[0] + (f"  (+{len(names) - 1} more: {', '.join(c.tensors[1:4])}"
+                            f"{', ...' if len(names) > 4 else ''})" if len(names) > 1 else "")
+        mark = "" if c.exact else "*"
+        print(f"{c.index:>4}  {c.head_nodes:>4}/{c.total_nodes:<4}  {c.bytes_per_sample:>12,}{mark}"
+              f"  {_human(c.bytes_per_sample):>9}  {shown}", file=out)
+    if unbound:
+        print(f"\n* symbolic dims {', '.join(unbound)} were counted as 1; bind them with --shape "
+              f"(e.g. --shape {unbound[0]}=128)", file=out)
+    print(f"\npartition:  edgesplit partition {args.model} --cut TENSOR[,TENSOR...] -o BUNDLE", file=out)
+    return 0

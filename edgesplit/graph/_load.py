@@ -1,0 +1,117 @@
+"""Loading ONNX files by path: external data, large models, and one clear error for bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from edgesplit.errors import ModelError
+
+# A serialized proto above this cannot be checked or inferred in memory (protobuf's 2 GiB limit).
+PROTO_LIMIT = (1 << 31) - (1 << 20)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = lines[0] if lines else text
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in _all_tensors(model))
+
+
+def _all_tensors(model: onnx.ModelProto):
+    # Only top-level and subgraph initializers and Constant attributes can be external.
+    return external_data_helper._get_all_tensors(model)
+
+
+def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
+    base = path.parent
+    for t in _all_tensors(model):
+        if not external_data_helper.uses_external_data(t):
+            continue
+        info = external_data_helper.ExternalDataInfo(t)
+        loc = Path(info.location)
+        if loc.is_absolute() or ".." in loc.parts:
+            raise ModelError(f"{path}: tensor {t.name!r} points outside the model directory ({info.location})")
+        f = base / loc
+        if not f.is_file():
+            raise ModelError(f"{path}: external data file {info.location!r} of tensor {t.name!r} is missing")
+        end = (info.offset or 0) + (info.length or 0)
+        if info.length and os.path.getsize(f) < end:
+            raise ModelError(f"{path}: external data file {info.location!r} is truncated "
+                             f"(tensor {t.name!r} needs bytes up to {end})")
+
+
+def load_model(path: str | os.PathLike, load_weights: bool = True, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model by path.
+
+    Args:
+        path: the .onnx file; external data files are looked up beside it.
+        load_weights: read external data into the proto. Leave False to analyse the graph of
+            a large model without holding its weights (initializers keep their dims and type).
+        check: run onnx.checker on the graph (by path when the model has external data).
+
+    Raises:
+        ModelError: the file is missing, not ONNX, truncated, or fails the checker.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelError(f"{p}: is a directory, not an ONNX file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
+        raise ModelError(f"{p}: not an ONNX model, or truncated ({_first_line(exc)})") from exc
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelError(f"{p}: not an ONNX model (no ir_version, graph or opset_import)")
+    if not model.graph.output:
+        raise ModelError(f"{p}: the graph has no outputs (not an ONNX model, or truncated)")
+    external = has_external_data(model)
+    if external:
+        _check_external_files(model, p)
+    if check:
+        try:
+            if external:
+                onnx.checker.check_model(str(p))
+            else:
+                onnx.checker.check_model(model)
+        except Exception as exc:
+            raise ModelError(f"{p}: fails the ONNX checker, truncated or invalid ({_first_line(exc)})") from exc
+    if load_weights and external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:
+            raise ModelError(f"{p}: cannot read its external data ({_first_line(exc)})") from exc
+    return model
+
+
+def load_tensor_data(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    """Pull the external data of one initializer into the proto (no-op for embedded ones)."""
+    if external_data_helper.uses_external_data(tensor):
+        external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def file_sha256(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> str:
+    """sha256 of the model file followed by its external data files (sorted by name)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p]
+    if model is not None:
+        locs = sorted({external_data_helper.ExternalDataInfo(t).location for t in _all_tensors(model)
+                       if external_data_helper.uses_external_data(t)})
+        files += [p.parent / loc for loc in locs]
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,260 @@
+"""Shape and dtype inference for the tensors that may cross a cut.
+
+Two passes of ONNX shape inference on a weightless copy of the graph: one keeps the model's
+symbolic dims (for the specs a bundle stores), one binds them (dynamic batch = 1, the user's
+``shapes``) to count bytes per sample.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from edgesplit.errors import ConfigError, ModelError
+
+# Dtypes that a bundle tensor (and so a wire tensor) may have (edgesplit.bundle.DTYPES).
+WIRE_DTYPES = frozenset(
+    {"float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+     "int64", "uint64", "bool"}
+)
+
+# Initializers with at most this many elements keep their values for inference (Reshape
+# shapes, axes); bigger ones become typed inputs so inference does not copy the weights.
+_KEEP_VALUES = 4096
+
+Dim = "int | str | None"
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """What inference knows about one tensor: numpy dtype name (or None) and dims."""
+
+    dtype: str | None  # None: not a tensor, or unknown
+    elem_type: int  # onnx TensorProto.DataType, 0 when unknown
+    dims: tuple | None  # int (known), str (symbolic), None (unknown); None: rank unknown
+
+
+def np_dtype_name(elem_type: int) -> str | None:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:  # bfloat16, float8, string, undefined
+        return None
+
+
+def _type_of(tp: onnx.TypeProto) -> TensorType:
+    if not tp.HasField("tensor_type"):
+        return TensorType(None, 0, None)
+    tt = tp.tensor_type
+    dims = None
+    if tt.HasField("shape"):
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") and d.dim_param else None)
+            for d in tt.shape.dim
+        )
+    return TensorType(np_dtype_name(tt.elem_type) if tt.elem_type else None, tt.elem_type, dims)
+
+
+def parse_shape_option(text: str) -> tuple[str, tuple[int | str, ...]]:
+    """Parse ``name=1x3x224x224`` (or ``name=1,3,224,224``; ``name=128`` for a dim symbol)."""
+    name, sep, dims = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not dims.strip():
+        raise ConfigError(f"--shape {text!r}: expected NAME=DIMS, e.g. input=1x3x224x224 or seq=128")
+    out: list[int | str] = []
+    for tok in re.split(r"[x,\s]+", dims.strip().strip("[]()")):
+        if not tok:
+            continue
+        if tok.isdigit():
+            out.append(int(tok))
+        elif re.fullmatch(r"[A-Za-z_][\w.]*", tok):
+            out.append(tok)
+        else:
+            raise ConfigError(f"--shape {text!r}: {tok!r} is neither a size nor a symbol name")
+    if not out:
+        raise ConfigError(f"--shape {text!r}: no dims given")
+    return name, tuple(out)
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.ir_version = max(model.ir_version, 4)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g, src = m.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        numel = int(np.prod(t.dims)) if len(t.dims) else 1
+        small = numel <= _KEEP_VALUES and t.data_location != onnx.TensorProto.EXTERNAL
+        if small:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    g.sparse_initializer.extend(src.sparse_initializer)
+    return m
+
+
+def _bind_inputs(m: onnx.ModelProto, bindings: dict[str, tuple], symbols: dict[str, int]) -> None:
+    for vi in m.graph.input:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        want = bindings.get(vi.name)
+        for axis, d in enumerate(dims):
+            val = None
+            if want is not None and isinstance(want[axis], int):
+                val = want[axis]
+            elif d.HasField("dim_value"):
+                continue
+            elif d.HasField("dim_param") and d.dim_param in symbols:
+                val = symbols[d.dim_param]
+            if val is not None:
+                d.Clear()
+                d.dim_value = val
+
+
+def _infer(m: onnx.ModelProto) -> dict[str, TensorType]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False)
+        except Exception:
+            inferred = m
+    g = inferred.graph
+    out: dict[str, TensorType] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = _type_of(vi.type)
+        old = out.get(vi.name)
+        if old is None or (old.dims is None and t.dims is not None) or (not old.elem_type and t.elem_type):
+            out[vi.name] = t
+    return out
+
+
+@dataclass
+class ShapeInfo:
+    """Symbolic and bound types of every top-level tensor, and how the symbols were bound."""
+
+    symbolic: dict[str, TensorType]
+    bound: dict[str, TensorType]
+    symbols: dict[str, int]  # dim symbol -> size used for bytes
+    inputs: dict[str, tuple]  # the input shapes used for bytes (after binding)
+
+    def dtype(self, name: str) -> str | None:
+        t = self.symbolic.get(name) or self.bound.get(name)
+        return t.dtype if t else None
+
+    def elem_type(self, name: str) -> int:
+        t = self.symbolic.get(name) or self.bound.get(name)
+        return t.elem_type if t else 0
+
+    def spec_dims(self, name: str, unknown: "UnknownNamer") -> tuple | None:
+        """Dims for a bundle spec: ints, symbols, unknown ones named by `unknown`."""
+        t = self.symbolic.get(name)
+        dims = t.dims if t else None
+        if dims is None:
+            b = self.bound.get(name)
+            if b is None or b.dims is None:
+                return None
+            dims = tuple(None for _ in b.dims)
+        return tuple(d if d is not None else unknown(name, axis) for axis, d in enumerate(dims))
+
+    def bytes_per_sample(self, name: str) -> tuple[int, bool]:
+        """(bytes, exact): unknown or unbound dims count as 1 and make it inexact."""
+        t = self.bound.get(name) or self.symbolic.get(name)
+        if t is None or t.dtype is None:
+            return 0, False
+        if t.dims is None:
+            return np.dtype(t.dtype).itemsize, False
+        n, exact = 1, True
+        for d in t.dims:
+            if isinstance(d, int):
+                n *= d
+            elif isinstance(d, str) and d in self.symbols:
+                n *= self.symbols[d]
+            else:
+                exact = False
+        return n * np.dtype(t.dtype).itemsize, exact
+
+
+class UnknownNamer:
+    """Names unknown dims: axis 0 of a tensor -> "N" (the batch), others "?1", "?2", ..."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, name: str, axis: int) -> str:
+        if axis == 0:
+            return "N"
+        self.count += 1
+        return f"?{self.count}"
+
+
+def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None) -> ShapeInfo:
+    """Infer dtypes and shapes of every top-level tensor.
+
+    Args:
+        model: the model (weights need not be loaded).
+        shapes: input name -> dims, or dim symbol -> size (``{"seq": 128}``) to bind symbolic
+            dims for bytes per sample. A dynamic batch (symbolic axis 0 of an input) is 1.
+    """
+    if model.graph.ByteSize() > (1 << 31) - (1 << 24):
+        raise ModelError("the graph alone is over 2 GB; save the model with external data")
+    base = _weightless(model)
+    symbolic = _infer(base)
+    graph_inputs = {vi.name: _type_of(vi.type) for vi in model.graph.input}
+    bindings: dict[str, tuple] = {}
+    symbols: dict[str, int] = {}
+    for key, dims in (shapes or {}).items():
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        if key in graph_inputs:
+            have = graph_inputs[key].dims
+            if have is not None and len(have) != len(dims):
+                raise ConfigError(f"shape for input {key!r} has {len(dims)} dims; the model says "
+                                  f"{len(have)} ({'x'.join(str(d) for d in have)})")
+            for axis, d in enumerate(dims):
+                if have is not None and isinstance(have[axis], int) and isinstance(d, int) and have[axis] != d:
+                    raise ConfigError(f"shape for input {key!r}: axis {axis} is fixed at {have[axis]} in the model, not {d}")
+                if have is not None and isinstance(have[axis], str) and isinstance(d, int):
+                    symbols.setdefault(have[axis], d)
+            bindings[key] = dims
+        elif len(dims) == 1 and isinstance(dims[0], int) and _is_symbol(model, key):
+            symbols[key] = dims[0]
+        else:
+            names = ", ".join(n for n in graph_inputs) or "none"
+            raise ConfigError(f"shape {key!r}: no model input or dim symbol has that name (inputs: {names})")
+    # Dynamic batch = 1: a symbolic (or unknown) axis 0 of an input that nothing else binds.
+    for name, t in graph_inputs.items():
+        if t.dims and name not in bindings:
+            d0 = t.dims[0]
+            if isinstance(d0, str):
+                symbols.setdefault(d0, 1)
+            elif d0 is None:
+                bindings[name] = (1,) + tuple(t.dims[1:])
+    if symbols or bindings:
+        bound_model = onnx.ModelProto()
+        bound_model.CopyFrom(base)
+        _bind_inputs(bound_model, bindings, symbols)
+        bound = _infer(bound_model)
+    else:
+        bound = symbolic
+    used_inputs = {name: (bound.get(name).dims if name in bound and bound[name].dims is not None else t.dims)
+                   for name, t in graph_inputs.items()}
+    return ShapeInfo(symbolic, bound, symbols, used_inputs)
+
+
+def _is_symbol(model: onnx.ModelProto, name: str) -> bool:
+    for vi in model.graph.input:
+        if vi.type.HasField("tensor_type"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_param") and d.dim_param == name:
+                    return True
+    return False

@@ -1,0 +1,223 @@
+"""Tiny ONNX models built in code with onnx.helper, for tests of the partitioner and runtimes.
+
+Every builder returns an onnx.ModelProto with a dynamic batch "N"; `save(model, dir)` writes
+it. `TINY_MODELS` maps a name to a builder; `example_inputs(model)` makes matching feeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+
+__all__ = ["OPSET", "TINY_MODELS", "attention", "chain", "example_inputs", "if_model", "loop_model",
+           "residual", "save", "two_in_two_out"]
+
+
+def _w(name: str, *shape: int, seed: int = 0, scale: float = 0.5) -> onnx.TensorProto:
+    rng = np.random.default_rng(abs(hash((name, seed))) % (1 << 32))
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _c(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _model(nodes, inputs, outputs, inits, name: str, value_info=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits, value_info=list(value_info))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="edgesplit-tests")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _f(name: str, *dims) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
+
+
+def chain(width: int = 16, depth: int = 4) -> onnx.ModelProto:
+    """x[N,width] -> (MatMul, Relu) * depth -> y: every cut is one tensor."""
+    nodes, inits, prev = [], [], "x"
+    for i in range(depth):
+        inits.append(_w(f"w{i}", width, width))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"mm{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Relu", [f"mm{i}"], [f"h{i}"], name=f"relu{i}"))
+        prev = f"h{i}"
+    inits.append(_w("wout", width, 3))
+    nodes.append(helper.make_node("MatMul", [prev, "wout"], ["y"], name="head"))
+    return _model(nodes, [_f("x", "N", width)], [_f("y", "N", 3)], inits, "chain")
+
+
+def residual(channels: int = 8) -> onnx.ModelProto:
+    """A conv stem and two residual blocks (skip connections), a Constant, pooling and a classifier."""
+    c = channels
+    inits = [_w("stem_w", c, 3, 3, 3), _w("stem_b", c)]
+    nodes = [
+        helper.make_node("Conv", ["x", "stem_w", "stem_b"], ["stem"], pads=[1, 1, 1, 1], name="stem"),
+        helper.make_node("Relu", ["stem"], ["b0_in"], name="stem_relu"),
+    ]
+    prev = "b0_in"
+    for b in range(2):
+        p = f"b{b}"
+        inits += [_w(f"{p}_w1", c, c, 3, 3, scale=0.2), _w(f"{p}_w2", c, c, 3, 3, scale=0.2)]
+        nodes += [
+            helper.make_node("Conv", [prev, f"{p}_w1"], [f"{p}_c1"], pads=[1, 1, 1, 1], name=f"{p}_conv1"),
+            helper.make_node("Relu", [f"{p}_c1"], [f"{p}_r1"], name=f"{p}_relu1"),
+            helper.make_node("Conv", [f"{p}_r1", f"{p}_w2"], [f"{p}_c2"], pads=[1, 1, 1, 1], name=f"{p}_conv2"),
+            helper.make_node("Add", [f"{p}_c2", prev], [f"{p}_sum"], name=f"{p}_add"),
+            helper.make_node("Relu", [f"{p}_sum"], [f"{p}_out"], name=f"{p}_relu2"),
+        ]
+        prev = f"{p}_out"
+    inits += [_w("fc_w", c, 10), _w("fc_b", 10)]
+    nodes += [
+        helper.make_node("Constant", [], ["scale"], value=_c("scale_v", np.float32(0.5)), name="scale_const"),
+        helper.make_node("Mul", [prev, "scale"], ["scaled"], name="scale"),
+        helper.make_node("GlobalAveragePool", ["scaled"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc"),
+    ]
+    return _model(nodes, [_f("x", "N", 3, 8, 8)], [_f("logits", "N", 10)], inits, "residual")
+
+
+def two_in_two_out() -> onnx.ModelProto:
+    """Two inputs, two outputs; output y1 is made mid-graph and read again, input x2 is read last."""
+    inits = [_w("w1", 4, 6), _w("w2", 6, 6), _w("w3", 12, 5), _w("w4", 5, 6)]
+    nodes = [
+        helper.make_node("MatMul", ["x1", "w1"], ["a1"], name="mm1"),
+        helper.make_node("Relu", ["a1"], ["h1"], name="relu1"),
+        helper.make_node("MatMul", ["x2", "w2"], ["a2"], name="mm2"),
+        helper.make_node("Tanh", ["a2"], ["h2"], name="tanh2"),
+        helper.make_node("Concat", ["h1", "h2"], ["cat"], axis=1, name="concat"),
+        helper.make_node("MatMul", ["cat", "w3"], ["y1"], name="mm3"),
+        helper.make_node("Relu", ["y1"], ["r"], name="relu3"),
+        helper.make_node("MatMul", ["r", "w4"], ["a4"], name="mm4"),
+        helper.make_node("Add", ["a4", "x2"], ["y2"], name="add_x2"),
+    ]
+    return _model(nodes, [_f("x1", "N", 4), _f("x2", "N", 6)], [_f("y1", "N", 5), _f("y2", "N", 6)],
+                  inits, "two_in_two_out")
+
+
+def if_model() -> onnx.ModelProto:
+    """An If node whose branches read outer-scope tensors (h, g) and an outer initializer (s)."""
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["h", "g"], ["then_sum"], name="then_add"),
+         helper.make_node("Relu", ["then_sum"], ["then_out"], name="then_relu")],
+        "then_branch", [], [_f("then_out", "N", 8)])
+    else_g = helper.make_graph(
+        [helper.make_node("Mul", ["h", "s"], ["else_out"], name="else_mul")],
+        "else_branch", [], [_f("else_out", "N", 8)])
+    inits = [_w("w1", 4, 8), _w("w2", 8, 8), _w("w3", 8, 3), _c("zero", np.float32(0.0)),
+             _c("s", np.float32(-0.5))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+        helper.make_node("Relu", ["a"], ["h"], name="relu1"),
+        helper.make_node("MatMul", ["h", "w2"], ["b"], name="mm2"),
+        helper.make_node("Sigmoid", ["b"], ["g"], name="sig"),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["total", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["z"], then_branch=then_g, else_branch=else_g, name="branch"),
+        helper.make_node("MatMul", ["z", "w3"], ["y"], name="mm3"),
+    ]
+    return _model(nodes, [_f("x", "N", 4)], [_f("y", "N", 3)], inits, "if_model")
+
+
+def loop_model(trips: int = 3) -> onnx.ModelProto:
+    """A Loop whose body adds the outer-scope tensor h (times outer initializer half) to its state."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Mul", ["h", "half"], ["step"], name="body_mul"),
+         helper.make_node("Add", ["v_in", "step"], ["v_out"], name="body_add")],
+        "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _f("v_in", "N", 6)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _f("v_out", "N", 6)])
+    inits = [_w("w1", 6, 6), _w("w2", 6, 2), _c("trips", np.int64(trips)), _c("true", np.bool_(True)),
+             _c("half", np.float32(0.5))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+        helper.make_node("Tanh", ["a"], ["h"], name="tanh"),
+        helper.make_node("Loop", ["trips", "true", "x"], ["v"], body=body, name="loop"),
+        helper.make_node("MatMul", ["v", "w2"], ["y"], name="mm2"),
+    ]
+    return _model(nodes, [_f("x", "N", 6)], [_f("y", "N", 2)], inits, "loop_model")
+
+
+def attention(d: int = 8) -> onnx.ModelProto:
+    """One self-attention block with an attention mask input, symbolic batch "N" and length "S"."""
+    inits = [_w("wq", d, d), _w("wk", d, d), _w("wv", d, d), _w("wo", d, d),
+             _c("inv_sqrt_d", np.float32(1.0 / np.sqrt(d))), _c("one", np.float32(1.0)),
+             _c("neg", np.float32(-1e4)), _c("axes1", np.array([1], np.int64)), _c("eps", np.float32(1e-5)),
+             _c("perm_k", np.array([0, 2, 1], np.int64))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"], name="qk"),
+        helper.make_node("Mul", ["qk", "inv_sqrt_d"], ["scores"], name="scale"),
+        helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT, name="mask_cast"),
+        helper.make_node("Sub", ["one", "maskf"], ["inv_mask"], name="mask_inv"),
+        helper.make_node("Mul", ["inv_mask", "neg"], ["bias2d"], name="mask_bias"),
+        helper.make_node("Unsqueeze", ["bias2d", "axes1"], ["bias"], name="mask_unsq"),
+        helper.make_node("Add", ["scores", "bias"], ["masked"], name="mask_add"),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="ctx"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["proj"], name="out_proj"),
+        helper.make_node("Add", ["proj", "x"], ["res"], name="residual"),
+        helper.make_node("ReduceMean", ["res"], ["mu"], axes=[-1], name="ln_mean"),
+        helper.make_node("Sub", ["res", "mu"], ["cen"], name="ln_sub"),
+        helper.make_node("Mul", ["cen", "cen"], ["sq"], name="ln_sq"),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1], name="ln_var"),
+        helper.make_node("Add", ["var", "eps"], ["var_eps"], name="ln_eps"),
+        helper.make_node("Sqrt", ["var_eps"], ["std"], name="ln_std"),
+        helper.make_node("Div", ["cen", "std"], ["y"], name="ln_div"),
+    ]
+    inputs = [_f("x", "N", "S", d), helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "S"])]
+    return _model(nodes, inputs, [_f("y", "N", "S", d)], inits, "attention")
+
+
+TINY_MODELS = {
+    "chain": chain,
+    "residual": residual,
+    "two_in_two_out": two_in_two_out,
+    "if_model": if_model,
+    "loop_model": loop_model,
+    "attention": attention,
+}
+
+
+def save(model: onnx.ModelProto, directory: str | Path, name: str | None = None) -> Path:
+    """Write `model` as DIR/<name>.onnx and return the path."""
+    path = Path(directory) / f"{name or model.graph.name}.onnx"
+    onnx.save_model(model, str(path))
+    return path
+
+
+def example_inputs(model: onnx.ModelProto, batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for a model's inputs: symbolic "N" -> batch, other symbols -> seq; masks are 0/1."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else seq)
+                for i, d in enumerate(tt.shape.dim)]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[vi.name] = rng.integers(0, 2, dims).astype(bool)
+        else:
+            arr = rng.integers(0, 2, dims).astype(dtype)
+            if arr.ndim == 2:
+                arr[:, 0] = 1  # an attention mask keeps at least one position
+            feeds[vi.name] = arr
+    return feeds
