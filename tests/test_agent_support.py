@@ -7,6 +7,7 @@ Run as a script it serves a bundle in its own process:  python tests/test_agent_
 
 from __future__ import annotations
 
+import heapq
 import sys
 import threading
 import time
@@ -99,8 +100,14 @@ class MiniServer:
         raw = codecs.get_codec("raw")
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        delayed: list = []  # (due, seq, frames): replies held back without blocking pings
+        seq = 0
         while not self._stop.is_set():
-            if not poller.poll(20):
+            now = time.monotonic()
+            while delayed and delayed[0][0] <= now:
+                self.sock.send_multipart(heapq.heappop(delayed)[2], copy=False)
+            wait = 20 if not delayed else max(0, min(20, (delayed[0][0] - now) * 1e3))
+            if not poller.poll(wait):
                 continue
             ident, *frames = self.sock.recv_multipart(copy=False)
             msg = protocol.decode(frames)
@@ -126,8 +133,6 @@ class MiniServer:
                 self.sock.send_multipart([ident, b"\xc1 this is not msgpack", b"junk"])
                 continue
             tensors = {n: codecs.decode(e) for n, e in msg.tensors.items()}
-            if self.compute_delay_s:
-                time.sleep(self.compute_delay_s)
             out = self.chains[msg.cut].run(tensors)
             rid = msg.id
             if mode == "wrong_shape":
@@ -139,7 +144,12 @@ class MiniServer:
             reply = protocol.result(rid, {n: raw.encode(a) for n, a in out.items()},
                                     timings={"queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.1, "encode_ms": 0.0},
                                     worker="mini")
-            protocol.send(self.sock, reply, [ident])
+            if self.compute_delay_s:
+                seq += 1
+                heapq.heappush(delayed, (time.monotonic() + self.compute_delay_s, seq,
+                                         [ident, *protocol.encode(reply)]))
+            else:
+                protocol.send(self.sock, reply, [ident])
 
     def close(self) -> None:
         self._stop.set()

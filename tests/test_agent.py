@@ -1,0 +1,367 @@
+"""EdgeAgent against real ZeroMQ servers on loopback: answers, fallback, bad servers, close()."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_agent import AgentConfig, EdgeAgent
+from edge_agent._plan import CutPlanner
+from edgesplit.errors import ConfigError, DeadlineExceeded, LinkDownError, RemoteError, UserError
+from test_agent_support import MiniServer, chain_bundle, reference
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+# Fast link monitor for tests; every request has an answer well within a second.
+FAST = AgentConfig(heartbeat_interval_ms=50, probe_timeout_ms=150, reconnect_initial_ms=20,
+                   reconnect_max_ms=200, connect_timeout_ms=3000, deadline_ms=3000, profile_runs=1)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return chain_bundle(tmp_path_factory.mktemp("chain"))
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("edgesplit-agent")]
+
+
+# -- configuration --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change", [
+    dict(deadline_ms=0), dict(deadline_ms=float("nan")), dict(fallback="retry"), dict(heartbeat_misses=0),
+    dict(max_in_flight=0), dict(reconnect_max_ms=1, reconnect_initial_ms=10), dict(ewma_alpha=0),
+    dict(curve_server_key="x" * 40), dict(max_resends=-1), dict(intra_op_threads=0), dict(heartbeat_misses=1.5),
+])
+def test_config_rejects_bad_values(change):
+    with pytest.raises(ConfigError):
+        AgentConfig(**change)
+
+
+def test_config_replace_validates_and_keeps_the_rest():
+    cfg = AgentConfig().replace(deadline_ms=50)
+    assert cfg.deadline_ms == 50 and cfg.fallback == "local"
+    with pytest.raises(ConfigError):
+        cfg.replace(no_such_field=1)
+    with pytest.raises(ConfigError):
+        cfg.replace(fallback="nope")
+
+
+def test_agent_rejects_bad_arguments(chain):
+    bundle, _ = chain
+    with pytest.raises(ConfigError):
+        EdgeAgent(bundle, [], cut=3, config=FAST)  # 3 segments: cloud cuts are 0..2
+    with pytest.raises(ConfigError):
+        EdgeAgent(bundle, ["localhost:5555"], cut=1, config=FAST)
+    assert agent_threads() == []
+
+
+# -- the cloud path -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec,tol", [("raw", TOL), ("fp16", dict(rtol=2e-2, atol=2e-2)),
+                                       ("int8+zstd", dict(rtol=0.1, atol=0.1))])
+def test_cloud_answer_matches_unsplit_model(chain, x, codec, tol):
+    bundle, full = chain
+    ref = reference(full, x)
+    with MiniServer(bundle) as srv, EdgeAgent(bundle, [srv.address], cut=1, codec=codec, config=FAST) as agent:
+        res = agent.infer({"x": x})
+        assert res.where == "cloud" and res.cut == 1 and res.server == srv.address
+        np.testing.assert_allclose(res.outputs["y"], ref, **tol)
+        assert set(res.timings) >= {"head", "encode", "network", "tail", "total"}
+        assert all(v >= 0 for v in res.timings.values())
+        assert res.timings["total"] >= res.timings["head"] + res.timings["encode"]
+        assert srv.requests == 1
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2])
+def test_every_cut_gives_the_same_answer(chain, x, cut):
+    bundle, full = chain
+    with MiniServer(bundle) as srv, EdgeAgent(bundle, [srv.address], cut=cut, codec="raw", config=FAST) as agent:
+        res = agent.infer({"x": x})
+        assert (res.where, res.cut) == ("cloud", cut)
+        np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+
+
+def test_submit_keeps_several_frames_in_flight(chain, x):
+    bundle, full = chain
+    ref = reference(full, x)
+    seen_at_first_answer = []
+    with MiniServer(bundle, compute_delay_s=0.03) as srv, \
+            EdgeAgent(bundle, [srv.address], cut=1, codec="raw", config=FAST.replace(max_in_flight=6)) as agent:
+        futs = [agent.submit({"x": x}) for _ in range(12)]
+        futs[0].add_done_callback(lambda f: seen_at_first_answer.append(srv.requests))
+        results = [f.result(timeout=30) for f in futs]
+    assert all(r.where == "cloud" for r in results)
+    for r in results:
+        np.testing.assert_allclose(r.outputs["y"], ref, **TOL)
+    # the server had more requests than the first one before the first answer came back: pipelined
+    assert seen_at_first_answer[0] >= 2
+    assert agent_threads() == []
+
+
+def test_submit_copies_inputs(chain, x):
+    bundle, full = chain
+    frame = x.copy()
+    with MiniServer(bundle, compute_delay_s=0.02) as srv, \
+            EdgeAgent(bundle, [srv.address], cut=1, codec="raw", config=FAST) as agent:
+        fut = agent.submit({"x": frame})
+        frame[:] = 1000.0  # a camera loop reusing its buffer
+        np.testing.assert_allclose(fut.result(timeout=30).outputs["y"], reference(full, x), **TOL)
+
+
+def test_infer_async(chain, x):
+    bundle, full = chain
+    ref = reference(full, x)
+
+    async def main(agent):
+        return await asyncio.gather(*(agent.infer_async({"x": x}) for _ in range(10)))
+
+    with MiniServer(bundle) as srv, \
+            EdgeAgent(bundle, [srv.address], cut=2, codec="raw", config=FAST.replace(max_in_flight=3)) as agent:
+        results = asyncio.run(main(agent))
+    assert len(results) == 10 and all(r.where == "cloud" for r in results)
+    for r in results:
+        np.testing.assert_allclose(r.outputs["y"], ref, **TOL)
+
+
+def test_bad_feeds_raise_user_errors(chain, x):
+    bundle, _ = chain
+    with EdgeAgent(bundle, [], cut=1, config=FAST) as agent:
+        for feeds in ({"z": x}, {"x": x.astype(np.float64)}, {"x": x[:, :8]}, {"x": x, "extra": x}, [x]):
+            with pytest.raises(UserError):
+                agent.infer(feeds)
+        with pytest.raises(UserError):
+            agent.infer({"x": x}, deadline_ms=-1)
+        assert agent.link_stats().counters.get("local", 0) == 0
+
+
+def test_close_leaves_no_thread_or_socket(chain, x):
+    bundle, _ = chain
+    before = set(threading.enumerate())
+    with MiniServer(bundle) as srv:
+        agent = EdgeAgent(bundle, [srv.address], cut=1, codec="raw", config=FAST)
+        agent.infer({"x": x})
+        ctx = agent._ctx
+        agent.close()
+        agent.close()  # idempotent
+        assert ctx.closed
+        assert agent_threads() == []
+        with pytest.raises(Exception):
+            agent.infer({"x": x})
+    assert set(threading.enumerate()) <= before
+
+
+# -- fallback -------------------------------------------------------------------------------
+
+def test_no_server_answers_locally(chain, x):
+    bundle, full = chain
+    cfg = FAST.replace(connect_timeout_ms=0)
+    with EdgeAgent(bundle, [f"tcp://127.0.0.1:{free_port()}"], cut=1, config=cfg) as agent:
+        res = agent.infer({"x": x})
+        assert res.where == "local" and res.reason == "link down"
+        np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+
+
+def test_policy_error_raises_link_down(chain, x):
+    bundle, _ = chain
+    cfg = FAST.replace(connect_timeout_ms=0, fallback="error")
+    with EdgeAgent(bundle, [f"tcp://127.0.0.1:{free_port()}"], cut=1, config=cfg) as agent:
+        with pytest.raises(LinkDownError):
+            agent.infer({"x": x})
+
+
+def test_policy_wait_holds_requests_until_a_server_comes(chain, x):
+    bundle, full = chain
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    cfg = FAST.replace(connect_timeout_ms=0, fallback="wait", deadline_ms=10000)
+    with EdgeAgent(bundle, [addr], cut=1, codec="raw", config=cfg) as agent:
+        fut = agent.submit({"x": x})
+        time.sleep(0.3)
+        assert not fut.done()
+        with MiniServer(bundle, address=addr):
+            res = fut.result(timeout=10)
+        assert res.where == "cloud"
+        np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+
+
+def test_policy_wait_times_out(chain, x):
+    bundle, _ = chain
+    cfg = FAST.replace(connect_timeout_ms=0, fallback="wait")
+    with EdgeAgent(bundle, [f"tcp://127.0.0.1:{free_port()}"], cut=1, config=cfg) as agent:
+        with pytest.raises(DeadlineExceeded):
+            agent.infer({"x": x}, deadline_ms=200)
+
+
+def test_deadline_falls_back_and_drops_the_late_reply(chain, x):
+    bundle, full = chain
+    with MiniServer(bundle, compute_delay_s=0.4) as srv, \
+            EdgeAgent(bundle, [srv.address], cut=1, codec="raw", config=FAST) as agent:
+        res = agent.infer({"x": x}, deadline_ms=100)
+        assert res.where == "local" and res.reason == "deadline"
+        assert res.timings["network"] > 0  # it did wait for the cloud first
+        np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+        end = time.monotonic() + 5
+        while agent.link_stats().counters.get("late_replies", 0) < 1 and time.monotonic() < end:
+            time.sleep(0.02)
+        stats = agent.link_stats()
+        assert stats.counters["late_replies"] == 1
+        assert stats.counters.get("bad_replies", 0) == 0  # a late reply is not a bad server
+        assert stats.counters["local"] == 1 and stats.counters.get("cloud", 0) == 0
+
+
+@pytest.mark.parametrize("mode", ["wrong_shape", "wrong_dtype", "wrong_id", "garbage"])
+def test_bad_server_never_yields_wrong_outputs(chain, x, mode, caplog):
+    bundle, full = chain
+    ref = reference(full, x)
+    caplog.set_level(logging.WARNING, logger="edge_agent")
+    with MiniServer(bundle, mode=mode) as srv, \
+            EdgeAgent(bundle, [srv.address], cut=1, codec="raw", config=FAST.replace(deadline_ms=1000)) as agent:
+        results = [agent.infer({"x": x}) for _ in range(3)]
+        assert srv.requests >= 1
+        stats = agent.link_stats()
+    for res in results:
+        assert res.where == "local"
+        assert res.outputs["y"].shape == ref.shape and res.outputs["y"].dtype == ref.dtype
+        np.testing.assert_allclose(res.outputs["y"], ref, **TOL)
+    assert stats.counters.get("bad_replies", 0) >= 1 and stats.counters.get("cloud", 0) == 0
+    assert any("bad reply" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_server_is_avoided_when_a_good_one_exists(chain, x):
+    bundle, full = chain
+    with MiniServer(bundle, mode="wrong_shape") as bad, MiniServer(bundle) as good, \
+            EdgeAgent(bundle, [bad.address, good.address], cut=1, codec="raw", config=FAST) as agent:
+        agent.wait_connected(3)
+        time.sleep(0.2)  # let both servers come up
+        results = [agent.infer({"x": x}) for _ in range(6)]
+    assert all(r.where == "cloud" and r.server == good.address for r in results)
+    for r in results:
+        np.testing.assert_allclose(r.outputs["y"], reference(full, x), **TOL)
+
+
+def test_retryable_error_moves_to_another_server(chain, x):
+    bundle, full = chain
+    with MiniServer(bundle, mode="error:busy") as busy, MiniServer(bundle) as good:
+        cfg = FAST
+        with EdgeAgent(bundle, [busy.address], cut=1, codec="raw", config=cfg) as agent:
+            assert agent.infer({"x": x}).where == "local"  # only a busy server: local
+        with EdgeAgent(bundle, [busy.address, good.address], cut=1, codec="raw", config=cfg) as agent:
+            time.sleep(0.2)
+            results = [agent.infer({"x": x}) for _ in range(4)]
+        assert all(r.where == "cloud" and r.server == good.address for r in results)
+
+
+def test_policy_error_raises_remote_error(chain, x):
+    bundle, _ = chain
+    with MiniServer(bundle, mode="error:bad_cut") as srv, \
+            EdgeAgent(bundle, [srv.address], cut=1, config=FAST.replace(fallback="error")) as agent:
+        with pytest.raises(RemoteError) as info:
+            agent.infer({"x": x})
+        assert info.value.code == "bad_cut"
+
+
+def test_server_without_the_bundle_gets_no_requests(chain, tmp_path, x):
+    bundle, _ = chain
+    other, _ = chain_bundle(tmp_path / "other")  # same graph, other bytes? same: force another id
+    from edgesplit.bundle import update_manifest
+
+    other = update_manifest(other.path, note="another bundle")
+    assert other.id != bundle.id
+    with MiniServer(other) as srv, EdgeAgent(bundle, [srv.address], cut=1, config=FAST.replace(connect_timeout_ms=500)) as agent:
+        res = agent.infer({"x": x})
+        assert res.where == "local"
+        assert srv.requests == 0
+        assert agent.link_stats().servers[0].holds_bundle is False
+
+
+def test_dead_server_requests_go_to_the_other_one(chain, x):
+    bundle, full = chain
+    a = MiniServer(bundle)
+    b = MiniServer(bundle)
+    try:
+        with EdgeAgent(bundle, [a.address, b.address], cut=1, codec="raw", config=FAST) as agent:
+            time.sleep(0.2)
+            assert {s.state for s in agent.link_stats().servers} == {"up"}
+            a.close()
+            time.sleep(0.3)  # > 2 heartbeat intervals
+            states = {s.address: s.state for s in agent.link_stats().servers}
+            assert states[a.address] != "up" and states[b.address] == "up"
+            results = [agent.infer({"x": x}) for _ in range(5)]
+        assert all(r.where == "cloud" and r.server == b.address for r in results)
+    finally:
+        b.close()
+
+
+def test_link_cut_is_detected_and_the_agent_comes_back(chain, x):
+    from edgesplit.netsim import LinkEmulator
+
+    bundle, full = chain
+    ivl = 50
+    with MiniServer(bundle) as srv:
+        host_port = srv.address.split("//")[1]
+        with LinkEmulator(to=host_port) as link, \
+                EdgeAgent(bundle, [link.address], cut=1, codec="raw", config=FAST) as agent:
+            assert agent.infer({"x": x}).where == "cloud"
+            link.cut()
+            t0 = time.monotonic()
+            while agent.link_stats().servers[0].state == "up" and time.monotonic() - t0 < 5:
+                time.sleep(0.005)
+            detected_ms = (time.monotonic() - t0) * 1e3
+            res = agent.infer({"x": x})
+            assert res.where == "local"
+            np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+            link.restore()
+            t1 = time.monotonic()
+            while agent.infer({"x": x}).where != "cloud" and time.monotonic() - t1 < 10:
+                time.sleep(0.01)
+            back_s = time.monotonic() - t1
+            assert agent.infer({"x": x}).where == "cloud"
+    # loss detected within 2 heartbeat intervals (plus one interval of slack for a busy box)
+    assert detected_ms <= 3 * ivl, detected_ms
+    assert back_s < 3
+
+
+# -- automatic cut --------------------------------------------------------------------------
+
+def test_cut_planner_follows_bandwidth_with_hysteresis(chain):
+    bundle, _ = chain
+    # segment times: the device is slow on segment 1; cut bytes: 64, 128, 96 per sample
+    planner = CutPlanner(bundle, [1.0, 20.0, 1.0], "raw", hysteresis=0.15, replan_ms=0.001, cloud_speedup=10)
+    fast = planner.predict(bandwidth_bps=1e9, rtt_ms=1.0)
+    assert min(fast, key=fast.get) == 0  # fast link, fast cloud: ship the input
+    k = planner.choose(1e9, 1.0)
+    assert k == 0
+    time.sleep(0.002)
+    # a link a bit slower: cut 0 is still best or within hysteresis, so no flapping
+    assert planner.choose(5e8, 1.0) == 0
+    time.sleep(0.002)
+    slow = planner.predict(bandwidth_bps=1e3, rtt_ms=1.0)
+    assert min(slow, key=slow.get) == 3  # a dead slow link: everything on the device
+    assert planner.choose(1e3, 1.0) == 3
+
+
+def test_auto_cut_runs_and_reports_a_cut(chain, x):
+    bundle, full = chain
+    with MiniServer(bundle) as srv, EdgeAgent(bundle, [srv.address], cut="auto", codec="raw", config=FAST) as agent:
+        res = agent.infer({"x": x})
+        assert 0 <= res.cut <= bundle.num_segments
+        np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+        pred = agent.predicted_ms()
+        assert set(pred) == set(range(bundle.num_segments + 1))
+        assert agent.link_stats().cut == res.cut
