@@ -17,7 +17,7 @@ import onnx
 
 from edgesplit.bundle import TensorSpec
 from edgesplit.graph._index import GraphIndex
-from edgesplit.graph._shapes import WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes
+from edgesplit.graph._shapes import WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes, probe_with_onnxruntime
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,16 @@ def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes:
     model = model_or_path
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model_or_path, load_weights=False)
-    return _candidates(GraphIndex(model), infer_shapes(model, shapes), narrow)
+    path = None if isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    return _candidates(GraphIndex(model), infer_shapes(model, shapes), narrow, path)
+
+
+def fill_unknown(index: GraphIndex, info: ShapeInfo, names, model_path) -> None:
+    """Ask ONNX Runtime for the dtype/rank of crossing tensors that inference left unknown."""
+    unknown = sorted({t for t in names if (info.symbolic.get(t) is None or info.symbolic[t].dims is None
+                                           or info.symbolic[t].dtype is None)})
+    if unknown:
+        probe_with_onnxruntime(model_path, index.model, info, unknown)
 
 
 def _weighted_nodes(index: GraphIndex) -> set[int]:
@@ -156,11 +165,13 @@ def _weighted_nodes(index: GraphIndex) -> set[int]:
     return {n for n in index.order if any(v in big for v in index.reads[n])}
 
 
-def _candidates(index: GraphIndex, info: ShapeInfo, narrow: bool) -> list[CandidateCut]:
+def _candidates(index: GraphIndex, info: ShapeInfo, narrow: bool, model_path=None) -> list[CandidateCut]:
     namer = UnknownNamer()
     total = len(index.order)
     rows = []
-    for head, tensors in all_closed_cuts(index):
+    closed = all_closed_cuts(index)
+    fill_unknown(index, info, (t for _, ts in closed for t in ts), model_path)
+    for head, tensors in closed:
         specs = [crossing_spec(info, t, namer) for t in tensors]
         if any(s is None or s.dtype not in WIRE_DTYPES for s in specs):
             continue

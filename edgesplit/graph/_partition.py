@@ -12,7 +12,7 @@ from onnx import helper
 
 from edgesplit.bundle import Bundle, Cut, TensorSpec, write_bundle
 from edgesplit.errors import BundleError, CutError, ModelError
-from edgesplit.graph._cuts import crossing_spec
+from edgesplit.graph._cuts import crossing_spec, fill_unknown
 from edgesplit.graph._index import GraphIndex
 from edgesplit.graph._load import PROTO_LIMIT, _first_line, file_sha256, load_model, load_tensor_data
 from edgesplit.graph._shapes import WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes
@@ -136,6 +136,10 @@ def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, h
     sparse_by_name = {t.values.name: t for t in g.sparse_initializer}
     model_outputs = index.outputs
     namer = UnknownNamer()
+    rank = {v: i for i, v in enumerate(index.inputs)}  # inputs, then tensors in the order they are made
+    for n in index.order:
+        for v in index.outputs_of(n):
+            rank[v] = len(rank)
     segments = []
     for s in range(len(bounds) - 1):
         nodes = [n for n in index.order if n in bounds[s + 1] and n not in bounds[s]]
@@ -153,6 +157,7 @@ def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, h
             for v in index.variable_reads(n):
                 if v not in made and v not in ins:
                     ins.append(v)
+        ins.sort(key=rank.__getitem__)
         const_reads = [v for n in nodes for v in index.reads[n] if v in index.const_values]
         if last:
             const_reads += [v for v in model_outputs if v in index.const_values]
@@ -234,6 +239,7 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
     index = GraphIndex(model)
     info = infer_shapes(model, shapes)
     heads = plan_segments(index, cuts)
+    fill_unknown(index, info, [t for h in heads for t in crossing(index, h)] + index.outputs, model_path)
     segs, cut_tensors = build_segments(model, index, info, heads, model_path.parent)
     namer = UnknownNamer()
     cut_objs = []

@@ -251,6 +251,64 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None)
     return ShapeInfo(symbolic, bound, symbols, used_inputs)
 
 
+def probe_with_onnxruntime(model_path, model: onnx.ModelProto, info: ShapeInfo, names: list[str]) -> list[str]:
+    """Learn dtype and rank of `names` that inference left unknown by running the model once.
+
+    ONNX shape inference gives up on some ops (a Loop's carried values, custom ops). Here the
+    model runs in ONNX Runtime on random inputs (batch 1, symbols as bound) with those
+    tensors as extra outputs. Dims stay symbolic (unknown) unless inference knew them.
+    Returns the names it could fill.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    from edgesplit.graph._load import load_model
+
+    full = onnx.ModelProto()
+    if model_path is not None:
+        full = load_model(model_path, load_weights=True, check=False)
+    else:
+        full.CopyFrom(model)
+    if full.ByteSize() >= (1 << 31) - (1 << 20):
+        return []
+    present = {o.name for o in full.graph.output}
+    for n in names:
+        if n not in present:
+            vi = full.graph.output.add()
+            vi.name = n
+    feeds = {}
+    rng = np.random.default_rng(0)
+    inits = {t.name for t in full.graph.initializer}
+    for vi in full.graph.input:
+        if vi.name in inits:
+            continue
+        t = info.bound.get(vi.name) or _type_of(vi.type)
+        if t.dims is None or t.dtype is None or any(not isinstance(d, int) for d in t.dims):
+            return []
+        dt = np.dtype(t.dtype)
+        feeds[vi.name] = (rng.standard_normal(t.dims).astype(dt) if dt.kind == "f"
+                          else rng.integers(0, 2, t.dims).astype(dt))
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(full.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(names, feeds)
+    except Exception:  # the probe is best effort; callers report what stays unknown
+        return []
+    filled = []
+    for n, arr in zip(names, outs):
+        if not isinstance(arr, np.ndarray):
+            continue
+        elem = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        old = info.symbolic.get(n)
+        dims = old.dims if old is not None and old.dims is not None and len(old.dims) == arr.ndim else None
+        info.symbolic[n] = TensorType(arr.dtype.name, elem, dims if dims is not None else (None,) * arr.ndim)
+        info.bound[n] = TensorType(arr.dtype.name, elem, tuple(arr.shape))
+        filled.append(n)
+    return filled
+
+
 def _is_symbol(model: onnx.ModelProto, name: str) -> bool:
     for vi in model.graph.input:
         if vi.type.HasField("tensor_type"):
