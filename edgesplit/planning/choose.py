@@ -1,0 +1,146 @@
+"""Choosing the cut at run time, with hysteresis so that noise in the estimates never flaps it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from edgesplit.errors import ConfigError
+from edgesplit.planning.cost import CostModel, CutCost
+
+__all__ = ["ChooserConfig", "CutChooser"]
+
+
+@dataclass(frozen=True)
+class ChooserConfig:
+    """How eager :class:`CutChooser` is to move the cut."""
+
+    # A cut must be predicted at least this fraction cheaper than the current one ...
+    margin: float = 0.05
+    # ... on this many consecutive updates before the chooser moves to it.
+    patience: int = 3
+    # A cut this much cheaper (a link that collapsed or came back) wins sooner:
+    fast_margin: float = 0.30
+    # ... after this many consecutive updates.
+    fast_patience: int = 1
+    # "latency" or "energy" (needs the cost model's DevicePower).
+    objective: str = "latency"
+    # The link assumed before the first estimate, to pick the initial cut.
+    assumed_bandwidth_bps: float = 10e6
+    assumed_rtt_s: float = 0.020
+
+    def __post_init__(self):
+        if not 0 <= self.margin < 1 or not 0 <= self.fast_margin < 1:
+            raise ConfigError("margin and fast_margin must be in [0, 1)")
+        if self.patience < 1 or self.fast_patience < 1:
+            raise ConfigError("patience and fast_patience must be >= 1")
+        if self.objective not in ("latency", "energy"):
+            raise ConfigError(f"objective must be latency or energy, not {self.objective!r}")
+        if self.assumed_bandwidth_bps <= 0 or self.assumed_rtt_s < 0:
+            raise ConfigError("assumed_bandwidth_bps must be > 0 and assumed_rtt_s >= 0")
+
+
+class CutChooser:
+    """Keeps a current cut and moves it only when another is clearly and steadily better.
+
+    Call :meth:`update` with fresh estimates (e.g. after each request, from a
+    :class:`~edgesplit.planning.LinkEstimator` and the server's ``load.est_wait_ms``); it
+    returns the cut to use next. A cut replaces the current one after it was predicted
+    cheaper by more than ``margin`` on ``patience`` consecutive updates (or by more than
+    ``fast_margin`` on ``fast_patience`` updates). :meth:`link_down` moves to all-edge at once.
+
+    Args:
+        model: the cost model of the bundle (it may learn online; see CostModel.observe_*).
+        initial: the first cut (default: the best one on the assumed link).
+        config: the hysteresis settings.
+        allowed: the cuts that may be chosen (default: every cut 0..n).
+
+    Thread-safe.
+    """
+
+    def __init__(self, model: CostModel, initial: int | None = None,
+                 config: ChooserConfig | None = None, allowed: Iterable[int] | None = None):
+        self.model = model
+        self.config = config or ChooserConfig()
+        n = model.num_segments
+        self.allowed = sorted(set(range(n + 1) if allowed is None else allowed))
+        if not self.allowed or any(not 0 <= k <= n for k in self.allowed):
+            raise ConfigError(f"allowed cuts must be a non-empty subset of 0..{n}")
+        if initial is None:
+            initial = model.best(self.config.assumed_bandwidth_bps, self.config.assumed_rtt_s,
+                                 objective=self.config.objective, allowed=self.allowed).cut
+        elif initial not in self.allowed:
+            raise ConfigError(f"initial cut {initial} is not among the allowed cuts {self.allowed}")
+        self._cut = initial
+        self._streak = 0
+        self._lock = threading.Lock()
+        self.switches = 0
+        self.history: list[tuple[float, int]] = [(time.monotonic(), initial)]  # (when, new cut)
+        self.last_costs: list[CutCost] = []
+
+    @property
+    def cut(self) -> int:
+        """The cut in use."""
+        return self._cut
+
+    @property
+    def all_edge(self) -> int:
+        return self.model.num_segments
+
+    def update(self, bandwidth_bps: float | None, rtt_s: float | None, queue_s: float = 0.0) -> int:
+        """Re-evaluate with the latest estimates; returns the cut to use now.
+
+        Args:
+            bandwidth_bps: estimated link bandwidth (None: unknown, the cut stays).
+            rtt_s: estimated round trip (None: unknown, the cut stays).
+            queue_s: the cloud's expected queueing delay (its pong's ``est_wait_ms`` / 1000).
+        """
+        if bandwidth_bps is None or rtt_s is None:
+            return self._cut
+        obj = self.config.objective
+        with self._lock:
+            costs = self.model.costs(bandwidth_bps, rtt_s, queue_s, self.allowed)
+            self.last_costs = costs
+            by_cut = {c.cut: c for c in costs}
+            best = min(reversed(costs), key=lambda c: c.objective(obj))
+            current = by_cut[self._cut].objective(obj)
+            new = best.objective(obj)
+            if best.cut == self._cut or not current > 0:
+                self._streak = 0
+                return self._cut
+            gain = 1.0 - new / current if current != float("inf") else 1.0
+            cfg = self.config
+            if gain > cfg.margin:
+                self._streak += 1
+            else:
+                self._streak = 0
+                return self._cut
+            if (gain > cfg.fast_margin and self._streak >= cfg.fast_patience) or self._streak >= cfg.patience:
+                self._switch(best.cut)
+            return self._cut
+
+    def link_down(self) -> int:
+        """The cloud is unreachable: run everything on the device, now."""
+        # All-edge needs no link, so it is always possible, allowed or not.
+        with self._lock:
+            self._switch(self.all_edge)
+            return self._cut
+
+    def force(self, k: int) -> None:
+        """Set the cut (e.g. the user pinned one); the hysteresis starts over."""
+        if not 0 <= k <= self.model.num_segments:
+            raise ConfigError(f"cut {k} is outside 0..{self.model.num_segments}")
+        with self._lock:
+            self._switch(k)
+
+    def _switch(self, k: int) -> None:
+        self._streak = 0
+        if k != self._cut:
+            self._cut = k
+            self.switches += 1
+            self.history.append((time.monotonic(), k))
+
+    def __repr__(self) -> str:
+        return f"CutChooser(cut={self._cut}, switches={self.switches})"
