@@ -435,7 +435,6 @@ class EdgeAgent:
             out = self._local.run(req.cut_tensors, req.cut, n)
             req.timings["tail"] = (time.perf_counter() - t) * 1e3
             req.timings["network"] = req.waited_ms
-            self._count("local")
             self._finish(req, InferenceResult(out, "local", req.cut, self._total(req), None, reason))
         except BaseException as exc:  # noqa: BLE001
             self._finish(req, exc=exc)
@@ -452,8 +451,10 @@ class EdgeAgent:
             req.done = True
         req.cut_tensors = req.encoded = req.feeds = None
         if exc is not None:
+            self._count("errors")
             req.future.set_exception(exc)
         else:
+            self._count(result.where)
             req.future.set_result(result)
         self._slots.release()
         with self._idle:
@@ -891,7 +892,6 @@ class EdgeAgent:
         self._link.add_transfer(req.bytes_up + bytes_down, network)
         req.timings.update(network=network + req.waited_ms, tail=srv_ms["compute_ms"], queue=srv_ms["queue_ms"],
                            decode=decode_ms)
-        self._count("cloud")
         self._finish(req, InferenceResult(outs, "cloud", req.cut, self._total(req), s.address, None))
 
     def _on_error(self, s: _Server, req: _Request, msg, now: float) -> None:

@@ -175,3 +175,35 @@ if __name__ == "__main__":  # a mini server in its own process (prints its addre
             time.sleep(1)
     except KeyboardInterrupt:
         srv.close()
+
+
+def start_server(repository: Path, address: str, use_mini: bool = False, timeout_s: float = 60.0):
+    """Start a cloud server process on `address`; returns (Popen, output lines) once it is ready.
+
+    The real one is `python -m cloud_server`; `use_mini` runs this file's MiniServer instead
+    (given a bundle directory rather than a repository).
+    """
+    import subprocess
+
+    if use_mini:
+        cmd = [sys.executable, __file__, str(repository), address]
+    else:
+        cmd = [sys.executable, "-m", "cloud_server", "--repository", str(repository), "--bind", address,
+               "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if "ready" in line.lower():
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not ready.wait(timeout_s) or proc.poll() is not None:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"server did not start: {' '.join(cmd)}\n" + "\n".join(lines[-20:]))
+    return proc, lines

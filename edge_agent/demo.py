@@ -1,0 +1,220 @@
+"""`edgesplit demo`: split EfficientNet-Lite0, serve its tail on loopback, cut the link, watch the agent cope.
+
+1. partitions the shipped models/efficientnet_lite0.onnx into a temporary bundle;
+2. starts a cloud server (``python -m cloud_server``) as a subprocess on 127.0.0.1, and a link
+   emulator (edgesplit.netsim.LinkEmulator) between the agent and the server;
+3. classifies the bundled photos: labels, where each ran, the timing breakdown;
+4. cuts the link: the agent notices within two heartbeats and answers on the device;
+5. restores the link: the agent reconnects and goes back to the cloud by itself.
+
+Every exit path (errors, Ctrl-C, SIGTERM) stops the server and removes the temporary files;
+on Linux the server also dies with the demo if the demo is killed outright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = _REPO / "models" / "efficientnet_lite0.onnx"
+DEFAULT_PHOTOS = _REPO / "models" / "photos"
+# Candidate cuts of EfficientNet-Lite0 the demo's bundle offers (chain order, `edgesplit inspect`):
+# after block 3 (125 kB fp32), after block 11 (38 kB), and the pooled features (5 kB).
+DEMO_CUTS = (4, 12, 17)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the one-command tour: split EfficientNet-Lite0, serve it on loopback, cut the link",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="ONNX image classifier (default: the shipped one)")
+    p.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of .jpg/.png photos")
+    p.add_argument("--cut", default="2", help="cut index of the demo bundle (1..3) or 'auto' (default 2)")
+    p.add_argument("--codec", default="int8+zstd", help="codec for the cut tensors (default int8+zstd)")
+    p.add_argument("--rate", default=None, help="emulated link rate, e.g. 20mbit (default: unlimited)")
+    p.add_argument("--delay", default="2ms", help="emulated one-way delay (default 2ms)")
+    p.add_argument("--max-photos", type=int, default=None, help="use at most this many photos")
+    p.add_argument("--server-timeout", type=float, default=40.0, help="seconds to wait for the server to start")
+    p.set_defaults(func=run)
+
+
+class _Server:
+    """The cloud server subprocess; killed on every exit path."""
+
+    def __init__(self, repository: Path, workers: int = 1):
+        self.proc: subprocess.Popen | None = None
+        self.repository = repository
+        self.workers = workers
+        self.address: str | None = None
+        self.lines: list[str] = []
+
+    def start(self, timeout_s: float) -> str:
+        cmd = [sys.executable, "-m", "cloud_server", "--repository", str(self.repository),
+               "--bind", "tcp://127.0.0.1:0", "--workers", str(self.workers)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     bufsize=1, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        ready = threading.Event()
+
+        def reader():
+            for line in self.proc.stdout:
+                line = line.rstrip()
+                self.lines.append(line)
+                if self.address is None:
+                    for word in line.replace(",", " ").split():
+                        if word.startswith("tcp://"):
+                            self.address = word.rstrip(".;")
+                            break
+                if self.address and "ready" in line.lower():
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=reader, name="demo-server-output", daemon=True).start()
+        if not ready.wait(timeout_s) or self.proc.poll() is not None or not self.address:
+            tail = "\n  ".join(self.lines[-15:])
+            raise RuntimeError(f"the cloud server did not start ({' '.join(cmd)}):\n  {tail}")
+        return self.address
+
+    def stop(self) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGKILL when the demo dies
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _photos(folder: Path, limit: int | None) -> list[Path]:
+    from edge_agent._inputs import IMAGE_SUFFIXES
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return files[:limit] if limit else files
+
+
+def _row(name: str, res, labels) -> str:
+    from edge_agent._inputs import top_k
+
+    logits = next(iter(res.outputs.values()))[0]
+    label, prob = top_k(logits, labels, 1)[0] if labels else ("?", 0.0)
+    t = res.timings
+    return (f"  {name:18s} {label[:22]:22s} {prob:4.2f}  {res.where:5s} cut {res.cut}  "
+            f"head {t['head']:6.1f}  enc {t['encode']:4.1f}  net {t['network']:6.1f}  "
+            f"tail {t['tail']:6.1f}  total {t['total']:6.1f} ms")
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from edge_agent import AgentConfig, EdgeAgent
+    from edge_agent._inputs import find_labels, preprocess_image
+    from edgesplit.errors import UserError
+    from edgesplit.graph import candidate_cuts, partition
+    from edgesplit.netsim import LinkEmulator, parse_duration, parse_rate
+
+    t_start = time.monotonic()
+    model = Path(args.model)
+    if not model.is_file():
+        raise UserError(f"{model}: no such model (the demo needs models/efficientnet_lite0.onnx)")
+    photos = _photos(Path(args.photos), args.max_photos)
+    if not photos:
+        raise UserError(f"{args.photos}: no photos to classify")
+    cut = args.cut if args.cut == "auto" else int(args.cut)
+
+    # SIGTERM takes the same way out as Ctrl-C, through every `finally` below.
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
+    server = agent = link = None
+    with tempfile.TemporaryDirectory(prefix="edgesplit-demo-") as tmp:
+        try:
+            repo = Path(tmp) / "repository"
+            print(f"1. partitioning {model.name} ...", flush=True)
+            cands = candidate_cuts(model)
+            picks = [c for c in cands if c.index in DEMO_CUTS] or cands[:: max(1, len(cands) // 3)][:3]
+            bundle = partition(model, [list(c.tensors) for c in picks], repo / "efficientnet_lite0")
+            for c in bundle.cuts:
+                print(f"   cut {c.index}: {', '.join(c.tensors)} ({c.bytes_per_sample / 1e3:.0f} kB fp32)")
+
+            print("2. starting a cloud server on loopback ...", flush=True)
+            server = _Server(repo)
+            address = server.start(args.server_timeout)
+            host_port = address.split("//", 1)[1]
+            link = LinkEmulator(to=host_port, rate_bps=parse_rate(args.rate),
+                                delay_s=parse_duration(args.delay)).start()
+            print(f"   server {address}, the agent connects through a link emulator at {link.address} "
+                  f"(rate {args.rate or 'unlimited'}, delay {args.delay})")
+            cfg = AgentConfig(heartbeat_interval_ms=200, deadline_ms=1000, connect_timeout_ms=10000)
+            agent = EdgeAgent(bundle, [link.address], codec=args.codec, cut=cut, config=cfg)
+            labels = find_labels(None, bundle)
+            feeds = {p.name: {bundle.inputs[0].name: preprocess_image(p)} for p in photos}
+            print(f"   device runner: {agent.runner_name}; codec {args.codec}; cut {agent.cut}")
+            agent.infer(next(iter(feeds.values())))  # warm the server's sessions up
+
+            def classify(title: str) -> list:
+                print(title, flush=True)
+                out = []
+                for name, f in feeds.items():
+                    res = agent.infer(f)
+                    out.append(res)
+                    print(_row(name, res, labels), flush=True)
+                return out
+
+            phase1 = classify("3. classifying the photos, link up:")
+
+            print("4. cutting the link ...", flush=True)
+            link.cut()
+            t_cut = time.monotonic()
+            phase2 = classify("   classifying again, link cut:")
+            while agent.link_stats().servers[0].state == "up" and time.monotonic() - t_cut < 5:
+                time.sleep(0.005)
+            print(f"   (the agent declared the server down {1e3 * (time.monotonic() - t_cut):.0f} ms "
+                  f"after the cut; heartbeat {cfg.heartbeat_interval_ms:.0f} ms)")
+
+            print("5. restoring the link ...", flush=True)
+            link.restore()
+            t_back = time.monotonic()
+            agent.wait_connected(10)
+            print(f"   reconnected after {1e3 * (time.monotonic() - t_back):.0f} ms")
+            phase3 = classify("   classifying again, link restored:")
+
+            stats = agent.link_stats()
+            where = [r.where for r in phase1 + phase2 + phase3]
+            print(f"done in {time.monotonic() - t_start:.1f} s: {where.count('cloud')} answers from the cloud, "
+                  f"{where.count('local')} on the device, none lost; "
+                  f"rtt {stats.rtt_ms or 0:.2f} ms; counters {dict(sorted(stats.counters.items()))}")
+            ok = (all(r.where == "cloud" for r in phase1) and all(r.where == "local" for r in phase2[1:])
+                  and phase3[-1].where == "cloud")
+            if not ok:
+                print("   note: the run did not follow the expected cloud / local / cloud pattern", file=sys.stderr)
+            return 0 if ok else 2
+        except KeyboardInterrupt:
+            print("interrupted; cleaning up", file=sys.stderr)
+            return 130
+        finally:
+            if agent is not None:
+                agent.close()
+            if link is not None:
+                link.close()
+            if server is not None:
+                server.stop()
+            signal.signal(signal.SIGTERM, old_term)
