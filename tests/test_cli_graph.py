@@ -1,0 +1,168 @@
+"""`edgesplit inspect / partition / verify` from the command line, good input and bad."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import tiny_models as tm
+from edgesplit.bundle import Bundle
+from edgesplit.cli import main
+
+EFFNET = Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx"
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgesplit", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def test_inspect_json_lists_cuts(tmp_path, capsys):
+    path = tm.save(tm.residual(), tmp_path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["index"] for c in doc["cuts"]] == list(range(1, len(doc["cuts"]) + 1))
+    assert {"index", "tensors", "bytes_per_sample"} <= set(doc["cuts"][0])
+    assert doc["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 3, 8, 8]}]
+    assert main(["inspect", str(path), "--json", "--all"]) == 0
+    every = json.loads(capsys.readouterr().out)["cuts"]
+    assert len(every) > len(doc["cuts"])
+    assert ["b0_in", "b0_r1"] in [c["tensors"] for c in every]
+
+
+def test_inspect_table_and_shape_option(tmp_path, capsys):
+    path = tm.save(tm.attention(), tmp_path)
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "bytes/sample" in text and "--shape" in text  # S is unbound: the table says so
+    assert main(["inspect", str(path), "--shape", "S=64", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["symbols"] == {"S": 64, "N": 1} and doc["unbound_symbols"] == []
+    res = next(c for c in doc["cuts"] if c["tensors"] == ["res"])
+    assert res["bytes_per_sample"] == 64 * 8 * 4
+
+
+def test_partition_then_verify(tmp_path, capsys):
+    model = tm.two_in_two_out()
+    path = tm.save(model, tmp_path)
+    out = tmp_path / "bundle"
+    assert main(["partition", str(path), "--cut", "h1,h2", "--cut", "y1", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3 segments" in text
+    bundle = Bundle.load(out)
+    assert [c.tensors for c in bundle.cuts] == [("x2", "h1", "h2"), ("x2", "y1")]
+    assert main(["verify", str(out), "--batch", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "OK" in text and "max abs error" in text
+    assert main(["verify", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and len(report["per_cut"]) == 3 and set(report["max_rel"]) == {"y1", "y2"}
+
+
+def test_verify_needs_sizes_for_symbolic_dims(tmp_path, capsys):
+    path = tm.save(tm.attention(), tmp_path)
+    out = tmp_path / "b"
+    assert main(["partition", str(path), "--cut", "res", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert "--shape S=SIZE" in capsys.readouterr().err
+    assert main(["verify", str(out), "--shape", "S=7", "--batch", "2"]) == 0
+
+
+def test_verify_catches_a_wrong_segment(tmp_path, capsys):
+    """Swap the tail's weights for other numbers (and re-hash): verify must fail with exit 1."""
+    from edgesplit.bundle import compute_id
+
+    path = tm.save(tm.chain(), tmp_path)
+    out = tmp_path / "b"
+    assert main(["partition", str(path), "--cut", "h1", "-o", str(out)]) == 0
+    tail = onnx.load(str(out / "segments" / "1.onnx"))
+    w = tail.graph.initializer[0]
+    arr = onnx.numpy_helper.to_array(w) * 1.01
+    w.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), w.name))
+    onnx.save_model(tail, str(out / "segments" / "1.onnx"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["id"] = compute_id(out, manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_verify_with_model_option_and_moved_source(tmp_path, capsys):
+    path = tm.save(tm.chain(), tmp_path)
+    out = tmp_path / "b"
+    assert main(["partition", str(path), "--cut", "h2", "-o", str(out)]) == 0
+    moved = tmp_path / "moved.onnx"
+    path.rename(moved)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert "--model" in capsys.readouterr().err
+    assert main(["verify", str(out), "--model", str(moved)]) == 0
+    other = tm.save(tm.residual(), tmp_path)
+    assert main(["verify", str(out), "--model", str(other)]) == 1
+    assert "not the model this bundle was cut from" in capsys.readouterr().err
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path):
+    good = tm.save(tm.if_model(), tmp_path)
+    text = tmp_path / "text.onnx"
+    text.write_text("definitely not protobuf\n" * 10)
+    data = good.read_bytes()
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(data[: len(data) // 2])
+    notbundle = tmp_path / "notbundle"
+    notbundle.mkdir()
+    (notbundle / "precious.txt").write_text("keep me")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+    cases = [
+        (["inspect", text], ["not an ONNX model"]),
+        (["partition", text, "--cut", "h", "-o", out], ["not an ONNX model"]),
+        (["inspect", trunc], ["trunc.onnx"]),
+        (["partition", trunc, "--cut", "h", "-o", out], ["trunc.onnx"]),
+        (["partition", good, "--cut", "nope", "-o", out], ["nope"]),
+        (["partition", good, "--cut", "h,nope", "-o", out], ["nope"]),
+        (["partition", good, "--cut", "then_sum", "-o", out], ["then_sum", "If"]),
+        (["partition", good, "--cut", "y", "-o", out], ["tail empty"]),
+        (["partition", good, "--cut", "h", "-o", notbundle], ["not a bundle"]),
+        (["partition", good, "-o", out], ["--cut"]),
+        (["partition", tmp_path / "missing.onnx", "--cut", "h", "-o", out], ["no such file"]),
+        (["inspect", good, "--shape", "x=1x2x3"], ["3 dims"]),
+        (["verify", notbundle], ["not a bundle"]),
+    ]
+    for args, words in cases:
+        _one_line_error(cli(*args), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert [p.name for p in notbundle.iterdir()] == ["precious.txt"]
+
+
+@pytest.mark.skipif(not EFFNET.is_file(), reason="models/efficientnet_lite0.onnx not built")
+def test_efficientnet_inspect_partition_verify(tmp_path):
+    proc = cli("inspect", EFFNET, "--json")
+    assert proc.returncode == 0, proc.stderr
+    cuts = json.loads(proc.stdout)["cuts"]
+    assert len(cuts) >= 8
+    args = []
+    for c in cuts[2::4]:
+        args += ["--cut", ",".join(c["tensors"])]
+    proc = cli("partition", EFFNET, *args, "-o", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("verify", tmp_path / "b", "--batch", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
