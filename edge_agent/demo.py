@@ -14,20 +14,14 @@ on Linux the server also dies with the demo if the demo is killed outright.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = _REPO / "models" / "efficientnet_lite0.onnx"
 DEFAULT_PHOTOS = _REPO / "models" / "photos"
-# Candidate cuts of EfficientNet-Lite0 the demo's bundle offers (chain order, `edgesplit inspect`):
-# after block 3 (125 kB fp32), after block 11 (38 kB), and the pooled features (5 kB).
-DEMO_CUTS = (4, 12, 17)
 
 
 def register(subparsers) -> None:
@@ -43,63 +37,6 @@ def register(subparsers) -> None:
     p.add_argument("--max-photos", type=int, default=None, help="use at most this many photos")
     p.add_argument("--server-timeout", type=float, default=40.0, help="seconds to wait for the server to start")
     p.set_defaults(func=run)
-
-
-class _Server:
-    """The cloud server subprocess; killed on every exit path."""
-
-    def __init__(self, repository: Path, workers: int = 1):
-        self.proc: subprocess.Popen | None = None
-        self.repository = repository
-        self.workers = workers
-        self.address: str | None = None
-        self.lines: list[str] = []
-
-    def start(self, timeout_s: float) -> str:
-        cmd = [sys.executable, "-m", "cloud_server", "--repository", str(self.repository),
-               "--bind", "tcp://127.0.0.1:0", "--workers", str(self.workers)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     bufsize=1, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        ready = threading.Event()
-
-        def reader():
-            for line in self.proc.stdout:
-                line = line.rstrip()
-                self.lines.append(line)
-                if self.address is None:
-                    for word in line.replace(",", " ").split():
-                        if word.startswith("tcp://"):
-                            self.address = word.rstrip(".;")
-                            break
-                if self.address and "ready" in line.lower():
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=reader, name="demo-server-output", daemon=True).start()
-        if not ready.wait(timeout_s) or self.proc.poll() is not None or not self.address:
-            tail = "\n  ".join(self.lines[-15:])
-            raise RuntimeError(f"the cloud server did not start ({' '.join(cmd)}):\n  {tail}")
-        return self.address
-
-    def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGKILL when the demo dies
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _interrupt(signum, frame):
@@ -129,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_agent import AgentConfig, EdgeAgent
     from edge_agent._inputs import find_labels, preprocess_image
-    from edgesplit.errors import UserError
-    from edgesplit.graph import candidate_cuts, partition
+    from edgesplit.errors import EdgeSplitError, UserError
+    from edge_agent.local_cloud import LocalCloud, demo_bundle
     from edgesplit.netsim import LinkEmulator, parse_duration, parse_rate
 
     t_start = time.monotonic()
@@ -149,15 +86,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             repo = Path(tmp) / "repository"
             print(f"1. partitioning {model.name} ...", flush=True)
-            cands = candidate_cuts(model)
-            picks = [c for c in cands if c.index in DEMO_CUTS] or cands[:: max(1, len(cands) // 3)][:3]
-            bundle = partition(model, [list(c.tensors) for c in picks], repo / "efficientnet_lite0")
+            bundle = demo_bundle(repo / "efficientnet_lite0", model)
             for c in bundle.cuts:
                 print(f"   cut {c.index}: {', '.join(c.tensors)} ({c.bytes_per_sample / 1e3:.0f} kB fp32)")
 
             print("2. starting a cloud server on loopback ...", flush=True)
-            server = _Server(repo)
-            address = server.start(args.server_timeout)
+            server = LocalCloud(repo, timeout_s=args.server_timeout).start()
+            address = server.address
             host_port = address.split("//", 1)[1]
             link = LinkEmulator(to=host_port, rate_bps=parse_rate(args.rate),
                                 delay_s=parse_duration(args.delay)).start()
@@ -210,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("interrupted; cleaning up", file=sys.stderr)
             return 130
+        except EdgeSplitError as exc:
+            if isinstance(exc, UserError):
+                raise
+            print(f"edgesplit demo: error: {exc}", file=sys.stderr)
+            return 1
         finally:
             if agent is not None:
                 agent.close()

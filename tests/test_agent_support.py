@@ -97,16 +97,42 @@ class MiniServer:
         self._thread.start()
 
     def _loop(self) -> None:
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
         raw = codecs.get_codec("raw")
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        # The tail runs on a worker thread, so pings are answered while it computes (as a broker does).
+        worker = ThreadPoolExecutor(1)
+        done: queue.SimpleQueue = queue.SimpleQueue()   # (due, frames) from the worker
         delayed: list = []  # (due, seq, frames): replies held back without blocking pings
         seq = 0
+
+        def compute(ident, msg, mode):
+            tensors = {n: codecs.decode(e) for n, e in msg.tensors.items()}
+            out = self.chains[msg.cut].run(tensors)
+            rid = msg.id
+            if mode == "wrong_shape":
+                out = {n: np.concatenate([a, a], axis=-1) for n, a in out.items()}
+            elif mode == "wrong_dtype":
+                out = {n: a.astype(np.float64) for n, a in out.items()}
+            elif mode == "wrong_id":
+                rid = "someone-else-7"
+            reply = protocol.result(rid, {n: raw.encode(a) for n, a in out.items()},
+                                    timings={"queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.1, "encode_ms": 0.0},
+                                    worker="mini")
+            done.put((time.monotonic() + self.compute_delay_s, [ident, *protocol.encode(reply)]))
+
         while not self._stop.is_set():
+            while not done.empty():
+                seq += 1
+                due, frames = done.get()
+                heapq.heappush(delayed, (due, seq, frames))
             now = time.monotonic()
             while delayed and delayed[0][0] <= now:
                 self.sock.send_multipart(heapq.heappop(delayed)[2], copy=False)
-            wait = 20 if not delayed else max(0, min(20, (delayed[0][0] - now) * 1e3))
+            wait = 2 if not delayed else max(0, min(2, (delayed[0][0] - now) * 1e3))
             if not poller.poll(wait):
                 continue
             ident, *frames = self.sock.recv_multipart(copy=False)
@@ -132,24 +158,8 @@ class MiniServer:
             if mode == "garbage":
                 self.sock.send_multipart([ident, b"\xc1 this is not msgpack", b"junk"])
                 continue
-            tensors = {n: codecs.decode(e) for n, e in msg.tensors.items()}
-            out = self.chains[msg.cut].run(tensors)
-            rid = msg.id
-            if mode == "wrong_shape":
-                out = {n: np.concatenate([a, a], axis=-1) for n, a in out.items()}
-            elif mode == "wrong_dtype":
-                out = {n: a.astype(np.float64) for n, a in out.items()}
-            elif mode == "wrong_id":
-                rid = "someone-else-7"
-            reply = protocol.result(rid, {n: raw.encode(a) for n, a in out.items()},
-                                    timings={"queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.1, "encode_ms": 0.0},
-                                    worker="mini")
-            if self.compute_delay_s:
-                seq += 1
-                heapq.heappush(delayed, (time.monotonic() + self.compute_delay_s, seq,
-                                         [ident, *protocol.encode(reply)]))
-            else:
-                protocol.send(self.sock, reply, [ident])
+            worker.submit(compute, ident, msg, mode)
+        worker.shutdown(wait=True)
 
     def close(self) -> None:
         self._stop.set()

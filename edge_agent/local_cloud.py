@@ -1,0 +1,120 @@
+"""A cloud server on loopback for demos and examples: `python -m cloud_server` as a child process.
+
+    with LocalCloud(repository) as cloud:          # a folder of bundles
+        agent = EdgeAgent(bundle, [cloud.address])
+
+The child is stopped on every exit path; on Linux it is also killed if this process dies
+outright (PR_SET_PDEATHSIG), so no server is ever left behind. edge_agent never imports
+cloud_server: it only runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from edgesplit.errors import EdgeSplitError
+
+__all__ = ["LocalCloud", "demo_bundle"]
+
+_REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = _REPO / "models" / "efficientnet_lite0.onnx"
+# Candidate cuts of EfficientNet-Lite0 (`edgesplit inspect`): after block 3 (125 kB fp32),
+# after block 11 (38 kB), and the pooled features (5 kB).
+DEMO_CUTS = (4, 12, 17)
+
+
+class LocalCloud:
+    """Runs a cloud server subprocess on 127.0.0.1 and knows its address once it is ready.
+
+    Args:
+        repository: the folder of bundles to serve (or one bundle directory).
+        workers: tail worker processes.
+        bind: the ZeroMQ address to bind (default: a random loopback port).
+        extra_args: more command-line options for the server (e.g. CURVE keys).
+        timeout_s: how long start() waits for the server's ready line.
+    """
+
+    def __init__(self, repository: str | os.PathLike, workers: int = 1, bind: str = "tcp://127.0.0.1:0",
+                 extra_args: Sequence[str] = (), timeout_s: float = 60.0):
+        self.repository = Path(repository)
+        self.workers = workers
+        self.bind = bind
+        self.extra_args = list(extra_args)
+        self.timeout_s = timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.address: str | None = None
+        self.lines: list[str] = []
+
+    def start(self) -> "LocalCloud":
+        cmd = [sys.executable, "-m", "cloud_server", "--repository", str(self.repository),
+               "--bind", self.bind, "--workers", str(self.workers), *self.extra_args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        ready = threading.Event()
+
+        def reader():
+            for line in self.proc.stdout:
+                line = line.rstrip()
+                self.lines.append(line)
+                if self.address is None:
+                    for word in line.replace(",", " ").split():
+                        if word.startswith("tcp://") and not word.endswith(":0"):
+                            self.address = word.rstrip(".;)")
+                            break
+                if self.address and "ready" in line.lower():
+                    ready.set()
+            ready.set()  # the server exited
+
+        threading.Thread(target=reader, name="local-cloud-output", daemon=True).start()
+        if not ready.wait(self.timeout_s) or self.proc.poll() is not None or not self.address:
+            self.stop()
+            tail = "\n  ".join(self.lines[-15:])
+            raise EdgeSplitError(f"the cloud server did not start ({' '.join(cmd)}):\n  {tail}")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the server (to show what the agent does when a server dies)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+    def __enter__(self) -> "LocalCloud":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _die_with_parent() -> None:  # in the child, before exec (Linux)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def demo_bundle(out: str | os.PathLike, model: str | os.PathLike = DEMO_MODEL, cuts: Sequence[int] = DEMO_CUTS):
+    """Partition `model` at the given candidate cuts (chain order) into the bundle directory `out`."""
+    from edgesplit.graph import candidate_cuts, partition
+
+    cands = candidate_cuts(model)
+    picks = [c for c in cands if c.index in cuts] or cands[:: max(1, len(cands) // 3)][:3]
+    return partition(model, [list(c.tensors) for c in picks], out)
