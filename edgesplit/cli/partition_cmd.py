@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="the bundle directory to write")
     p.add_argument("--name", default=None, help="the model name in the manifest (default: file stem)")
     add_shape_option(p)
+    from edgesplit.cli.plan_cmd import add_auto_arguments  # the planning helper's --auto options
+
+    add_auto_arguments(p)
 
 
 def register(subparsers) -> None:
@@ -36,6 +39,10 @@ def cuts_from_args(args) -> list[list[str]]:
     """The cuts to make, each a list of tensor names, from the parsed arguments."""
     from edgesplit.errors import CutError
 
+    if getattr(args, "auto", False):
+        from edgesplit.cli.plan_cmd import auto_cuts
+
+        return auto_cuts(args)
     cuts = [[t.strip() for t in c.split(",") if t.strip()] for c in args.cut]
     if not cuts:
         raise CutError("give at least one --cut TENSOR[,TENSOR...] (see `edgesplit inspect MODEL`)")
