@@ -45,7 +45,6 @@ from edgesplit.errors import (
 )
 
 from edge_agent._local import LocalModel, bind_shapes
-from edge_agent._plan import CutPlanner, LinkEstimate
 from edge_agent.config import AgentConfig
 
 __all__ = ["EdgeAgent", "InferenceResult", "LinkStats", "ServerStats"]
@@ -204,9 +203,15 @@ class EdgeAgent:
         self.runner_name = self._local.runner_name
         log.info("edge runner: %s (asked for %r)", self.runner_name, runner)
         self._edge_ms = edge_ms
-        self._planner = CutPlanner(self.bundle, edge_ms, codec, cfg.auto_hysteresis, cfg.auto_replan_ms,
-                                   cfg.cloud_speedup)
-        self._link = LinkEstimate(cfg.ewma_alpha, cfg.min_transfer_ms, cfg.min_sample_bytes)
+        # cut="auto": the planning layer's cost model, hysteresis chooser and link estimator
+        from edgesplit.planning import ChooserConfig, CostModel, CutChooser, LinkEstimator
+
+        self._cost_model_cls = CostModel
+        self._link = LinkEstimator(alpha=cfg.ewma_alpha, min_transfer_s=cfg.min_transfer_ms / 1e3)
+        self._cost = CostModel.from_bundle(self.bundle, edge_ms, None, codec=codec, reply_codec=cfg.reply_codec,
+                                           cloud_speedup=cfg.cloud_speedup)
+        self._chooser = CutChooser(self._cost, config=ChooserConfig(
+            margin=cfg.auto_hysteresis, patience=cfg.auto_patience, assumed_bandwidth_bps=cfg.assumed_bandwidth_bps))
         self._auto_count = 0
 
         self._tag = secrets.token_hex(4)
@@ -286,8 +291,9 @@ class EdgeAgent:
             servers.append(ServerStats(s.address, state, s.rtt_ms, dict(s.load), len(s.inflight), s.held))
         with self._counter_lock:
             counters = dict(self._counters)
-        return LinkStats(self._link.rtt_ms.value, self._link.bandwidth_bps.value,
-                         self._fixed_cut if self._fixed_cut is not None else self._planner.current,
+        rtt = self._link.rtt_s
+        return LinkStats(rtt * 1e3 if rtt is not None else None, self._link.bandwidth_bps,
+                         self._fixed_cut if self._fixed_cut is not None else self._chooser.cut,
                          tuple(servers), counters)
 
     @property
@@ -298,7 +304,10 @@ class EdgeAgent:
     def predicted_ms(self, batch: int = 1) -> dict[int, float]:
         """The cost model's latency per cut 0..n (n = all on the device) with the current estimates."""
         bw, rtt, wait = self._estimates()
-        return self._planner.predict(bw, rtt, wait, batch)
+        model = self._cost if batch == 1 else self._cost_model_cls.from_bundle(
+            self.bundle, self._cost.edge_ms, self._cost.cloud_ms, codec=self.codec_spec,
+            reply_codec=self.config.reply_codec, batch=batch)
+        return {c.cut: c.total_ms for c in model.costs(bw, rtt / 1e3, wait / 1e3)}
 
     def wait_connected(self, timeout_s: float) -> bool:
         """Block until some server can take requests; False on timeout."""
@@ -365,8 +374,9 @@ class EdgeAgent:
         return req
 
     def _estimates(self) -> tuple[float, float, float]:
-        bw = self._link.bandwidth_bps.value or self.config.assumed_bandwidth_bps
-        rtt = self._link.rtt_ms.value or 0.0
+        """(bandwidth bps, RTT ms, the least server wait ms), assumed values before any traffic."""
+        bw = self._link.bandwidth_bps or self.config.assumed_bandwidth_bps
+        rtt = (self._link.rtt_s or 0.0) * 1e3
         waits = [float(s.load.get("est_wait_ms") or 0.0) for s in self._srv if s.state == "up"]
         return bw, rtt, (min(waits) if waits else 0.0)
 
@@ -375,13 +385,14 @@ class EdgeAgent:
             return self._fixed_cut
         n = self.bundle.num_segments
         bw, rtt, wait = self._estimates()
-        k = self._planner.choose(bw, rtt, wait, req.batch)
+        k = self._chooser.update(bw, rtt / 1e3, wait / 1e3)
         if k == n:
             self._auto_count += 1
             if self._eligible and self._auto_count % self.config.auto_probe_every == 0:
-                # keep the bandwidth estimate alive while everything runs locally
-                pred = self._planner.predict(bw, rtt, wait, req.batch)
-                k = min((c for c in pred if c < n), key=pred.get)
+                # everything runs here: send one request to the cloud now and then, so the
+                # bandwidth estimate stays fresh and the chooser can see the link got better
+                costs = self._cost.costs(bw, rtt / 1e3, wait / 1e3, allowed=range(n))
+                k = min(costs, key=lambda c: c.total_ms).cut
         return k
 
     def _run_head(self, req: _Request) -> None:
@@ -404,15 +415,12 @@ class EdgeAgent:
                 if self.config.fallback == "error":
                     raise LinkDownError(f"no live server among {', '.join(self.servers) or '(none given)'}")
             t = time.perf_counter()
-            enc = {}
-            raw = 0
-            for name, arr in cut_tensors.items():
-                enc[name] = self._encode(name, arr)
-                raw += arr.nbytes
+            enc = {name: self._encode(name, arr) for name, arr in cut_tensors.items()}
             req.timings["encode"] = (time.perf_counter() - t) * 1e3
             req.encoded = enc
             req.bytes_up = sum(e.nbytes for e in enc.values())
-            self._planner.observe_ratio(k, raw, req.bytes_up)
+            if self._fixed_cut is None:
+                self._cost.observe_edge(k, req.timings["head"] / max(1, req.batch))
             tail_ms = sum(self._edge_ms[k:]) * req.batch
             if self.config.fallback == "local":
                 req.cloud_deadline = req.deadline - (tail_ms + self.config.fallback_margin_ms) / 1e3
@@ -824,7 +832,7 @@ class EdgeAgent:
                 if sent is not None:
                     rtt = (now - sent) * 1e3
                     s.rtt_ms = rtt if s.rtt_ms is None else s.rtt_ms + self.config.ewma_alpha * (rtt - s.rtt_ms)
-                    self._link.add_rtt(rtt)
+                    self._link.observe(0, 0, rtt_s=rtt / 1e3)
                 load = msg.meta.get("load")
                 if isinstance(load, dict):
                     s.load = load
@@ -835,7 +843,7 @@ class EdgeAgent:
                 prof = msg.meta.get("profile")
                 if isinstance(prof, dict):
                     s.profile = prof
-                    self._planner.set_cloud_profile(prof.get("segment_ms"))
+                    self._set_cloud_profile(prof.get("segment_ms"))
                 if isinstance(msg.meta.get("load"), dict):
                     s.load = msg.meta["load"]
                 if s.held is False:
@@ -846,6 +854,18 @@ class EdgeAgent:
                 self._on_reply(s, msg, frames, now)
             else:
                 log.debug("ignoring a %r message from %s", kind, s.address)
+
+    def _set_cloud_profile(self, segment_ms) -> None:
+        """The server told us its per-segment times: price the tail with them from now on."""
+        n = self.bundle.num_segments
+        if not (isinstance(segment_ms, list) and len(segment_ms) == n
+                and all(isinstance(t, (int, float)) and t >= 0 for t in segment_ms)):
+            return
+        old = self._cost
+        model = self._cost_model_cls.from_bundle(self.bundle, old.edge_ms, [float(t) for t in segment_ms],
+                                                 codec=self.codec_spec, reply_codec=self.config.reply_codec)
+        model.edge_scale = old.edge_scale
+        self._cost = self._chooser.model = model
 
     def _limits(self):
         lim = getattr(self, "_limits_obj", None)
@@ -889,7 +909,9 @@ class EdgeAgent:
         server_total = sum(srv_ms.values())
         network = max(0.0, rt_ms - server_total)
         bytes_down = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames[1:])
-        self._link.add_transfer(req.bytes_up + bytes_down, network)
+        self._link.observe(req.bytes_up, bytes_down, total_s=network / 1e3)
+        if self._fixed_cut is None and srv_ms["compute_ms"] > 0:
+            self._cost.observe_cloud(req.cut, srv_ms["compute_ms"] / max(1, req.batch))
         req.timings.update(network=network + req.waited_ms, tail=srv_ms["compute_ms"], queue=srv_ms["queue_ms"],
                            decode=decode_ms)
         self._finish(req, InferenceResult(outs, "cloud", req.cut, self._total(req), s.address, None))

@@ -71,15 +71,13 @@ class AgentConfig:
     ewma_alpha: float = 0.2
     # Bandwidth assumed until real traffic has measured it (bits per second).
     assumed_bandwidth_bps: float = 100e6
-    # A round trip gives a bandwidth sample only when it moved at least this many bytes and
-    # its transfer (network time minus RTT) took at least min_transfer_ms: small messages
-    # measure scheduling noise, not the link.
-    min_sample_bytes: int = 16384
-    min_transfer_ms: float = 0.5
-    # cut="auto" moves to another cut only when it is predicted faster by this fraction.
-    auto_hysteresis: float = 0.15
-    # cut="auto" re-plans at most this often.
-    auto_replan_ms: float = 500.0
+    # Exchanges whose transfer (network time minus RTT) is shorter than this give no bandwidth
+    # sample, only a lower bound: on loopback they measure scheduling noise, not the link.
+    min_transfer_ms: float = 2.0
+    # cut="auto" moves to another cut only when it is predicted cheaper by this fraction ...
+    auto_hysteresis: float = 0.05
+    # ... on this many consecutive requests (edgesplit.planning.CutChooser), so noise never flaps it.
+    auto_patience: int = 3
     # When cut="auto" chose to run everything locally, every Nth request still goes to the
     # cloud so the bandwidth estimate stays fresh.
     auto_probe_every: int = 20
@@ -111,20 +109,21 @@ class AgentConfig:
 
         for name in ("deadline_ms", "heartbeat_interval_ms", "heartbeat_ttl_ms", "probe_timeout_ms",
                      "reconnect_initial_ms", "reconnect_max_ms", "ban_initial_ms", "ban_max_ms",
-                     "assumed_bandwidth_bps", "auto_replan_ms", "cloud_speedup"):
+                     "assumed_bandwidth_bps", "cloud_speedup"):
             positive(name)
         for name in ("fallback_margin_ms", "connect_timeout_ms", "close_timeout_ms", "min_transfer_ms",
                      "auto_hysteresis", "reconnect_jitter"):
             positive(name, allow_zero=True)
         for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
-                     "max_resends", "profile_runs", "min_sample_bytes"):
+                     "max_resends", "profile_runs", "auto_patience"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"AgentConfig.{name} must be an integer, got {v!r}")
-        for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers"):
+        for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
+                     "auto_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_resends", "profile_runs", "min_sample_bytes"):
+        for name in ("max_resends", "profile_runs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"AgentConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.fallback not in FALLBACK_POLICIES:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from edge_agent import AgentConfig, EdgeAgent
-from edge_agent._plan import CutPlanner
 from edgesplit.errors import ConfigError, DeadlineExceeded, LinkDownError, RemoteError, UserError
 from test_agent_support import MiniServer, chain_bundle, reference
 
@@ -339,21 +338,32 @@ def test_link_cut_is_detected_and_the_agent_comes_back(chain, x):
 
 # -- automatic cut --------------------------------------------------------------------------
 
-def test_cut_planner_follows_bandwidth_with_hysteresis(chain):
-    bundle, _ = chain
-    # segment times: the device is slow on segment 1; cut bytes: 64, 128, 96 per sample
-    planner = CutPlanner(bundle, [1.0, 20.0, 1.0], "raw", hysteresis=0.15, replan_ms=0.001, cloud_speedup=10)
-    fast = planner.predict(bandwidth_bps=1e9, rtt_ms=1.0)
-    assert min(fast, key=fast.get) == 0  # fast link, fast cloud: ship the input
-    k = planner.choose(1e9, 1.0)
-    assert k == 0
-    time.sleep(0.002)
-    # a link a bit slower: cut 0 is still best or within hysteresis, so no flapping
-    assert planner.choose(5e8, 1.0) == 0
-    time.sleep(0.002)
-    slow = planner.predict(bandwidth_bps=1e3, rtt_ms=1.0)
-    assert min(slow, key=slow.get) == 3  # a dead slow link: everything on the device
-    assert planner.choose(1e3, 1.0) == 3
+def test_auto_cut_prices_every_cut_with_the_planning_cost_model(chain, x):
+    from edgesplit.planning import CostModel
+
+    bundle, full = chain
+    with MiniServer(bundle) as srv, EdgeAgent(bundle, [srv.address], cut="auto", codec="raw",
+                                              config=FAST.replace(cloud_speedup=4.0)) as agent:
+        results = [agent.infer({"x": x}) for _ in range(5)]
+        bw, rtt_ms, wait_ms = agent._estimates()
+        pred = agent.predicted_ms()
+        expect = CostModel.from_bundle(bundle, agent._edge_ms, None, codec="raw", cloud_speedup=4.0)
+    n = bundle.num_segments
+    assert set(pred) == set(range(n + 1))
+    # all-edge is priced by the device profile alone, the same in both
+    assert pred[n] == pytest.approx(expect.latency_ms(n, bw, rtt_ms / 1e3), rel=0.5)
+    for r in results:
+        assert 0 <= r.cut <= n
+        np.testing.assert_allclose(r.outputs["y"], reference(full, x), **TOL)
+
+
+def test_auto_cut_without_a_server_answers_locally(chain, x):
+    bundle, full = chain
+    cfg = FAST.replace(connect_timeout_ms=0)
+    with EdgeAgent(bundle, [f"tcp://127.0.0.1:{free_port()}"], cut="auto", config=cfg) as agent:
+        res = agent.infer({"x": x})
+    assert res.where == "local"
+    np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
 
 
 def test_auto_cut_runs_and_reports_a_cut(chain, x):
