@@ -149,12 +149,34 @@ def _conv_bn_relu(nn, cin, cout, k=3, stride=1):
 
 
 def _randomize_bn(torch, module):
-    """BatchNorm statistics that are not the identity, so folding them is tested."""
+    """Marks the module for BatchNorm calibration in export_model (see _calibrate_bn)."""
+    module._calibrate_bn = True
+
+
+def _calibrate_bn(module, example: dict[str, np.ndarray]) -> None:
+    """Sets BatchNorm statistics from data, as training would, with random weights.
+
+    With default statistics a random CNN's activations shrink block by block and the
+    output barely depends on the input; measured statistics keep each BatchNorm
+    output at unit scale, so the output depends on the input and a partitioning
+    error shows. Data: smooth random images (noise upsampled 4x) shaped like the
+    export example, batch 8, seeded.
+    """
+    import torch
+
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
     g = torch.Generator().manual_seed(SEED)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
+    (name,) = example  # the CNNs here take one image
+    _, c, h, w = example[name].shape
+    module.train()
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(8, c, h // 4, w // 4, generator=g)
+            module(torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False))
+    module.eval()
 
 
 def inception_net() -> ZooModel:
@@ -429,6 +451,8 @@ def export_model(spec: ZooModel, out: Path) -> dict:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     module = spec.module.eval()
+    if getattr(module, "_calibrate_bn", False):
+        _calibrate_bn(module, spec.example)
     names = list(spec.example)
     example = tuple(torch.from_numpy(spec.example[n]) for n in names)
     if spec.exporter == "dynamo":
