@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 from edgesplit.errors import ConfigError
@@ -150,6 +151,26 @@ class AgentConfig:
             for name, k in zip(("curve_server_key", "curve_public_key", "curve_secret_key"), keys):
                 if not isinstance(k, (str, bytes)) or len(k) != 40:
                     raise ConfigError(f"AgentConfig.{name} must be a 40-character Z85 key")
+
+    def with_curve(self, server_key_file: str | os.PathLike, client_key_file: str | os.PathLike) -> "AgentConfig":
+        """A copy that uses CURVE, keys read from ZeroMQ certificate files.
+
+        Args:
+            server_key_file: the server's public certificate (``server.key``).
+            client_key_file: this agent's secret certificate (``agent.key_secret``), as written by
+                ``edgesplit keys generate`` or ``zmq.auth.create_certificates``.
+        """
+        import zmq.auth
+
+        try:
+            server_public, _ = zmq.auth.load_certificate(os.fspath(server_key_file))
+            public, secret = zmq.auth.load_certificate(os.fspath(client_key_file))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read CURVE certificates: {exc}") from exc
+        if secret is None:
+            raise ConfigError(f"{client_key_file} holds no secret key (use the .key_secret file)")
+        return self.replace(curve_server_key=server_public.decode("ascii"), curve_public_key=public.decode("ascii"),
+                            curve_secret_key=secret.decode("ascii"))
 
     def replace(self, **changes) -> "AgentConfig":
         """A copy with some fields changed (validated again)."""
