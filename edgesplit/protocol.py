@@ -144,6 +144,9 @@ def cancel(id: str, **meta: Any) -> Message:
     return Message("cancel", id, meta=meta)
 
 
+_ENCODE_LIMITS = Limits()
+
+
 # -- encode ------------------------------------------------------------------------------------
 def encode(msg: Message) -> list[Any]:
     """Header frame + one payload frame per tensor; payloads are the codecs' buffers, not copies.
@@ -181,8 +184,8 @@ def encode(msg: Message) -> list[Any]:
                           "params": enc.params, "nbytes": nbytes})
             frames.append(enc.payload)
         header["tensors"] = descs
+    _check_header_values(meta, _ENCODE_LIMITS, ("meta",))
     header.update(meta)
-    _check_header_values(header, Limits())
     try:
         frames[0] = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -209,25 +212,35 @@ def _buffer(frame: Any, i: int) -> memoryview:
     return view
 
 
-def _check_header_values(obj: Any, limits: Limits, depth: int = 0, where: str = "header") -> None:
-    """Reject extension types, non-finite floats, non-str keys and deep nesting anywhere."""
-    if depth > limits.max_meta_depth:
-        raise MessageError(f"{where}: nested deeper than {limits.max_meta_depth} levels")
-    if isinstance(obj, float):
-        if not math.isfinite(obj):
-            raise MessageError(f"{where}: number {obj!r} is not finite")
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, str) or len(k) > limits.max_name_length:
-                raise MessageError(f"{where}: keys must be strings of at most {limits.max_name_length} chars")
-            _check_header_values(v, limits, depth + 1, f"{where}.{k}" if len(where) < 200 else where)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _check_header_values(v, limits, depth + 1, f"{where}[]" if len(where) < 200 else where)
-    elif obj is None or isinstance(obj, (bool, int, str, bytes, bytearray, memoryview)):
-        pass
-    else:
-        raise MessageError(f"{where}: values of type {type(obj).__name__} are not allowed")
+_SCALAR_TYPES = frozenset({str, int, bool, bytes, type(None)})
+_CONTAINER_TYPES = (dict, list, tuple)
+
+
+def _check_header_values(obj: Any, limits: Limits, where: tuple = ("header",)) -> None:
+    """Reject extension types, non-finite floats, non-str keys and deep nesting anywhere.
+
+    Iterative, and paths are only built for containers: this runs on every message.
+    """
+    max_depth, max_key = limits.max_meta_depth, limits.max_name_length
+    stack = [(obj, 0, where)]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > max_depth:
+            raise MessageError(f"{'.'.join(map(str, path))}: nested deeper than {max_depth} levels")
+        items = node.items() if type(node) is dict else enumerate(node)
+        for k, v in items:
+            if type(node) is dict and (type(k) is not str or len(k) > max_key):
+                raise MessageError(f"{'.'.join(map(str, path))}: keys must be strings of at most {max_key} chars")
+            t = type(v)
+            if t in _SCALAR_TYPES:
+                continue
+            if t is float:
+                if not math.isfinite(v):
+                    raise MessageError(f"{'.'.join(map(str, path + (k,)))}: number {v!r} is not finite")
+            elif t in _CONTAINER_TYPES:
+                stack.append((v, depth + 1, path + (k,)))
+            elif not isinstance(v, (bytearray, memoryview)):
+                raise MessageError(f"{'.'.join(map(str, path + (k,)))}: values of type {t.__name__} are not allowed")
 
 
 def _str(value: Any, what: str, limits: Limits, rid: str | None, allow_empty: bool = True) -> str:
@@ -238,7 +251,7 @@ def _str(value: Any, what: str, limits: Limits, rid: str | None, allow_empty: bo
 
 
 def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int
 
 
 def _short(value: Any) -> str:
@@ -301,7 +314,7 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
               rid, code="version")
     _check_header_values(header, limits)
     kind = header.get("kind")
-    if kind not in KINDS:
+    if type(kind) is not str or kind not in KINDS:
         _fail(f"unknown message kind {_short(kind)} (known: {', '.join(sorted(KINDS))})", rid)
     mid = _str(header.get("id", ""), "id", limits, rid)
     bundle = header.get("bundle")
@@ -354,7 +367,7 @@ def _tensor(d: Any, view: memoryview, i: int, limits: Limits, rid: str | None) -
         _fail(f"tensor {i}: descriptor lacks {sorted(missing)}", rid)
     name = _str(d["name"], f"tensor {i} name", limits, rid, allow_empty=False)
     dtype = d["dtype"]
-    if dtype not in _DTYPES:
+    if type(dtype) is not str or dtype not in _DTYPES:
         _fail(f"tensor {name!r}: dtype {_short(dtype)} is not allowed (allowed: {', '.join(sorted(_DTYPES))})", rid)
     shape = d["shape"]
     if not isinstance(shape, list) or len(shape) > limits.max_rank:

@@ -4,6 +4,7 @@ and never allocates more than its limits allow)."""
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 
 import msgpack
@@ -305,6 +306,30 @@ def mutated_frames(draw):
     return frames
 
 
+_HEADER_KEYS = ["v", "kind", "id", "bundle", "cut", "deadline_ms", "tensors", "code", "message", "load"]
+_TENSOR_FIELDS = ["name", "dtype", "shape", "codec", "params", "nbytes"]
+_PARAM_KEYS = ["bits", "scale", "zero", "packed", "axis", "scales", "zeros", "shuffle"]
+
+
+@st.composite
+def field_mutated_frames(draw):
+    """A valid message with exactly one known field (header, descriptor or param) replaced."""
+    frames = draw(valid_frames())
+    header = msgpack.unpackb(frames[0])
+    value = draw(_json | st.sampled_from([[], {}, [1], -1, 0, 2**63, 1e308, float("nan"), "", "x" * 300]))
+    where = draw(st.sampled_from(["header", "tensor", "params"]))
+    if where != "header" and header.get("tensors"):
+        desc = header["tensors"][draw(st.integers(0, len(header["tensors"]) - 1))]
+        if where == "params":
+            desc["params"][draw(st.sampled_from(_PARAM_KEYS))] = value
+        else:
+            desc[draw(st.sampled_from(_TENSOR_FIELDS))] = value
+    else:
+        header[draw(st.sampled_from(_HEADER_KEYS))] = value
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
+
+
 def _decode_fully(frames):
     """What a server does with received frames: decode the message, then each tensor."""
     try:
@@ -320,9 +345,10 @@ def _decode_fully(frames):
     return msg
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(
     mutated_frames(),
+    field_mutated_frames(),
     valid_frames(),
     st.lists(st.binary(max_size=300), max_size=6),
     st.lists(_json.map(lambda v: msgpack.packb(v, use_bin_type=True)), min_size=1, max_size=3),

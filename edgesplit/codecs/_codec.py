@@ -152,7 +152,10 @@ class Codec:
         numeric = self.numeric
         if numeric.lossy and dtype not in _quant.FLOAT_DTYPES:
             numeric = _RAW  # lossy stages only touch floating point tensors; ids, masks stay exact
-        with np.errstate(invalid="ignore", over="ignore"):
+        if numeric.lossy:
+            with np.errstate(invalid="ignore", over="ignore"):
+                buf, params = numeric.encode(arr, calibration)
+        else:
             buf, params = numeric.encode(arr, calibration)
         itemsize = numeric.out_itemsize(dtype)
         names = [numeric.name]
@@ -213,7 +216,7 @@ def _plan(enc: Encoded) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], in
         raise CodecError(f"unknown codec {enc.codec!r}")
     if any(n in ("zstd", "lz4") for n in names[1:-1]):
         raise CodecError(f"codec {enc.codec!r}: a compressor must be the last stage")
-    if enc.dtype not in DTYPES:
+    if type(enc.dtype) is not str or enc.dtype not in DTYPES:
         raise CodecError(f"dtype {enc.dtype!r} is not allowed")
     if not isinstance(enc.shape, tuple) or len(enc.shape) > MAX_RANK or any(
         isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in enc.shape

@@ -7,6 +7,7 @@ checks every param and the buffer size against the declared shape before it allo
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -16,18 +17,27 @@ from edgesplit.errors import CodecError
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 
 
+_WIRE_DTYPES: dict[str, np.dtype] = {}
+_LITTLE_HOST = sys.byteorder == "little"
+
+
 def wire_dtype(name: str) -> np.dtype:
     """The little-endian numpy dtype that carries `name` on the wire."""
-    dt = np.dtype(name)
-    return dt if dt.itemsize == 1 else dt.newbyteorder("<")
+    dt = _WIRE_DTYPES.get(name)
+    if dt is None:
+        dt = np.dtype(name)
+        dt = dt if dt.itemsize == 1 else dt.newbyteorder("<")
+        _WIRE_DTYPES[name] = dt
+    return dt
 
 
 def as_bytes(arr: np.ndarray) -> np.ndarray:
     """A C-contiguous little-endian array viewed as flat uint8, copying only when it must."""
-    dt = wire_dtype(arr.dtype.name)
-    if arr.dtype != dt:
-        arr = arr.astype(dt)
-    arr = np.ascontiguousarray(arr)
+    order = arr.dtype.byteorder
+    if order == ">" or (order == "=" and not _LITTLE_HOST):
+        arr = arr.astype(wire_dtype(arr.dtype.name))
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     return arr.reshape(-1).view(np.uint8)
 
 
@@ -270,7 +280,10 @@ class IntStage(NumericStage):
         out = np.subtract(q.reshape(shape if shape else (1,)), zero, dtype=np.float32)
         np.multiply(out, scale, out=out)
         out = out.reshape(shape)
-        return out if dtype == "float32" else out.astype(dtype)
+        if dtype == "float32":
+            return out
+        with np.errstate(over="ignore"):  # a hostile scale may overflow float16: inf, not a warning
+            return out.astype(dtype)
 
 
 # -- dense bit packing ----------------------------------------------------------------------

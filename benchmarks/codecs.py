@@ -1,0 +1,549 @@
+"""Codec benchmark on EfficientNet-Lite0: bytes, accuracy and speed of every codec at every cut.
+
+For the committed model (models/efficientnet_lite0.onnx), partitioned at every candidate cut, on
+natural photos (random crops and flips of models/photos/*.jpg and of the natural images that
+scikit-image ships, when it is installed), it measures per cut and codec:
+
+- compression: fp32 bytes / wire bytes (payload + the tensor's msgpack descriptor: the header
+  carries scales and zero points too);
+- top-1 agreement of the split model (head -> encode -> decode -> tail) with the unsplit model;
+- encode and decode time per MiB of fp32 activations, pinned to one core.
+
+It also measures folding int8 quantisation into the segments (QuantizeLinear / DequantizeLinear)
+against the numpy codec, and the wire protocol's overhead over a bare 1 MiB ZeroMQ send on loopback.
+
+    .venv/bin/python benchmarks/codecs.py                 # full run: ~15-30 min on 2 cores
+    .venv/bin/python benchmarks/codecs.py --samples 64 --quick
+
+Writes benchmarks/results/codecs.md, codecs.json and codecs.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgesplit import protocol as P  # noqa: E402
+from edgesplit.codecs import decode, get_codec  # noqa: E402
+from edgesplit.codecs.calibration import calibration_for  # noqa: E402
+
+MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
+PHOTOS = ROOT / "models" / "photos"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# (label, spec, uses the bundle's calibration). Per-message ranges unless "cal".
+CODECS = [
+    ("raw+zstd", "raw+zstd", False),
+    ("fp16", "fp16", False),
+    ("fp16+lz4", "fp16+lz4", False),
+    ("bf16+zstd", "bf16+zstd", False),
+    ("int8", "int8", False),
+    ("int8+lz4", "int8+lz4", False),
+    ("int8+zstd", "int8+zstd", False),
+    ("int8:pc+zstd", "int8:pc+zstd", False),
+    ("int8:pc+zstd cal", "int8:pc+zstd", True),
+    ("int6:pc+zstd cal", "int6:pc:u+zstd", True),
+    ("int5:pc+zstd cal", "int5:pc:u+zstd", True),
+    ("int4:pc cal", "int4:pc", True),
+    ("int4:pc+zstd cal", "int4:pc:u+zstd", True),
+    ("int4:pc+zstd", "int4:pc:u+zstd", False),
+]
+QUICK = {"raw+zstd", "fp16", "int8", "int8+zstd", "int8:pc+zstd cal", "int6:pc+zstd cal", "int4:pc+zstd cal"}
+
+
+# -- machine -----------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import zmq
+    import zstandard
+
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python "
+            f"{platform.python_version()}, numpy {np.__version__}, onnxruntime {onnxruntime.__version__}, "
+            f"zstandard {zstandard.__version__}, pyzmq {zmq.__version__}")
+
+
+def pin_one_core():
+    """Pin this process (numpy, zstd, ORT threads) to one core; returns a function that unpins."""
+    if not hasattr(os, "sched_setaffinity"):
+        return lambda: None
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    return lambda: os.sched_setaffinity(0, before)
+
+
+# -- photos ------------------------------------------------------------------------------------
+
+
+def photo_sources() -> list[tuple[str, "object"]]:
+    """(name, PIL RGB image): the committed photos, then scikit-image's natural images if installed."""
+    from PIL import Image
+
+    sources = []
+    for p in sorted(PHOTOS.glob("*.jpg")):
+        with Image.open(p) as im:
+            sources.append((p.stem, im.convert("RGB")))
+    try:
+        from skimage import data
+    except ImportError:
+        return sources
+    for name in ["camera", "motorcycle_left", "motorcycle_right", "hubble_deep_field", "retina", "brick",
+                 "grass", "gravel", "moon", "immunohistochemistry"]:
+        try:
+            arr = getattr(data, name)()
+        except Exception:  # an image that would need a download: skip it
+            continue
+        if arr.dtype != np.uint8:
+            arr = (255 * (arr.astype(np.float64) / max(arr.max(), 1))).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        sources.append((f"skimage.{name}", Image.fromarray(arr[..., :3]).convert("RGB")))
+    return sources
+
+
+def views(sources, count: int, seed: int) -> np.ndarray:
+    """`count` random resized crops (25-100% of the area, aspect 3:4-4:3) with random flips."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, 3, 224, 224), np.float32)
+    for i in range(count):
+        image = sources[i % len(sources)][1]
+        w, h = image.size
+        for _ in range(20):
+            area = w * h * rng.uniform(0.25, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if cw <= w and ch <= h:
+                break
+        else:
+            cw = ch = min(w, h)
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = image.crop((left, top, left + cw, top + ch)).resize((224, 224), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        out[i] = ((np.asarray(crop, np.float32) - 127.0) / 128.0).transpose(2, 0, 1)
+    return out
+
+
+# -- model -------------------------------------------------------------------------------------
+def build_bundle(workdir: Path):
+    from edgesplit.graph import candidate_cuts, partition
+
+    cuts = candidate_cuts(str(MODEL))
+    return partition(str(MODEL), [list(c.tensors) for c in cuts], workdir / "effnet.bundle")
+
+
+def run_batched(fn, feeds: dict, batch: int) -> dict:
+    n = len(next(iter(feeds.values())))
+    parts: dict[str, list] = {}
+    for s in range(0, n, batch):
+        for k, v in fn({k: v[s:s + batch] for k, v in feeds.items()}).items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def descriptor_bytes(name: str, enc) -> int:
+    """What the tensor adds to the msgpack header (name, dtype, shape, codec, params, nbytes)."""
+    return len(msgpack.packb({"name": name, "dtype": enc.dtype, "shape": list(enc.shape), "codec": enc.codec,
+                              "params": enc.params, "nbytes": enc.nbytes}, use_bin_type=True))
+
+
+# -- measurements ------------------------------------------------------------------------------
+def evaluate_cut(bundle, k: int, env: dict, ref_top1: np.ndarray, codecs, cal, threads: int, batch: int):
+    """For cut k: every codec's bytes, agreement and timings. `env` holds cut k's tensors for all samples."""
+    from edgesplit.runtime import SegmentChain
+
+    names = bundle.cut(k).tensors
+    n = len(ref_top1)
+    rows = []
+    with SegmentChain(bundle, k, bundle.num_segments, runner="ort-cpu", intra_op_threads=threads) as tail:
+        lossless_top1 = None
+        for label, spec, use_cal in codecs:
+            codec = get_codec(spec)
+            raw_bytes = wire = 0
+            t_enc = t_dec = 0.0
+            decoded = {t: np.empty_like(env[t]) for t in names}
+            exact = True
+            for i in range(n):
+                for t in names:
+                    x = env[t][i:i + 1]
+                    entry = calibration_for(cal, t) if use_cal else None
+                    t0 = time.perf_counter()
+                    enc = codec.encode(x, calibration=entry)
+                    t1 = time.perf_counter()
+                    y = decode(enc)
+                    t2 = time.perf_counter()
+                    t_enc += t1 - t0
+                    t_dec += t2 - t1
+                    raw_bytes += x.size * 4
+                    wire += enc.nbytes + descriptor_bytes(t, enc)
+                    decoded[t][i:i + 1] = y
+                    exact = exact and not codec.lossy
+            if exact and lossless_top1 is not None:
+                top1 = lossless_top1
+            else:
+                logits = run_batched(tail.run, decoded, batch)
+                top1 = next(iter(logits.values())).argmax(axis=1)
+                if exact:
+                    lossless_top1 = top1
+            mib = raw_bytes / 2**20
+            rows.append({
+                "cut": k, "codec": label, "spec": spec, "calibrated": use_cal,
+                "ratio": raw_bytes / wire, "agreement": float((top1 == ref_top1).mean()),
+                "disagree": int((top1 != ref_top1).sum()),
+                "encode_ms_per_mib": 1e3 * t_enc / mib, "decode_ms_per_mib": 1e3 * t_dec / mib,
+                "encode_us": 1e6 * t_enc / n, "decode_us": 1e6 * t_dec / n, "bytes_fp32": raw_bytes // n,
+                "bytes_wire": wire / n,
+            })
+    return rows
+
+
+def time_1mib(env_at_cut: dict, specs, repeats: int = 40) -> list[dict]:
+    """Encode + decode of one real activation tensor scaled to 1 MiB, pinned to one core."""
+    x = next(iter(env_at_cut.values()))
+    per = x[0].size * 4
+    take = max(1, round(2**20 / per))
+    t = np.ascontiguousarray(x[:take])  # [take, C, H, W]: about 1 MiB of real activations
+    unpin = pin_one_core()
+    out = []
+    try:
+        for spec in specs:
+            codec = get_codec(spec)
+            enc_t, dec_t = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                enc = codec.encode(t)
+                t1 = time.perf_counter()
+                decode(enc)
+                t2 = time.perf_counter()
+                enc_t.append(t1 - t0)
+                dec_t.append(t2 - t1)
+            scale = 2**20 / t.nbytes
+            e, d = statistics.median(enc_t) * 1e3 * scale, statistics.median(dec_t) * 1e3 * scale
+            out.append({"spec": spec, "shape": list(t.shape), "mib": t.nbytes / 2**20, "encode_ms": e,
+                        "decode_ms": d, "total_ms": e + d, "ratio": t.nbytes / enc.nbytes})
+    finally:
+        unpin()
+    return out
+
+
+def time_fold(bundle, cal, cuts, repeats: int = 30) -> list[dict]:
+    """Per cut, batch 1, one core: numpy int8 quantise/dequantise vs QuantizeLinear/DequantizeLinear
+    folded into the last head segment and the first tail segment."""
+    import onnx
+
+    from edgesplit.codecs.fold import QSUFFIX, codes_of, encoded_from_codes, fold_dequantize, fold_quantize, int8_params
+    from edgesplit.runtime import OnnxRuntimeRunner, SegmentChain
+
+    rows = []
+    unpin = pin_one_core()
+    tmp = Path(tempfile.mkdtemp(prefix="fold."))
+    try:
+        for k in cuts:
+            names = bundle.cut(k).tensors
+            if len(names) != 1:
+                continue
+            t = names[0]
+            entry = calibration_for(cal, t)
+            scale, zero, axis = int8_params(entry)
+            head_seg, tail_seg = bundle.segments[k - 1], bundle.segments[k]
+            onnx.save(fold_quantize(onnx.load(head_seg.path), t, scale, zero, axis), tmp / f"h{k}.onnx")
+            onnx.save(fold_dequantize(onnx.load(tail_seg.path), t, scale, zero, axis), tmp / f"t{k}.onnx")
+            with SegmentChain(bundle, 0, k - 1, runner="ort-cpu", intra_op_threads=1) as pre:
+                feeds = pre.run({bundle.inputs[0].name: _one_input(bundle)})
+            codec = get_codec("int8")
+            with OnnxRuntimeRunner(head_seg.path, intra_op_threads=1) as h, \
+                    OnnxRuntimeRunner(tmp / f"h{k}.onnx", intra_op_threads=1) as hq, \
+                    OnnxRuntimeRunner(tail_seg.path, intra_op_threads=1) as tl, \
+                    OnnxRuntimeRunner(tmp / f"t{k}.onnx", intra_op_threads=1) as tq:
+                hin = {n: feeds[n] for n in head_seg.inputs}
+                a, b, c, d = [], [], [], []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    enc = codec.encode(h.infer(hin)[t], calibration=entry)
+                    t1 = time.perf_counter()
+                    encf = encoded_from_codes(hq.infer(hin)[t + QSUFFIX], scale, zero, axis)
+                    t2 = time.perf_counter()
+                    tl.infer({t: decode(enc)})
+                    t3 = time.perf_counter()
+                    tq.infer({t + QSUFFIX: codes_of(encf)})
+                    t4 = time.perf_counter()
+                    a.append(t1 - t0)
+                    b.append(t2 - t1)
+                    c.append(t3 - t2)
+                    d.append(t4 - t3)
+            rows.append({"cut": k, "tensor": t, "bytes_fp32": int(np.prod(enc.shape)) * 4,
+                         "head_numpy_ms": statistics.median(a) * 1e3, "head_folded_ms": statistics.median(b) * 1e3,
+                         "tail_numpy_ms": statistics.median(c) * 1e3, "tail_folded_ms": statistics.median(d) * 1e3})
+    finally:
+        unpin()
+    return rows
+
+
+def _one_input(bundle):
+    return views(photo_sources()[:1], 1, seed=7)
+
+
+def time_protocol(repeats: int = 300) -> dict:
+    """Median one-way time of 1 MiB over loopback TCP: a bare frame vs a protocol message (encode,
+    send, receive, decode the header and the raw tensor), interleaved so both see the same load."""
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.rcvtimeo = 5000
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    x = np.random.default_rng(0).standard_normal(2**18).astype(np.float32)  # 1 MiB
+    raw = get_codec("raw")
+    unpin = pin_one_core()
+    bare, proto, codec_only = [], [], []
+    try:
+        for i in range(repeats + 20):
+            t0 = time.perf_counter()
+            dealer.send(memoryview(x), copy=False)
+            frames = router.recv_multipart(copy=False)
+            memoryview(frames[1])
+            t1 = time.perf_counter()
+            P.send(dealer, P.infer(f"r{i}", "b" * 64, 3, {"t": raw.encode(x)}, deadline_ms=100.0, reply_codec="raw"))
+            _, msg = P.recv(router, envelope=1)
+            y = decode(msg.tensors["t"])
+            t2 = time.perf_counter()
+            frames2 = P.encode(P.infer(f"r{i}", "b" * 64, 3, {"t": raw.encode(x)}, deadline_ms=100.0))
+            decode(P.decode(frames2).tensors["t"])
+            t3 = time.perf_counter()
+            if i >= 20:  # warm-up
+                bare.append(t1 - t0)
+                proto.append(t2 - t1)
+                codec_only.append(t3 - t2)
+            assert y.shape == x.shape
+    finally:
+        unpin()
+        router.close()
+        dealer.close()
+        ctx.term()
+    b, p = statistics.median(bare) * 1e6, statistics.median(proto) * 1e6
+    return {"bare_us": b, "protocol_us": p, "overhead_us": p - b,
+            "encode_decode_only_us": statistics.median(codec_only) * 1e6, "repeats": repeats}
+
+
+# -- report ------------------------------------------------------------------------------------
+def write_report(res: dict, out: Path) -> None:
+    rows = res["rows"]
+    cuts = sorted({r["cut"] for r in rows})
+    labels = list(dict.fromkeys(r["codec"] for r in rows))
+    by = {(r["cut"], r["codec"]): r for r in rows}
+    L = []
+    L.append("# Codec benchmark: EfficientNet-Lite0, every candidate cut\n")
+    L.append(f"Machine: {res['machine']}.  ")
+    L.append(f"Command: `{res['command']}` ({res['elapsed_s'] / 60:.1f} min).  ")
+    L.append(f"Samples: {res['samples']} random crops and flips of {len(res['sources'])} natural photos "
+             f"({', '.join(res['sources'])}); calibration on {res['calib_samples']} other crops "
+             f"(percentile {res['percentile']}).  ")
+    L.append("Ratio = fp32 bytes / (payload + the tensor's msgpack descriptor, which carries the scales). "
+             "Agreement = top-1 of head -> encode -> decode -> tail equals top-1 of the unsplit model. "
+             "Codec times are per MiB of fp32 at batch 1 (what the edge sends per image), one core.\n")
+
+    L.append("## Summary per codec (over all cuts)\n")
+    L.append("| codec | min agreement | worst cut | median ratio | ratio range | encode ms/MiB | decode ms/MiB |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for lab in labels:
+        rs = [by[(k, lab)] for k in cuts if (k, lab) in by]
+        worst = min(rs, key=lambda r: r["agreement"])
+        L.append(f"| {lab} | {100 * worst['agreement']:.2f}% | {worst['cut']} | "
+                 f"{statistics.median(r['ratio'] for r in rs):.2f}x | {min(r['ratio'] for r in rs):.2f}-"
+                 f"{max(r['ratio'] for r in rs):.2f}x | {statistics.median(r['encode_ms_per_mib'] for r in rs):.2f} | "
+                 f"{statistics.median(r['decode_ms_per_mib'] for r in rs):.2f} |")
+
+    L.append("\n## Best codec per cut (highest ratio with >= 99% agreement)\n")
+    L.append("| cut | tensor | fp32 bytes | int8 agreement | best codec | ratio | agreement | wire bytes |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for k in cuts:
+        rs = [by[(k, lab)] for lab in labels if (k, lab) in by]
+        ok = [r for r in rs if r["agreement"] >= 0.99]
+        best = max(ok, key=lambda r: r["ratio"]) if ok else None
+        i8 = by.get((k, "int8"))
+        tensor = ", ".join(res["cut_tensors"][str(k)])
+        L.append(f"| {k} | `{tensor}` | {rs[0]['bytes_fp32']} | "
+                 f"{100 * i8['agreement']:.2f}% | " if i8 else f"| {k} | `{tensor}` | {rs[0]['bytes_fp32']} | - | ")
+        L[-1] += (f"{best['codec']} | {best['ratio']:.2f}x | {100 * best['agreement']:.2f}% | {best['bytes_wire']:.0f} |"
+                  if best else "- | - | - | - |")
+
+    L.append("\n## Every cut and codec: agreement % / ratio\n")
+    L.append("| cut | " + " | ".join(labels) + " |")
+    L.append("| --- |" + " --- |" * len(labels))
+    for k in cuts:
+        cells = []
+        for lab in labels:
+            r = by.get((k, lab))
+            cells.append(f"{100 * r['agreement']:.1f} / {r['ratio']:.1f}x" if r else "-")
+        L.append(f"| {k} | " + " | ".join(cells) + " |")
+
+    if res.get("timing_1mib"):
+        t = res["timing_1mib"]
+        L.append(f"\n## Encode + decode of 1 MiB of real activations (cut {res['timing_cut']}, "
+                 f"shape {t[0]['shape']}), one core, median of {res['timing_repeats']}\n")
+        L.append("| codec | encode ms | decode ms | total ms | ratio |")
+        L.append("| --- | --- | --- | --- | --- |")
+        for r in t:
+            L.append(f"| {r['spec']} | {r['encode_ms']:.2f} | {r['decode_ms']:.2f} | {r['total_ms']:.2f} | {r['ratio']:.2f}x |")
+
+    if res.get("fold"):
+        L.append("\n## Folding int8 into the segments (batch 1, one core, calibrated per-tensor int8)\n")
+        L.append("Head: last head segment + numpy quantise vs the same segment ending in QuantizeLinear. "
+                 "Tail: numpy dequantise + first tail segment vs the segment starting with DequantizeLinear. "
+                 "Medians in ms.\n")
+        L.append("| cut | fp32 bytes | head numpy | head folded | tail numpy | tail folded | saved |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in res["fold"]:
+            saved = r["head_numpy_ms"] + r["tail_numpy_ms"] - r["head_folded_ms"] - r["tail_folded_ms"]
+            L.append(f"| {r['cut']} | {r['bytes_fp32']} | {r['head_numpy_ms']:.3f} | {r['head_folded_ms']:.3f} | "
+                     f"{r['tail_numpy_ms']:.3f} | {r['tail_folded_ms']:.3f} | {saved:+.3f} |")
+
+    if res.get("protocol"):
+        p = res["protocol"]
+        L.append(f"\n## Protocol overhead, 1 MiB raw tensor, loopback TCP, one core (median of {p['repeats']})\n")
+        L.append("| bare ZeroMQ frame | protocol message (encode, send, recv, decode) | overhead | "
+                 "encode+decode without sockets |")
+        L.append("| --- | --- | --- | --- |")
+        L.append(f"| {p['bare_us']:.1f} us | {p['protocol_us']:.1f} us | {p['overhead_us']:+.1f} us | "
+                 f"{p['encode_decode_only_us']:.1f} us |")
+    L.append("")
+    (out / "codecs.md").write_text("\n".join(L))
+
+
+def plot(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    cuts = sorted({r["cut"] for r in rows})
+    labels = list(dict.fromkeys(r["codec"] for r in rows))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True)
+    for lab in labels:
+        rs = sorted((r for r in rows if r["codec"] == lab), key=lambda r: r["cut"])
+        ks = [r["cut"] for r in rs]
+        ax1.plot(ks, [r["ratio"] for r in rs], marker="o", ms=3, label=lab)
+        ax2.plot(ks, [100 * r["agreement"] for r in rs], marker="o", ms=3, label=lab)
+    ax1.set_yscale("log")
+    ax1.axhline(8, color="k", lw=0.8, ls="--")
+    ax1.set_ylabel("compression vs fp32 (x, log)")
+    ax1.set_title(f"EfficientNet-Lite0 codecs per cut ({res['samples']} photo crops)")
+    ax2.axhline(99, color="k", lw=0.8, ls="--")
+    ax2.axhline(99.5, color="k", lw=0.8, ls=":")
+    ax2.set_ylim(max(0, min(100 * r["agreement"] for r in rows) - 1), 100.2)
+    ax2.set_ylabel("top-1 agreement with unsplit (%)")
+    ax2.set_xlabel("cut index")
+    ax2.set_xticks(cuts)
+    ax1.legend(fontsize=7, ncol=3, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "codecs.png", dpi=110)
+
+
+# -- main --------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=400, help="evaluation crops (default 400)")
+    ap.add_argument("--calib-samples", type=int, default=64, help="calibration crops (default 64)")
+    ap.add_argument("--percentile", type=float, default=99.99, help="calibration percentile")
+    ap.add_argument("--cuts", default="all", help="comma-separated cut indices (default all)")
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(sorted(QUICK))}")
+    ap.add_argument("--codecs", default=None, help="comma-separated labels from CODECS to run")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the tails")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--skip-extras", action="store_true", help="no 1 MiB timing, folding, protocol")
+    args = ap.parse_args(argv)
+
+    from edgesplit.cli.calibrate_cmd import calibrate
+    from edgesplit.runtime import OnnxRuntimeRunner, SegmentChain
+
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(machine(), flush=True)
+    codecs = [c for c in CODECS if (not args.quick or c[0] in QUICK)
+              and (args.codecs is None or c[0] in args.codecs.split(","))]
+    work = Path(tempfile.mkdtemp(prefix="codecs-bench."))
+    bundle = build_bundle(work)
+    n = bundle.num_segments
+    cuts = list(range(1, n)) if args.cuts == "all" else [int(c) for c in args.cuts.split(",")]
+    sources = photo_sources()
+    xs = views(sources, args.samples, seed=1)
+    xc = views(sources, args.calib_samples, seed=2)
+    in_name = bundle.inputs[0].name
+    print(f"{len(sources)} photos, {len(xs)} eval crops, {len(xc)} calibration crops, {n} segments", flush=True)
+    cal = calibrate(bundle, {in_name: xc}, percentile=args.percentile, batch=16, runner="ort-cpu")
+
+    with OnnxRuntimeRunner(MODEL, intra_op_threads=args.threads) as full:
+        ref = run_batched(full.infer, {in_name: xs}, args.batch)
+    ref_top1 = next(iter(ref.values())).argmax(axis=1)
+
+    rows = []
+    env = {in_name: xs}
+    timing_env = None
+    for k in range(1, max(cuts) + 1):
+        with SegmentChain(bundle, k - 1, k, runner="ort-cpu", intra_op_threads=args.threads) as seg:
+            env = run_batched(seg.run, env, args.batch)
+        if k == 1:
+            timing_env = {t: v[:8].copy() for t, v in env.items()}
+        if k not in cuts:
+            continue
+        t0 = time.time()
+        rows += evaluate_cut(bundle, k, env, ref_top1, codecs, cal, args.threads, args.batch)
+        worst = min((r for r in rows if r["cut"] == k), key=lambda r: r["agreement"])
+        print(f"cut {k:2d}: {len(codecs)} codecs in {time.time() - t0:.0f}s; worst {worst['codec']} "
+              f"{100 * worst['agreement']:.2f}%", flush=True)
+        for r in rows:
+            if r["cut"] == k:
+                print(f"    {r['codec']:18s} {r['ratio']:6.2f}x  {100 * r['agreement']:6.2f}%  "
+                      f"enc {r['encode_ms_per_mib']:.2f} dec {r['decode_ms_per_mib']:.2f} ms/MiB", flush=True)
+
+    res = {"machine": machine(), "command": "python benchmarks/codecs.py " + " ".join(argv or sys.argv[1:]),
+           "samples": len(xs), "calib_samples": len(xc), "percentile": args.percentile,
+           "sources": [s[0] for s in sources], "rows": rows,
+           "cut_tensors": {str(k): list(bundle.cut(k).tensors) for k in cuts}}
+    if not args.skip_extras:
+        specs = ["int8+zstd", "int8+lz4", "int8", "fp16", "fp16+lz4", "raw+zstd", "int4:pc:u+zstd", "int6:pc:u+zstd"]
+        res["timing_1mib"] = time_1mib(timing_env, specs)
+        res["timing_cut"], res["timing_repeats"] = 1, 40
+        res["fold"] = time_fold(bundle, cal, cuts)
+        res["protocol"] = time_protocol()
+        print(json.dumps({"timing_1mib": res["timing_1mib"], "protocol": res["protocol"]}, indent=1))
+    res["elapsed_s"] = time.time() - started
+    (out / "codecs.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_report(res, out)
+    plot(res, out)
+    print(f"wrote {out / 'codecs.md'} and codecs.png in {res['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
