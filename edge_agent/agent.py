@@ -105,7 +105,7 @@ class LinkStats:
 class _Request:
     __slots__ = ("id", "seq", "feeds", "binding", "batch", "future", "t0", "deadline", "cloud_deadline",
                  "cut", "cut_tensors", "encoded", "bytes_up", "timings", "server", "sent_at",
-                 "attempts", "waited_ms", "done", "lock")
+                 "attempts", "waited_ms", "done", "lock", "sent_to")
 
     def __init__(self, rid: str, seq: int, feeds, binding, batch: int, deadline: float):
         self.id = rid
@@ -125,6 +125,7 @@ class _Request:
         self.server: _Server | None = None
         self.sent_at = 0.0
         self.attempts = 0
+        self.sent_to: set[int] = set()    # servers this request went to: only they may answer it
         self.waited_ms = 0.0
         self.done = False
         self.lock = threading.Lock()
@@ -150,6 +151,7 @@ class _Server:
         self.rtt_ms: float | None = None
         self.inflight: dict[str, _Request] = {}
         self.pings: dict[str, float] = {}
+        self.handshake_failed = False
 
 
 class EdgeAgent:
@@ -614,6 +616,7 @@ class EdgeAgent:
                      "" if s.held is not False else " but does not hold this bundle")
             s.state = "up"
             s.backoff_ms = 0.0
+            s.handshake_failed = False
             s.next_ping = now + self.config.heartbeat_interval_ms / 1e3
         self._update_eligible(now)
 
@@ -741,6 +744,7 @@ class EdgeAgent:
                 return
             s = other
         req.server = s
+        req.sent_to.add(s.index)
         req.sent_at = now
         req.attempts += 1
         if req.attempts > 1:
@@ -807,7 +811,12 @@ class EdgeAgent:
                 self._set_down(s, now, "connection closed")
             elif event & (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                log.warning("handshake with %s failed (CURVE keys?)", s.address)
+                if not s.handshake_failed:  # once, not on every reconnect attempt
+                    log.warning("handshake with %s failed: %s", s.address,
+                                "the server refused this agent's CURVE key" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                else "CURVE keys or protocol do not match")
+                s.handshake_failed = True
+                self._count("handshake_failed")
                 self._set_down(s, now, "handshake failed")
 
     def _read_socket(self, s: _Server) -> None:
@@ -887,6 +896,9 @@ class EdgeAgent:
                 self._count("late_replies")
                 return
             self._ban(s, now, f"reply for unknown request id {rid!r}")
+            return
+        if s.index not in req.sent_to:
+            self._ban(s, now, f"reply for request {rid}, which was never sent to it")
             return
         if msg.kind == "error":
             self._on_error(s, req, msg, now)
