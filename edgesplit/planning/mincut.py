@@ -192,6 +192,11 @@ class SplitProblem:
         for n in self.nodes:
             for v in index.variable_reads(n):
                 self.readers.setdefault(v, []).append(n)
+        # Sizes shape inference could not pin down (a Reshape to computed dims, ...) come from
+        # one ONNX Runtime run, as the partitioner does for its candidate cuts.
+        from edgesplit.graph._cuts import fill_unknown
+
+        fill_unknown(index, info, sorted(set(self.readers) | set(index.outputs)), self.path)
         self.bytes: dict[str, float] = {}
         for v in set(self.readers) | set(index.outputs):
             nbytes, _ = info.bytes_per_sample(v)
