@@ -287,3 +287,15 @@ def test_profile_nodes_covers_the_model(tmp_path):
     with pytest.raises(ConfigError):
         prof.check_model(tiny_models.chain())
     json.loads((tmp_path / "n.json").read_text())
+
+
+def test_rtt_is_a_windowed_minimum_so_queued_pings_do_not_inflate_it():
+    est = LinkEstimator(rtt_window_s=0.3)
+    est.observe(0, 0, rtt_s=0.020)
+    est.observe(0, 0, rtt_s=0.450)     # a ping that waited behind a bulk transfer
+    assert est.rtt_s == pytest.approx(0.020)
+    est.observe(100_000, 0, total_s=0.020 + 0.1)
+    assert est.bandwidth_bps == pytest.approx(8e6)
+    time.sleep(0.35)                   # the window passes: a longer path shows
+    est.observe(0, 0, rtt_s=0.060)
+    assert est.rtt_s == pytest.approx(0.060)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 
 from edgesplit.errors import ConfigError
 
@@ -12,7 +13,7 @@ __all__ = ["LinkEstimator"]
 
 
 class LinkEstimator:
-    """EWMA estimates of bandwidth and RTT, fed by every request and ping.
+    """Estimates of bandwidth (EWMA with level-shift detection) and RTT (windowed minimum).
 
     Feed it with :meth:`observe` after each request::
 
@@ -32,6 +33,8 @@ class LinkEstimator:
         alpha: EWMA weight of a new sample.
         drop_alpha: weight of a sample below `shift_ratio` x the current estimate.
         shift_ratio / shift_samples: what counts as a level shift (see above).
+        rtt_window_s: the RTT is the least sample of this many recent seconds, so pings that
+            queued behind bulk data do not inflate it (and a longer path shows after the window).
         min_transfer_s: transfer times below this are too short to measure a bandwidth.
         initial_bandwidth_bps / initial_rtt_s: estimates before any sample (None: unknown).
 
@@ -40,7 +43,7 @@ class LinkEstimator:
 
     def __init__(self, alpha: float = 0.3, drop_alpha: float = 0.7, min_transfer_s: float = 0.002,
                  initial_bandwidth_bps: float | None = None, initial_rtt_s: float | None = None,
-                 shift_ratio: float = 0.6, shift_samples: int = 2):
+                 shift_ratio: float = 0.6, shift_samples: int = 2, rtt_window_s: float = 10.0):
         if not 0 < alpha <= 1 or not 0 < drop_alpha <= 1:
             raise ConfigError("alpha and drop_alpha must be in (0, 1]")
         if not 0 < shift_ratio < 1 or shift_samples < 1:
@@ -51,6 +54,8 @@ class LinkEstimator:
         self.drop_alpha = drop_alpha
         self.min_transfer_s = min_transfer_s
         self.shift_ratio = shift_ratio
+        self.rtt_window_s = rtt_window_s
+        self._rtt_window: deque[tuple[float, float]] = deque()
         self.shift_samples = shift_samples
         self._shift: list[float] = []
         self._shift_side = 0
@@ -91,9 +96,7 @@ class LinkEstimator:
         now = time.monotonic()
         with self._lock:
             if rtt_s is not None and math.isfinite(rtt_s) and rtt_s >= 0:
-                self._rtt = rtt_s if self._rtt is None else (1 - self.alpha) * self._rtt + self.alpha * rtt_s
-                self.rtt_samples += 1
-                self.last_rtt_at = now
+                self._add_rtt(rtt_s, now)
             nbytes = max(0, int(bytes_sent)) + max(0, int(bytes_recv))
             if total_s is None or not math.isfinite(total_s) or total_s <= 0 or nbytes == 0:
                 return
@@ -101,7 +104,7 @@ class LinkEstimator:
             if rtt is None:
                 if nbytes < 4096:
                     # No RTT yet: a small exchange is mostly RTT; take it as the first estimate.
-                    self._rtt = total_s
+                    self._add_rtt(total_s, now)
                     return
                 rtt = 0.0  # a big one without an RTT: a conservative (low) bandwidth sample
             transfer = total_s - rtt
@@ -113,7 +116,7 @@ class LinkEstimator:
                     self.last_bandwidth_at = now
                 # An exchange faster than the RTT estimate also says the RTT is lower.
                 if total_s < rtt:
-                    self._rtt = (1 - self.alpha) * rtt + self.alpha * total_s
+                    self._add_rtt(total_s, now)
                 return
             sample = bits / transfer
             if self._bw is None:
@@ -137,11 +140,23 @@ class LinkEstimator:
             self.bandwidth_samples += 1
             self.last_bandwidth_at = now
 
+    def _add_rtt(self, rtt_s: float, now: float) -> None:
+        # The RTT is the minimum over a window (as BBR's min_rtt): a ping that waited behind a
+        # bulk transfer in a queue measures the queue, not the path, and must not inflate it.
+        samples = self._rtt_window
+        samples.append((now, rtt_s))
+        while samples and now - samples[0][0] > self.rtt_window_s:
+            samples.popleft()
+        self._rtt = min(r for _, r in samples)
+        self.rtt_samples += 1
+        self.last_rtt_at = now
+
     def reset(self) -> None:
         """Forget everything (e.g. after the link came back from an outage)."""
         with self._lock:
             self._bw = self._rtt = None
             self._shift, self._shift_side = [], 0
+            self._rtt_window.clear()
             self.bandwidth_samples = self.rtt_samples = 0
             self.last_bandwidth_at = self.last_rtt_at = None
 
