@@ -42,9 +42,10 @@ class AgentConfig:
     # --- link monitor -----------------------------------------------------------------------
     # Application heartbeat: a ping to every server this often; the pong carries the server load.
     heartbeat_interval_ms: float = 200.0
-    # A server that sent nothing for this many intervals is declared down (loss is detected
-    # within heartbeat_misses * heartbeat_interval_ms). ZeroMQ's own ZMQ_HEARTBEAT_IVL/TIMEOUT
-    # are set from the same two numbers, so a dead TCP connection is also dropped by libzmq.
+    # A server that sent nothing for this many intervals is declared down: loss is detected
+    # within heartbeat_misses * heartbeat_interval_ms (the check fires 5 % early to absorb
+    # scheduling latency). ZeroMQ's own ZMQ_HEARTBEAT_IVL/TIMEOUT are set from the same two
+    # numbers, so libzmq also drops a dead TCP connection; a closed one is seen at once.
     heartbeat_misses: int = 2
     # ZMQ_HEARTBEAT_TTL sent to the server: it drops our connection after this much silence.
     heartbeat_ttl_ms: float = 2000.0

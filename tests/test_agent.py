@@ -17,7 +17,7 @@ from test_agent_support import MiniServer, chain_bundle, reference
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 # Fast link monitor for tests; every request has an answer well within a second.
-FAST = AgentConfig(heartbeat_interval_ms=50, probe_timeout_ms=150, reconnect_initial_ms=20,
+FAST = AgentConfig(heartbeat_interval_ms=100, probe_timeout_ms=300, reconnect_initial_ms=20,
                    reconnect_max_ms=200, connect_timeout_ms=3000, deadline_ms=3000, profile_runs=1)
 
 
@@ -209,8 +209,9 @@ def test_policy_wait_times_out(chain, x):
 
 def test_deadline_falls_back_and_drops_the_late_reply(chain, x):
     bundle, full = chain
-    with MiniServer(bundle, compute_delay_s=0.4) as srv, \
-            EdgeAgent(bundle, [srv.address], cut=1, codec="raw", config=FAST) as agent:
+    # a slow heartbeat: the server must stay "up" so that its late reply arrives
+    with MiniServer(bundle, compute_delay_s=0.3) as srv, \
+            EdgeAgent(bundle, [srv.address], cut=1, codec="raw", config=FAST.replace(heartbeat_interval_ms=1000)) as agent:
         res = agent.infer({"x": x}, deadline_ms=100)
         assert res.where == "local" and res.reason == "deadline"
         assert res.timings["network"] > 0  # it did wait for the cloud first
@@ -298,7 +299,7 @@ def test_dead_server_requests_go_to_the_other_one(chain, x):
             time.sleep(0.2)
             assert {s.state for s in agent.link_stats().servers} == {"up"}
             a.close()
-            time.sleep(0.3)  # > 2 heartbeat intervals
+            time.sleep(0.5)  # > 2 heartbeat intervals
             states = {s.address: s.state for s in agent.link_stats().servers}
             assert states[a.address] != "up" and states[b.address] == "up"
             results = [agent.infer({"x": x}) for _ in range(5)]
@@ -311,11 +312,11 @@ def test_link_cut_is_detected_and_the_agent_comes_back(chain, x):
     from edgesplit.netsim import LinkEmulator
 
     bundle, full = chain
-    ivl = 50
+    ivl = 100
     with MiniServer(bundle) as srv:
         host_port = srv.address.split("//")[1]
         with LinkEmulator(to=host_port) as link, \
-                EdgeAgent(bundle, [link.address], cut=1, codec="raw", config=FAST) as agent:
+                EdgeAgent(bundle, [link.address], cut=1, codec="raw", config=FAST.replace(heartbeat_interval_ms=ivl)) as agent:
             assert agent.infer({"x": x}).where == "cloud"
             link.cut()
             t0 = time.monotonic()
@@ -331,8 +332,8 @@ def test_link_cut_is_detected_and_the_agent_comes_back(chain, x):
                 time.sleep(0.01)
             back_s = time.monotonic() - t1
             assert agent.infer({"x": x}).where == "cloud"
-    # loss detected within 2 heartbeat intervals (plus one interval of slack for a busy box)
-    assert detected_ms <= 3 * ivl, detected_ms
+    # loss detected within 2 heartbeat intervals (plus slack for a busy shared box)
+    assert detected_ms <= 2 * ivl + 150, detected_ms
     assert back_s < 3
 
 
