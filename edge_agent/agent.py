@@ -502,10 +502,11 @@ class EdgeAgent:
         for s in self._srv:
             s.next_attempt = now
         try:
+            timeout = 0.0
             while True:
-                now = time.perf_counter()
-                timeout = self._run_timers(now)
                 events = dict(poller.poll(max(0, math.ceil(timeout * 1e3))))
+                # Messages first, timers after: after a stall (a busy CPU) the pongs waiting in
+                # the sockets prove the servers alive before the silence check runs.
                 if self._wake_r in events:
                     try:
                         while os.read(self._wake_r, 4096):
@@ -519,6 +520,7 @@ class EdgeAgent:
                         self._read_monitor(s)
                     if s.sock is not None and s.sock in events:
                         self._read_socket(s)
+                timeout = self._run_timers(time.perf_counter())
         except Exception:  # noqa: BLE001 - a bug here must not strand requests
             log.exception("edge agent I/O thread failed; finishing every request on the device")
         finally:
@@ -671,9 +673,11 @@ class EdgeAgent:
         silent_limit = ivl * cfg.heartbeat_misses * 0.95
         for s in self._srv:
             if s.state == "up":
-                if now - s.last_seen > silent_limit:
+                if now - s.last_seen > silent_limit and s.sock.poll(0, zmq.POLLIN):
+                    self._read_socket(s)  # something came in meanwhile: read it before judging
+                if s.state == "up" and now - s.last_seen > silent_limit:
                     self._set_down(s, now, f"no heartbeat for {(now - s.last_seen) * 1e3:.0f} ms")
-                else:
+                elif s.state == "up":
                     if now >= s.next_ping:
                         self._ping(s, now)
                     nxt = min(nxt, s.next_ping, s.last_seen + silent_limit + 1e-4)
@@ -683,7 +687,9 @@ class EdgeAgent:
                         s.banned_until = 0.0
                         self._update_eligible(now)
             if s.state == "connecting":
-                if now >= s.probe_deadline:
+                if now >= s.probe_deadline and s.sock.poll(0, zmq.POLLIN):
+                    self._read_socket(s)
+                if s.state == "connecting" and now >= s.probe_deadline:
                     self._set_down(s, now, "no answer to the reconnect probe")
                 else:
                     nxt = min(nxt, s.probe_deadline)
