@@ -263,6 +263,7 @@ def run_case(prep: Prepared, server: Server, rate_mbit: float, rtt_ms: float, ar
                     for c in cfgs:
                         if c.kind == "fixed" and c.p50 > args.prune_factor * best:
                             c.active = False
+            auto_stats = next(c for c in cfgs if c.kind == "auto").agent.link_stats()
         finally:
             for c in cfgs:
                 c.agent.close()
@@ -281,6 +282,7 @@ def run_case(prep: Prepared, server: Server, rate_mbit: float, rtt_ms: float, ar
         "speedup_vs_all_cloud": by["all-cloud"].p50 / auto.p50,
         "auto_cuts": {str(k): auto.cuts.count(k) for k in sorted(set(auto.cuts))},
         "auto_local_answers": sum(w == "local" for w in auto.where),
+        "auto_estimate": {"bandwidth_mbit": (auto_stats.bandwidth_bps or 0) / 1e6, "rtt_ms": auto_stats.rtt_ms},
         "configs": {c.label: {"p50_ms": c.p50, "n": len(c.samples)} for c in cfgs},
         "requests": args.requests, "edge_slowdown": args.edge_slowdown,
     }
