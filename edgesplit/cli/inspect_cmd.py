@@ -52,6 +52,7 @@ def run(args) -> int:
 
     from edgesplit.graph import candidate_cuts, infer_shapes, load_model
     from edgesplit.graph._index import GraphIndex
+    from edgesplit.graph._shapes import _eval_dim
 
     shapes = shapes_from_args(args)
     model = load_model(args.model, load_weights=False)
@@ -66,8 +67,8 @@ def run(args) -> int:
 
     inputs = [spec(v) for v in index.inputs]
     outputs = [spec(v) for v in index.outputs]
-    unbound = sorted({d for c in cuts for s in c.specs for d in s.shape
-                      if isinstance(d, str) and d not in info.symbols})
+    unbound = sorted({d for c in cuts if not c.exact for s in c.specs for d in s.shape
+                      if isinstance(d, str) and _eval_dim(d, info.symbols) is None})
     if args.json:
         doc = {
             "model": str(args.model),
@@ -101,7 +102,8 @@ def run(args) -> int:
         print(f"{c.index:>4}  {c.head_nodes:>4}/{c.total_nodes:<4}  {c.bytes_per_sample:>12,}{mark}"
               f"  {_human(c.bytes_per_sample):>9}  {shown}", file=out)
     if unbound:
-        print(f"\n* symbolic dims {', '.join(unbound)} were counted as 1; bind them with --shape "
+        print(f"\n* some dims are unknown and were counted as 1 ({', '.join(unbound[:6])}"
+              f"{', ...' if len(unbound) > 6 else ''}); bind input dims with --shape "
               f"(e.g. --shape {unbound[0]}=128)", file=out)
     print(f"\npartition:  edgesplit partition {args.model} --cut TENSOR[,TENSOR...] -o BUNDLE", file=out)
     return 0

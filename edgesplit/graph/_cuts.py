@@ -91,25 +91,51 @@ def all_closed_cuts(index: GraphIndex) -> list[tuple[int, tuple[str, ...]]]:
     return cuts
 
 
+# Sizes within this fraction (or _SAME_BYTES) count as equal: a few int64 shape tensors that
+# exporters compute early and keep alive must not make spurious minima.
+_SAME_FRACTION = 0.02
+_SAME_BYTES = 64
+# A minimum is dropped when cuts both before and after it are this many times smaller: it is
+# a dip inside a wide block (attention, an FPN level), not a block boundary.
+_DOMINANCE = 2.0
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= max(_SAME_BYTES, _SAME_FRACTION * max(a, b))
+
+
 def _narrow(sizes: list[int], counts: list[int], before_weights: list[bool], first: float, last: float) -> list[int]:
     """Indices of the local minima of `sizes` (`first`/`last`: what lies left of the first / right of the last).
 
-    A plateau of equal sizes (Conv -> Relu -> ...) gives the cuts with the fewest tensors that
-    lie just before a layer with weights, or else its last cut with the fewest tensors.
+    A plateau of (nearly) equal sizes (Conv -> Relu -> ...) gives the cuts with the fewest
+    tensors that lie just before a layer with weights, or else its last cut with the fewest
+    tensors. Minima with much smaller cuts on both sides are dropped (_DOMINANCE).
     """
+    m = len(sizes)
+    before_min = [float("inf")] * m
+    after_min = [float("inf")] * m
+    for k in range(1, m):
+        before_min[k] = min(before_min[k - 1], sizes[k - 1])
+    for k in range(m - 2, -1, -1):
+        after_min[k] = min(after_min[k + 1], sizes[k + 1])
     keep = []
-    i, m = 0, len(sizes)
+    i = 0
     while i < m:
         j = i
-        while j + 1 < m and sizes[j + 1] == sizes[i]:
+        while j + 1 < m and _same(sizes[j + 1], sizes[i]):
             j += 1
+        low = min(sizes[i:j + 1])
         left = sizes[i - 1] if i > 0 else first
         right = sizes[j + 1] if j + 1 < m else last
-        if sizes[i] <= left and sizes[i] <= right:
+        # a cut no smaller than the model inputs (a Pad, a Cast) is no better than cut 0
+        left_ok = (low <= left or _same(low, left)) if i > 0 else (low < left and not _same(low, left))
+        if left_ok and (low <= right or _same(low, right)):
             fewest = min(counts[i:j + 1])
             run = [k for k in range(i, j + 1) if counts[k] == fewest]
             layered = [k for k in run if before_weights[k]]
-            keep.extend(layered or run[-1:])
+            for k in layered or run[-1:]:
+                if not (before_min[k] * _DOMINANCE <= sizes[k] and after_min[k] * _DOMINANCE <= sizes[k]):
+                    keep.append(k)
         i = j + 1
     return keep
 
@@ -136,9 +162,11 @@ def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes:
 
 
 def fill_unknown(index: GraphIndex, info: ShapeInfo, names, model_path) -> None:
-    """Ask ONNX Runtime for the dtype/rank of crossing tensors that inference left unknown."""
+    """Ask ONNX Runtime about crossing tensors that inference left unknown: dtype, rank, or
+    (when every input dim is bound) a size needed for bytes per sample."""
     unknown = sorted({t for t in names if (info.symbolic.get(t) is None or info.symbolic[t].dims is None
-                                           or info.symbolic[t].dtype is None)})
+                                           or info.symbolic[t].dtype is None
+                                           or not info.bytes_per_sample(t)[1])})
     if unknown:
         probe_with_onnxruntime(model_path, index.model, info, unknown)
 
@@ -186,5 +214,6 @@ def _candidates(index: GraphIndex, info: ShapeInfo, narrow: bool, model_path=Non
         before = [index.order[r[0]] in weighted if r[0] < total else False for r in rows]
         first = sum(info.bytes_per_sample(v)[0] for v in index.inputs)
         picked = _narrow([r[2] for r in rows], [len(r[1]) for r in rows], before, first, float("inf"))
-        rows = [rows[k] for k in picked]
+        if picked:  # else (a chain as wide as its input, ...) every closed cut is shown
+            rows = [rows[k] for k in picked]
     return [CandidateCut(k + 1, r[1], r[2], r[3], r[0], total, r[4]) for k, r in enumerate(rows)]

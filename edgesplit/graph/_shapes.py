@@ -79,7 +79,38 @@ def parse_shape_option(text: str) -> tuple[str, tuple[int | str, ...]]:
     return name, tuple(out)
 
 
-def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+def _eval_dim(expr: str, symbols: dict[str, int]) -> int | None:
+    """The value of a symbolic dim such as "4*N" or "N*T" (exporters write these), or None."""
+    import ast
+
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return None
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return symbols[node.id]
+        if isinstance(node, ast.BinOp):
+            a, b = ev(node.left), ev(node.right)
+            ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                   ast.FloorDiv: lambda: a // b, ast.Div: lambda: a // b, ast.Mod: lambda: a % b}
+            if type(node.op) in ops:
+                return ops[type(node.op)]()
+        raise KeyError(expr)
+
+    try:
+        value = ev(tree)
+    except (KeyError, ZeroDivisionError, RecursionError):
+        return None
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def _weightless(model: onnx.ModelProto, value_info: bool = True) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.ir_version = max(model.ir_version, 4)
     m.opset_import.extend(model.opset_import)
@@ -89,7 +120,8 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(src.node)
     g.input.extend(src.input)
     g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
+    if value_info:
+        g.value_info.extend(src.value_info)
     inputs = {i.name for i in src.input}
     for t in src.initializer:
         numel = int(np.prod(t.dims)) if len(t.dims) else 1
@@ -168,20 +200,24 @@ class ShapeInfo:
         return tuple(d if d is not None else unknown(name, axis) for axis, d in enumerate(dims))
 
     def bytes_per_sample(self, name: str) -> tuple[int, bool]:
-        """(bytes, exact): unknown or unbound dims count as 1 and make it inexact."""
-        t = self.bound.get(name) or self.symbolic.get(name)
+        """(bytes, exact): symbolic dims as bound; unknown ones count as 1 and make it inexact."""
+        sym, bound = self.symbolic.get(name), self.bound.get(name)
+        t = sym if sym is not None and sym.dtype else bound
         if t is None or t.dtype is None:
             return 0, False
-        if t.dims is None:
+        dims = sym.dims if sym is not None and sym.dims is not None else (bound.dims if bound else None)
+        if dims is None:
             return np.dtype(t.dtype).itemsize, False
+        other = bound.dims if bound is not None and bound.dims is not None and len(bound.dims) == len(dims) else None
         n, exact = 1, True
-        for d in t.dims:
-            if isinstance(d, int):
-                n *= d
-            elif isinstance(d, str) and d in self.symbols:
-                n *= self.symbols[d]
-            else:
+        for axis, d in enumerate(dims):
+            v = d if isinstance(d, int) else (_eval_dim(d, self.symbols) if isinstance(d, str) else None)
+            if v is None and other is not None and isinstance(other[axis], int):
+                v = other[axis]
+            if v is None:
                 exact = False
+            else:
+                n *= v
         return n * np.dtype(t.dtype).itemsize, exact
 
 
@@ -240,8 +276,8 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None)
             elif d0 is None:
                 bindings[name] = (1,) + tuple(t.dims[1:])
     if symbols or bindings:
-        bound_model = onnx.ModelProto()
-        bound_model.CopyFrom(base)
+        # without the file's value_info, which may hold symbolic dims that would stay unbound
+        bound_model = _weightless(model, value_info=False)
         _bind_inputs(bound_model, bindings, symbols)
         bound = _infer(bound_model)
     else:
