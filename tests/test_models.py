@@ -62,7 +62,7 @@ def photo_probs(effnet):
     photos = sorted((MODELS / "photos").glob("*.jpg"))
     batch = np.concatenate([preprocess(p) for p in photos])
     (logits,) = effnet.run(["logits"], {"input": batch})
-    return {p.stem: _softmax(row) for p, row in zip(photos, logits)}
+    return {p.stem: _softmax(row) for p, row in zip(photos, logits, strict=True)}
 
 
 def _top(probs: np.ndarray, k: int) -> list[str]:
@@ -170,7 +170,8 @@ def _check_dims(onnx_shape: list, actual: tuple, bound: dict) -> None:
 def test_zoo_model_checks_and_runs_with_documented_shapes(name):
     entry = ZOO_INDEX[name]
     path = MODELS / "zoo" / entry["file"]
-    assert path.stat().st_size + sum((path.parent / f).stat().st_size for f in entry["external_data"]) < 1_000_000
+    data_bytes = sum((path.parent / f).stat().st_size for f in entry["external_data"])
+    assert path.stat().st_size + data_bytes < 1_000_000
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
     assert [i.name for i in model.graph.input] == [i["name"] for i in entry["inputs"]]
@@ -179,9 +180,9 @@ def test_zoo_model_checks_and_runs_with_documented_shapes(name):
     feeds = _zoo_inputs(entry, np.random.default_rng(0))
     outputs = _session(path).run(None, feeds)
     bound: dict = {}
-    for spec, array in zip(entry["inputs"], feeds.values()):
+    for spec, array in zip(entry["inputs"], feeds.values(), strict=True):
         _check_dims(spec["onnx_shape"], array.shape, bound)
-    for spec, array in zip(entry["outputs"], outputs):
+    for spec, array in zip(entry["outputs"], outputs, strict=True):
         if not (set(map(str, spec["onnx_shape"])) & {"A"}):
             _check_dims(spec["onnx_shape"], array.shape, bound)
         assert np.isfinite(array).all(), spec["name"]
@@ -269,5 +270,5 @@ def test_resnet_branching_activations_grow_then_shrink():
     input_bytes = 3 * 224 * 224 * 4
     assert max(sizes.values()) >= 8 * input_bytes
     assert sizes["/squeeze/squeeze.0/Conv_output_0"] * 40 < input_bytes
-    concats = [n for n in onnx.load(str(MODELS / "resnet_branching.onnx")).graph.node if n.op_type == "Concat"]
-    assert len(concats) >= 3  # the Inception-style branches
+    nodes = onnx.load(str(MODELS / "resnet_branching.onnx")).graph.node
+    assert sum(n.op_type == "Concat" for n in nodes) >= 3  # the Inception-style branches
