@@ -650,7 +650,10 @@ class EdgeAgent:
 
     @staticmethod
     def _usable(s: _Server, now: float) -> bool:
-        return s.state == "up" and s.held is not False and s.banned_until <= now
+        # A broker whose pong says it has no live worker could only hold our requests until
+        # their deadline: it is up, but it gets none.
+        return (s.state == "up" and s.held is not False and s.banned_until <= now
+                and s.load.get("workers", 1) != 0)
 
     def _ban(self, s: _Server, now: float, reason: str) -> None:
         cfg = self.config
@@ -855,6 +858,8 @@ class EdgeAgent:
                     self._link.observe(0, 0, rtt_s=rtt / 1e3)
                 load = msg.meta.get("load")
                 if isinstance(load, dict):
+                    if load.get("workers", 1) == 0 and s.load.get("workers", 1) != 0:
+                        log.warning("server %s has no live worker; not sending it requests", s.address)
                     s.load = load
                 self._set_up(s, now)
             elif kind == "welcome":

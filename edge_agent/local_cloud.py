@@ -65,7 +65,7 @@ class LocalCloud:
                 if self.address is None:
                     for word in line.replace(",", " ").split():
                         if word.startswith("tcp://") and not word.endswith(":0"):
-                            self.address = word.rstrip(".;)")
+                            self.address = word.rstrip(".;:,)")
                             break
                 if self.address and "ready" in line.lower():
                     ready.set()

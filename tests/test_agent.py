@@ -177,6 +177,21 @@ def test_no_server_answers_locally(chain, x):
         np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
 
 
+def test_broker_without_workers_gets_no_requests(chain, x):
+    bundle, full = chain
+    with MiniServer(bundle, workers=0) as srv, \
+            EdgeAgent(bundle, [srv.address], cut=1, config=FAST.replace(connect_timeout_ms=500)) as agent:
+        time.sleep(0.3)  # a pong has come
+        res = agent.infer({"x": x}, deadline_ms=5000)
+        assert res.where == "local" and res.timings["total"] < 5000
+        assert srv.requests == 0
+        srv.workers = 1  # a worker joined: the next pong says so
+        end = time.monotonic() + 5
+        while not agent.is_connected() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert agent.infer({"x": x}).where == "cloud"
+
+
 def test_policy_error_raises_link_down(chain, x):
     bundle, _ = chain
     cfg = FAST.replace(connect_timeout_ms=0, fallback="error")

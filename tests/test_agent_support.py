@@ -77,9 +77,10 @@ class MiniServer:
     """
 
     def __init__(self, bundle: Bundle, mode: str = "good", address: str = "tcp://127.0.0.1:0",
-                 compute_delay_s: float = 0.0):
+                 compute_delay_s: float = 0.0, workers: int = 1):
         from edgesplit.runtime import SegmentChain
 
+        self.workers = workers  # what its pongs report
         self.bundle = bundle
         self.mode = mode
         self.compute_delay_s = compute_delay_s
@@ -139,7 +140,7 @@ class MiniServer:
             msg = protocol.decode(frames)
             if msg.kind == "ping":
                 self.pings += 1
-                protocol.send(self.sock, protocol.pong(msg.id, load={"workers": 1, "queued": 0, "inflight": 0,
+                protocol.send(self.sock, protocol.pong(msg.id, load={"workers": self.workers, "queued": 0, "inflight": 0,
                                                                      "est_wait_ms": 0.0}), [ident])
                 continue
             if msg.kind == "hello":
