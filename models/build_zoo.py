@@ -504,7 +504,7 @@ def export_model(spec: ZooModel, out: Path) -> dict:
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "nodes": len(proto.graph.node),
         "op_types": sorted({node.op_type for node in proto.graph.node}),
-        "max_abs_error_vs_torch": float(f"{err:.3g}"),
+        "max_rel_error_vs_torch": float(f"{err:.3g}"),
         "notes": spec.notes,
     }
 
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["bytes"] = size
         index[name] = entry
         print(f"{name:20s} {size / 1e3:7.1f} kB  {entry['nodes']:4d} nodes  "
-              f"max rel error vs torch {entry['max_abs_error_vs_torch']:.1e}  {out.relative_to(HERE)}")
+              f"max rel error vs torch {entry['max_rel_error_vs_torch']:.1e}  {out.relative_to(HERE)}")
     index_path.write_text(json.dumps({k: index[k] for k in sorted(index)}, indent=1) + "\n")
     return 0
 

@@ -159,7 +159,7 @@ def _zoo_inputs(entry: dict, rng: np.random.Generator, shape_override=None) -> d
 def _check_dims(onnx_shape: list, actual: tuple, bound: dict) -> None:
     """Fixed dims equal; a symbolic dim takes one value everywhere it appears."""
     assert len(onnx_shape) == len(actual), (onnx_shape, actual)
-    for want, got in zip(onnx_shape, actual):
+    for want, got in zip(onnx_shape, actual, strict=True):
         if isinstance(want, str):
             assert bound.setdefault(want, got) == got, (want, bound[want], got)
         else:
