@@ -43,9 +43,13 @@ def exercise(path: Path, shapes: dict, tmp: Path, every: bool = True) -> dict:
     from edgesplit.cli.verify_cmd import make_inputs, verify
     from edgesplit.graph import candidate_cuts, partition
 
+    from edgesplit.graph import load_model
+
     row: dict = {"model": path.name}
-    # bytes per sample at batch 1, the other dims as in the check shapes
-    byte_shapes = {k: (1,) + tuple(v[1:]) for k, v in shapes.items()}
+    # bytes per sample at batch 1 (a symbolic axis 0), the other dims as in the check shapes
+    dims = {vi.name: vi.type.tensor_type.shape.dim for vi in load_model(path, load_weights=False, check=False).graph.input}
+    byte_shapes = {k: ((1,) if k in dims and dims[k] and dims[k][0].dim_param else tuple(v[:1])) + tuple(v[1:])
+                   for k, v in shapes.items()}
     t0 = time.perf_counter()
     narrow = candidate_cuts(path, shapes=byte_shapes or None)
     row["inspect_s"] = round(time.perf_counter() - t0, 3)
@@ -86,19 +90,26 @@ def test_zoo_model(name, path, shapes, tmp_path):
 def main(argv: list[str]) -> int:
     import tempfile
 
-    models = zoo_models()
+    models = [] if "--only" in sys.argv else zoo_models()
     for arg in argv:
         p = Path(arg)
-        for f in sorted(p.glob("*.onnx")) if p.is_dir() else [p]:
-            models.append((f.stem, f, {}))
+        index = json.loads((p / "index.json").read_text()) if (p / "index.json").is_file() else {}
+        if index:
+            for name, entry in index.items():
+                models.append((name, p / entry["file"], {k: tuple(v) for k, v in entry.get("check_inputs", {}).items()}))
+        else:
+            for f in sorted(p.glob("*.onnx")) if p.is_dir() else [p]:
+                models.append((f.stem, f, {}))
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name, path, shapes in models:
+            t0 = time.perf_counter()
             try:
                 row = exercise(path, shapes, Path(tmp), every="--narrow-only" not in argv)
             except Exception as exc:  # a report of what breaks, not a test
                 row = {"model": path.name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 failures += 1
+            row["total_s"] = round(time.perf_counter() - t0, 1)
             print(json.dumps({k: v for k, v in row.items() if k != "narrow"}), flush=True)
     return 1 if failures else 0
 

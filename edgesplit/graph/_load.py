@@ -49,6 +49,27 @@ def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
                              f"(tensor {t.name!r} needs bytes up to {end})")
 
 
+def _check_initializer_sizes(model: onnx.ModelProto, path: Path) -> None:
+    import numpy as np
+    from onnx import helper
+
+    for t in model.graph.initializer:
+        if external_data_helper.uses_external_data(t) or not t.raw_data:
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except Exception:  # string, 4-bit and float8 types: left to the checker
+            continue
+        if t.data_type in (onnx.TensorProto.BFLOAT16,):
+            itemsize = 2
+        numel = 1
+        for d in t.dims:
+            numel *= d
+        if len(t.raw_data) != numel * itemsize:
+            raise ModelError(f"{path}: initializer {t.name!r} holds {len(t.raw_data)} bytes, its shape "
+                             f"{list(t.dims)} needs {numel * itemsize} (truncated or corrupt)")
+
+
 def load_model(path: str | os.PathLike, load_weights: bool = True, check: bool = True) -> onnx.ModelProto:
     """Load an ONNX model by path.
 
@@ -78,11 +99,11 @@ def load_model(path: str | os.PathLike, load_weights: bool = True, check: bool =
     if external:
         _check_external_files(model, p)
     if check:
-        try:
-            if external:
-                onnx.checker.check_model(str(p))
-            else:
-                onnx.checker.check_model(model)
+        _check_initializer_sizes(model, p)
+        from edgesplit.graph._shapes import _weightless
+
+        try:  # the graph's structure; weights stay out of the (serializing) checker
+            onnx.checker.check_model(_weightless(model))
         except Exception as exc:
             raise ModelError(f"{p}: fails the ONNX checker, truncated or invalid ({_first_line(exc)})") from exc
     if load_weights and external:

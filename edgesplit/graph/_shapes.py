@@ -81,6 +81,10 @@ def parse_shape_option(text: str) -> tuple[str, tuple[int | str, ...]]:
 
 def _eval_dim(expr: str, symbols: dict[str, int]) -> int | None:
     """The value of a symbolic dim such as "4*N" or "N*T" (exporters write these), or None."""
+    if expr in symbols:
+        return symbols[expr]
+    if expr.startswith("unk__") or expr.startswith("?"):
+        return None
     import ast
 
     try:
@@ -201,6 +205,13 @@ class ShapeInfo:
 
     def bytes_per_sample(self, name: str) -> tuple[int, bool]:
         """(bytes, exact): symbolic dims as bound; unknown ones count as 1 and make it inexact."""
+        key = (name, self.symbolic.get(name), self.bound.get(name))
+        cache = self.__dict__.setdefault("_bytes_cache", {})
+        if key not in cache:
+            cache[key] = self._bytes(name)
+        return cache[key]
+
+    def _bytes(self, name: str) -> tuple[int, bool]:
         sym, bound = self.symbolic.get(name), self.bound.get(name)
         t = sym if sym is not None and sym.dtype else bound
         if t is None or t.dtype is None:
@@ -242,8 +253,6 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None)
         shapes: input name -> dims, or dim symbol -> size (``{"seq": 128}``) to bind symbolic
             dims for bytes per sample. A dynamic batch (symbolic axis 0 of an input) is 1.
     """
-    if model.graph.ByteSize() > (1 << 31) - (1 << 24):
-        raise ModelError("the graph alone is over 2 GB; save the model with external data")
     base = _weightless(model)
     symbolic = _infer(base)
     graph_inputs = {vi.name: _type_of(vi.type) for vi in model.graph.input}
