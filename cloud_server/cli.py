@@ -1,0 +1,151 @@
+"""`edgesplit serve` (broker + workers + HTTP admin) and `edgesplit worker` (one more worker, any host)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register_serve", "register_worker", "build_serve_parser", "run_serve", "run_worker"]
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tuning (ServerConfig)")
+    g.add_argument("--max-batch", type=int, default=None, help="largest dynamic batch (default 8)")
+    g.add_argument("--max-queue-delay-ms", type=float, default=None,
+                   help="how long a worker waits to fill a batch (default 2)")
+    g.add_argument("--heartbeat-ms", type=float, default=None,
+                   help="broker <-> worker heartbeat interval (default 500); 3 missed = worker lost")
+    g.add_argument("--capacity", type=int, default=None, help="requests in flight per worker (default 16)")
+    g.add_argument("--max-pending", type=int, default=None,
+                   help="requests waiting in the broker before 'busy' (default 256)")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per worker")
+    g.add_argument("--runner", default=None, help="runner kind: auto, ort-cpu, ort-cuda, ort-trt, trt")
+    g.add_argument("--no-preload", action="store_true", help="load bundles on first use instead of at start")
+    g.add_argument("--config-json", default=None, help=argparse.SUPPRESS)
+
+
+def _config(args):
+    import json
+
+    from cloud_server.config import ServerConfig
+    from edgesplit.errors import ConfigError
+
+    base = {}
+    if args.config_json:
+        try:
+            base = json.loads(args.config_json)
+        except ValueError as exc:
+            raise ConfigError(f"--config-json: {exc}") from None
+    cfg = ServerConfig.from_json(base)
+    changes = {}
+    for arg, field, scale in (("max_batch", "max_batch", 1), ("max_queue_delay_ms", "max_queue_delay_ms", 1),
+                              ("heartbeat_ms", "heartbeat_interval_s", 1e-3), ("capacity", "worker_capacity", 1),
+                              ("max_pending", "max_pending", 1), ("threads", "intra_op_threads", 1),
+                              ("runner", "runner", 1)):
+        v = getattr(args, arg, None)
+        if v is not None:
+            changes[field] = v * scale if scale != 1 else v
+    if getattr(args, "no_preload", False):
+        changes["preload"] = False
+    return cfg.replace(**changes) if changes else cfg
+
+
+def build_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--repository", required=True, metavar="DIR",
+                   help="folder of bundle directories (or one bundle directory)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                   help="address edges connect to (default tcp://127.0.0.1:5555; port 0 = any free port)")
+    p.add_argument("--http", default="127.0.0.1:8080",
+                   help="HOST:PORT of /healthz /readyz /metrics /v1/models (port 0 = any; 'off' = none)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local CPU worker processes (default 1; with --device cuda:..., one per GPU)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda:0[,cuda:1...] for one worker per GPU")
+    p.add_argument("--worker-bind", default="tcp://127.0.0.1:0",
+                   help="address workers connect to (default: a free loopback port; bind a LAN address "
+                        "to add workers from other hosts with `edgesplit worker`)")
+    p.add_argument("--curve-secret", metavar="FILE", help="server key file (NAME.key_secret): CURVE on --bind")
+    p.add_argument("--allow-clients", metavar="DIR", help="folder of allowed client public keys (*.key)")
+    _config_args(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def register_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the cloud pool: broker, tail workers, HTTP admin",
+                              description="Serve bundle tails to edge agents: a ZeroMQ broker, local tail "
+                                          "workers and the HTTP admin, in one command.")
+    build_serve_parser(p)
+
+
+def register_worker(subparsers) -> None:
+    p = subparsers.add_parser("worker", help="add a tail worker to a running broker (any host)",
+                              description="One tail worker: connects to a broker's worker address and runs "
+                                          "the tails of the bundles in --repository.")
+    p.add_argument("--connect", required=True, metavar="tcp://BROKER:PORT", help="the broker's worker address")
+    p.add_argument("--repository", required=True, metavar="DIR", help="folder of bundles this worker can load")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--name", default=None, help="worker name in metrics (default host-pid)")
+    p.add_argument("--curve-server-key", metavar="FILE", help="the broker's public key file, when it uses CURVE")
+    p.add_argument("--curve-secret", metavar="FILE", help="this worker's key file (NAME.key_secret)")
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    _config_args(p)
+    p.set_defaults(func=run_worker)
+
+
+def run_serve(args) -> int:
+    import logging
+    import sys
+
+    from cloud_server.server import Server, parse_devices
+
+    log = logging.getLogger("cloud_server")
+    if log.getEffectiveLevel() > logging.INFO and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    cfg = _config(args)
+    http = None if str(args.http).lower() in ("off", "none", "") else args.http
+    server = Server(args.repository, bind=args.bind, http=http, devices=parse_devices(args.device, args.workers),
+                    config=cfg, worker_bind=args.worker_bind, curve_secret=args.curve_secret,
+                    allow_clients=args.allow_clients)
+    server.install_signal_handlers()
+    server.start()
+    ok = server.wait_ready(cfg.startup_timeout_s)
+    snap = server.broker.snapshot()
+    extra = f", admin {server.admin.url}" if server.admin else ""
+    if not ok:
+        print(f"edgesplit serve: warning: not every worker came up within {cfg.startup_timeout_s:.0f} s",
+              file=sys.stderr, flush=True)
+    print(f"edgesplit serve: ready on {server.broker.front_address}: {len(snap.get('workers', []))} workers, "
+          f"{len(snap.get('bundles', []))} bundles{extra}", flush=True)
+    return server.supervise()
+
+
+def run_worker(args) -> int:
+    import signal
+
+    from cloud_server.worker import TailWorker
+
+    if args.exit_with_parent:
+        _die_with_parent()
+    worker = TailWorker(args.connect, args.repository, _config(args), device=args.device, name=args.name,
+                        curve_server_key=args.curve_server_key, curve_secret=args.curve_secret)
+
+    def handler(signum, frame):
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return worker.run()
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM (a graceful stop) when the `serve` process that started us dies."""
+    import signal
+    import sys
+
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

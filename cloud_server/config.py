@@ -1,0 +1,124 @@
+"""ServerConfig: every timeout, heartbeat, queue and batching setting of the cloud pool in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+from edgesplit.errors import ConfigError
+from edgesplit.protocol import Limits
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of a broker and its tail workers. Validated on construction (raises ConfigError).
+
+    Durations are seconds (``*_s``) or milliseconds (``*_ms``) as the name says. The defaults
+    suit a LAN; tests shorten the heartbeat to see a lost worker sooner.
+    """
+
+    # --- broker <-> worker liveness (Paranoid Pirate) ---------------------------------------
+    # Broker and workers each send a heartbeat this often when they have nothing else to say.
+    heartbeat_interval_s: float = 0.5
+    # A peer silent for this many heartbeat intervals is dead: the broker drops the worker
+    # (and re-dispatches its requests), the worker reconnects to the broker.
+    heartbeat_liveness: int = 3
+    # A worker that lost its broker waits this long before reconnecting, doubling up to the max.
+    reconnect_initial_s: float = 0.25
+    reconnect_max_s: float = 8.0
+
+    # --- dispatch and backpressure ----------------------------------------------------------
+    # Requests in flight at one worker at once (queued there or computing). Enough to fill a
+    # batch while the previous one computes; beyond it requests wait in the broker.
+    worker_capacity: int = 16
+    # Requests the broker holds while every worker is at capacity. When this is full a new
+    # request gets an immediate "busy" error with retry_after_ms instead of more memory.
+    max_pending: int = 256
+    # Smallest retry_after_ms hint sent with "busy" (the estimate from the queue can be lower).
+    min_retry_after_ms: float = 5.0
+    # Dispatches of one request: after a worker is lost its requests are sent to another
+    # worker, at most this many times in all, then answered with "worker_lost".
+    max_attempts: int = 3
+    # Budget for a request that carries no deadline_ms, so nothing waits forever.
+    default_deadline_ms: float = 30_000.0
+    # A request still unanswered this long after its deadline (a worker alive but stuck) is
+    # answered with "deadline" by the broker; a late answer from the worker is then dropped.
+    deadline_grace_ms: float = 1_000.0
+    # How often the broker looks for new bundles in its repository when asked for an unknown id.
+    rescan_interval_s: float = 2.0
+
+    # --- dynamic batching (in each worker) --------------------------------------------------
+    # Requests for the same bundle and cut that arrive within this window run as one batch.
+    max_queue_delay_ms: float = 2.0
+    # Largest batch (samples along the dynamic batch dim) a worker runs at once.
+    max_batch: int = 8
+
+    # --- execution --------------------------------------------------------------------------
+    # Runner kind for the tail segments ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt").
+    runner: str = "auto"
+    # ONNX Runtime intra-op threads per worker (None: cores / CPU workers, at least 1).
+    intra_op_threads: int | None = None
+    # Workers load every bundle of their repository at start (so the first request is fast,
+    # /readyz means "can serve", and the per-segment profile is known); else on first use.
+    preload: bool = True
+    # Time every segment once when a bundle is loaded, for the profile sent in "welcome".
+    profile_on_load: bool = True
+
+    # --- life cycle -------------------------------------------------------------------------
+    # On SIGTERM the server stops taking requests and waits at most this long for those in flight.
+    drain_timeout_s: float = 30.0
+    # `serve` waits this long for its local workers' first announcements before "ready".
+    startup_timeout_s: float = 120.0
+    # A local worker process that died is started again after this delay (0: never restart).
+    restart_delay_s: float = 1.0
+
+    # --- untrusted input --------------------------------------------------------------------
+    # What one message from an edge may hold (checked before anything is allocated).
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("limits", "runner", "intra_op_threads", "preload", "profile_on_load"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"ServerConfig.{f.name} must be a non-negative number, got {v!r}")
+        for name in ("heartbeat_interval_s", "worker_capacity", "max_batch", "max_attempts",
+                     "heartbeat_liveness", "default_deadline_ms", "reconnect_initial_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("worker_capacity", "max_batch", "max_attempts", "heartbeat_liveness", "max_pending"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"ServerConfig.{name} must be an int, got {getattr(self, name)!r}")
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ConfigError("ServerConfig.reconnect_max_s must be >= reconnect_initial_s")
+        if self.intra_op_threads is not None and (not isinstance(self.intra_op_threads, int)
+                                                  or self.intra_op_threads < 1):
+            raise ConfigError(f"ServerConfig.intra_op_threads must be None or >= 1, got {self.intra_op_threads!r}")
+        if not isinstance(self.runner, str) or not self.runner:
+            raise ConfigError(f"ServerConfig.runner must be a runner kind, got {self.runner!r}")
+        if not isinstance(self.limits, Limits):
+            raise ConfigError("ServerConfig.limits must be an edgesplit.protocol.Limits")
+
+    @property
+    def heartbeat_expiry_s(self) -> float:
+        """Silence after which a peer counts as dead."""
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    def replace(self, **changes) -> "ServerConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    # The settings a worker process needs travel on its command line as JSON.
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "limits"}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ServerConfig":
+        known = {f.name for f in fields(cls)} - {"limits"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown ServerConfig fields: {sorted(unknown)}")
+        return cls(**d)

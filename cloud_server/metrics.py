@@ -1,0 +1,90 @@
+"""Prometheus metrics of the cloud pool (prometheus-client, imported only when metrics are on)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgesplit._lazy import require
+
+__all__ = ["Metrics", "STAGES"]
+
+STAGES = ("queue", "decode", "compute", "encode")
+# Seconds: 100 us .. 10 s, dense where a split tail lives (1-100 ms).
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
+class _Null:
+    """Stands in for every metric when metrics are off."""
+
+    def labels(self, *a: Any, **k: Any) -> "_Null":
+        return self
+
+    def inc(self, *a: Any) -> None:
+        pass
+
+    def observe(self, *a: Any) -> None:
+        pass
+
+    def set(self, *a: Any) -> None:
+        pass
+
+    def remove(self, *a: Any) -> None:
+        pass
+
+
+class Metrics:
+    """The broker's metrics in their own registry (several servers may share a process in tests).
+
+    Args:
+        enabled: False gives no-op metrics and needs no prometheus-client.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            n = _Null()
+            self.registry = None
+            self.requests = self.stage = self.latency = self.batch = n
+            self.bytes_in = self.bytes_out = self.live_workers = self.queued = self.inflight = n
+            self.worker_up = self.worker_inflight = self.redispatched = self.workers_lost = n
+            return
+        prom = require("prometheus_client", "the /metrics endpoint")
+        self.registry = r = prom.CollectorRegistry()
+        self.requests = prom.Counter("edgesplit_requests", "Requests answered, by outcome (ok or error code)",
+                                     ["outcome"], registry=r)
+        self.stage = prom.Histogram("edgesplit_stage_seconds", "Time per request in each stage of the tail",
+                                    ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = prom.Histogram("edgesplit_request_seconds",
+                                      "Broker receive to reply sent, per answered infer request",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch = prom.Histogram("edgesplit_batch_size", "Requests run together in one batch",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.bytes_in = prom.Counter("edgesplit_bytes_in", "Bytes received from edges", registry=r)
+        self.bytes_out = prom.Counter("edgesplit_bytes_out", "Bytes sent to edges", registry=r)
+        self.live_workers = prom.Gauge("edgesplit_live_workers", "Workers that sent a heartbeat in time",
+                                       registry=r)
+        self.queued = prom.Gauge("edgesplit_queued_requests", "Requests waiting in the broker for a worker",
+                                 registry=r)
+        self.inflight = prom.Gauge("edgesplit_inflight_requests", "Requests dispatched to workers, unanswered",
+                                   registry=r)
+        self.worker_up = prom.Gauge("edgesplit_worker_up", "1 for each live worker", ["worker", "device"],
+                                    registry=r)
+        self.worker_inflight = prom.Gauge("edgesplit_worker_inflight", "Requests in flight per live worker",
+                                          ["worker"], registry=r)
+        self.redispatched = prom.Counter("edgesplit_redispatched", "Requests sent again after a worker was lost",
+                                         registry=r)
+        self.workers_lost = prom.Counter("edgesplit_workers_lost", "Workers dropped after missed heartbeats",
+                                         registry=r)
+        for stage in STAGES:
+            self.stage.labels(stage)
+        for outcome in ("ok", "busy", "deadline", "bad_request"):
+            self.requests.labels(outcome)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        prom = require("prometheus_client", "the /metrics endpoint")
+        if self.registry is None:
+            return b"", prom.CONTENT_TYPE_LATEST
+        return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST

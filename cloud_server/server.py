@@ -1,0 +1,169 @@
+"""`edgesplit serve` in one object: the broker, local worker processes, the HTTP admin, signal handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from edgesplit.errors import ConfigError
+
+from cloud_server.broker import Broker
+from cloud_server.config import ServerConfig
+
+__all__ = ["Server", "parse_devices"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_devices(device: str, workers: int | None) -> list[str]:
+    """One entry per local worker: "cpu" x workers, or one per listed GPU ("cuda:0,cuda:1")."""
+    device = (device or "cpu").strip()
+    if device == "cpu":
+        n = 1 if workers is None else workers
+        if n < 0:
+            raise ConfigError(f"--workers must be >= 0, got {n}")
+        return ["cpu"] * n
+    gpus = [d.strip() for d in device.split(",") if d.strip()]
+    for d in gpus:
+        if not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ConfigError(f"--device takes cpu or cuda:N[,cuda:M...], got {d!r}")
+    if workers is not None and workers != len(gpus):
+        # N workers spread over the listed GPUs, round robin
+        return [gpus[i % len(gpus)] for i in range(workers)]
+    return gpus
+
+
+def _local(address: str) -> str:
+    """The address a worker on this host connects to when the broker bound a wildcard."""
+    for wild in ("0.0.0.0", "*", "[::]"):
+        address = address.replace(f"://{wild}:", "://127.0.0.1:")
+    return address
+
+
+class Server:
+    """Broker + local tail workers + HTTP admin.
+
+    Args:
+        repository: bundle directory.
+        bind: edge-facing address.
+        http: "HOST:PORT" for the admin endpoints, or None for none.
+        devices: one entry per local worker ("cpu", "cuda:0", ...).
+        config: ServerConfig.
+        worker_bind: address for workers (remote ones too); default a free loopback port.
+        curve_secret / allow_clients: CURVE on the edge-facing socket.
+    """
+
+    def __init__(self, repository: str | os.PathLike, bind: str = "tcp://127.0.0.1:5555",
+                 http: str | None = "127.0.0.1:8080", devices: Sequence[str] = ("cpu",),
+                 config: ServerConfig = ServerConfig(), worker_bind: str = "tcp://127.0.0.1:0",
+                 curve_secret: str | os.PathLike | None = None, allow_clients: str | os.PathLike | None = None):
+        self.repository = Path(repository)
+        if not self.repository.is_dir():
+            raise ConfigError(f"--repository {repository} is not a directory")
+        self.config = config
+        self.devices = list(devices)
+        self.http = http
+        self.broker = Broker(config, bind, worker_bind, self.repository, curve_secret, allow_clients)
+        self.admin = None
+        self.procs: list[subprocess.Popen | None] = [None] * len(self.devices)
+        self._died_at: list[float | None] = [None] * len(self.devices)
+
+    def _threads(self) -> int:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ncpu = sum(1 for d in self.devices if d == "cpu") or 1
+        return max(1, cpus // ncpu)
+
+    def _spawn(self, i: int) -> None:
+        device = self.devices[i]
+        cfg = self.config
+        if cfg.intra_op_threads is None and device == "cpu":
+            cfg = cfg.replace(intra_op_threads=self._threads())
+        env = dict(os.environ)
+        if device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = device[5:]
+        cmd = [sys.executable, "-m", "edgesplit", "worker", "--connect", _local(self.broker.back_address),
+               "--repository", str(self.repository), "--device", device, "--name", f"worker-{i}-{device}",
+               "--config-json", json.dumps(cfg.to_json()), "--exit-with-parent"]
+        self.procs[i] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr)
+
+    def start(self) -> "Server":
+        front, back = self.broker.bind()
+        print(f"edgesplit serve: listening on {front} (CURVE {'on' if self.broker._curve_secret else 'off'})",
+              flush=True)
+        if self.http:
+            from cloud_server.admin import AdminServer
+
+            self.admin = AdminServer(self.broker, self.http).start()
+            print(f"edgesplit serve: admin on {self.admin.url} (health, readiness, metrics, models)", flush=True)
+        print(f"edgesplit serve: workers connect to {back}", flush=True)
+        self.broker.start()
+        for i in range(len(self.devices)):
+            self._spawn(i)
+        return self
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Until every local worker announced itself and (with preload) loaded its bundles."""
+        end = time.monotonic() + timeout
+        n = len(self.devices)
+        while time.monotonic() < end:
+            snap = self.broker.snapshot()
+            ws = snap.get("workers", [])
+            if len(ws) >= n and (not self.config.preload or all(set(w["available"]) <= set(w["loaded"]) for w in ws)):
+                if n == 0 or snap.get("ready") or not snap.get("bundles"):
+                    return True
+            if any(p is not None and p.poll() is not None for p in self.procs) and not self.config.restart_delay_s:
+                return False
+            time.sleep(0.05)
+        return False
+
+    def supervise(self) -> int:
+        """Run until the broker stops (SIGTERM/SIGINT or shutdown()); restart crashed local workers."""
+        while not self.broker.join(0.2):
+            now = time.monotonic()
+            for i, p in enumerate(self.procs):
+                if p is None or p.poll() is None or self.broker._shutdown_at is not None:
+                    continue
+                if self._died_at[i] is None:
+                    self._died_at[i] = now
+                    log.warning("local worker %d (pid %d) exited with %s", i, p.pid, p.returncode)
+                if self.config.restart_delay_s and now - self._died_at[i] >= self.config.restart_delay_s:
+                    self._died_at[i] = None
+                    self._spawn(i)
+        return self.stop()
+
+    def stop(self) -> int:
+        """Stop everything (graceful when the broker drained first); returns the exit code."""
+        self.broker.shutdown()
+        self.broker.join(self.config.drain_timeout_s + 10)
+        end = time.monotonic() + 10
+        for p in self.procs:
+            if p is None:
+                continue
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(3)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        if self.admin is not None:
+            self.admin.stop()
+        self.broker.close()
+        return 0
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            log.info("signal %d: stopping (finishing requests in flight)", signum)
+            self.broker.shutdown()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

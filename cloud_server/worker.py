@@ -1,0 +1,512 @@
+"""A tail worker: runs segments [k, n) of bundles for the broker, batching requests that arrive together.
+
+Two threads share the work so a long computation never silences the heartbeat:
+
+- the I/O thread owns the DEALER socket to the broker: it announces the worker, heartbeats,
+  reconnects with backoff when the broker goes quiet (Paranoid Pirate), checks each request's
+  frames (edgesplit.protocol.decode, no copies) and queues it;
+- the compute thread loads bundles on demand (edgesplit.runtime.SegmentChain per segment),
+  forms a batch from queued requests for the same bundle and cut that arrived within
+  `max_queue_delay_ms` (when the cut has a dynamic batch dim), runs it, splits the outputs and
+  hands the encoded replies back to the I/O thread over an inproc socket (zero copy).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import zmq
+
+from edgesplit import protocol as P
+from edgesplit.bundle import Bundle
+from edgesplit.codecs import decode as decode_tensor
+from edgesplit.codecs import get_codec
+from edgesplit.errors import BackendError, BundleError, CodecError, ConfigError, EdgeSplitError, ProtocolError
+
+from cloud_server import _wire as W
+from cloud_server.config import ServerConfig
+from cloud_server.repository import Repository, bundle_summary
+
+__all__ = ["TailWorker"]
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+class _Job:
+    __slots__ = ("rkey", "msg", "deadline", "arrived", "waited_ms", "arrays", "samples", "decode_ms", "t_start",
+                 "load")
+
+    def __init__(self, rkey: bytes, msg: P.Message | None, deadline: float | None, arrived: float, waited_ms: float,
+                 load: str | None = None):
+        self.rkey = rkey
+        self.msg = msg
+        self.deadline = deadline
+        self.arrived = arrived
+        self.waited_ms = waited_ms
+        self.arrays: dict[str, np.ndarray] | None = None
+        self.samples = 1
+        self.decode_ms = 0.0
+        self.t_start = 0.0
+        self.load = load  # a "load this bundle" order instead of a request
+
+
+class _Failure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Loaded:
+    """A bundle ready to run: one SegmentChain per segment, so any [k, n) reuses the same sessions."""
+
+    def __init__(self, bundle: Bundle, runner: str, threads: int | None):
+        from edgesplit.runtime import SegmentChain
+
+        self.bundle = bundle
+        n = bundle.num_segments
+        self.chains = [SegmentChain(bundle, i, i + 1, runner=runner, intra_op_threads=threads).activate()
+                       for i in range(n)]
+        self.batchable = {k: _batch_symbol(bundle, k) is not None for k in range(n)}
+        self.profile: dict | None = None
+
+    @property
+    def runner_name(self) -> str:
+        return ",".join(sorted({c.runner_name for c in self.chains}))
+
+    def run(self, k: int, feeds: dict[str, np.ndarray], times: list[float] | None = None) -> dict[str, np.ndarray]:
+        env = feeds
+        for i in range(k, len(self.chains)):
+            t = time.perf_counter()
+            env = self.chains[i].run(env)
+            if times is not None:
+                times.append((time.perf_counter() - t) * 1e3)
+        return env
+
+    def measure(self, device: str, passes: int = 3) -> None:
+        """Per-segment times at batch 1 on zeros (first pass discarded): the profile for "welcome"."""
+        feeds = {s.name: np.zeros([d if isinstance(d, int) and d >= 0 else 1 for d in s.shape], dtype=s.dtype)
+                 for s in self.bundle.inputs}
+        runs = []
+        for _ in range(passes):
+            t: list[float] = []
+            self.run(0, feeds, t)
+            runs.append(t)
+        seg = np.median(np.array(runs[1:] or runs), axis=0)
+        self.profile = {"segment_ms": [round(float(x), 4) for x in seg], "device": device,
+                        "runner": self.runner_name, "batch": 1}
+
+    def close(self) -> None:
+        for c in self.chains:
+            c.close()
+
+
+def _batch_symbol(bundle: Bundle, k: int) -> str | None:
+    """The symbol of the shared leading batch dim of cut k's tensors and the outputs, if any."""
+    specs = list(bundle.cut(k).specs) + list(bundle.outputs)
+    if not specs or not all(s.shape and isinstance(s.shape[0], str) for s in specs):
+        return None
+    syms = {s.shape[0] for s in specs}
+    return syms.pop() if len(syms) == 1 else None
+
+
+class TailWorker:
+    """One tail worker (run it in its own process: `edgesplit worker` or `edgesplit serve`).
+
+    Args:
+        connect: the broker's worker address ("tcp://host:port").
+        repository: directory of bundles this worker can load.
+        config: the ServerConfig (heartbeats, batching, runner).
+        device: "cpu" or "cuda:N"; describes the worker and picks the runner when config.runner is "auto".
+        name: a name for metrics and logs (default host-pid-n).
+        curve_server_key / curve_secret: zmq.auth certificate files when the broker's worker
+            socket uses CURVE (the broker's public key; this worker's secret key).
+    """
+
+    def __init__(self, connect: str, repository: str | os.PathLike, config: ServerConfig = ServerConfig(),
+                 device: str = "cpu", name: str | None = None, context: zmq.Context | None = None,
+                 curve_server_key: str | os.PathLike | None = None, curve_secret: str | os.PathLike | None = None):
+        self.connect = connect
+        self.config = config
+        self.repository = Repository(repository, verify=True)
+        self.device = device
+        self.runner = config.runner
+        if device == "cpu" and config.runner == "auto":
+            self.runner = "ort-cpu"
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{next(_ids)}"
+        self.ctx = context or zmq.Context.instance()
+        self._curve = None
+        if curve_server_key or curve_secret:
+            from zmq.auth import load_certificate
+
+            if not (curve_server_key and curve_secret):
+                raise ConfigError("a CURVE worker needs both the broker's public key and its own secret key")
+            server_pub, _ = load_certificate(os.fspath(curve_server_key))
+            pub, sec = load_certificate(os.fspath(curve_secret))
+            if sec is None:
+                raise ConfigError(f"{curve_secret} holds no secret key")
+            self._curve = (server_pub, pub, sec)
+        self._loaded: dict[str, _Loaded] = {}
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._busy = False  # the compute thread is working on a batch
+        self._stop_at: float | None = None
+        self._stopped = threading.Event()
+        self._version = 0  # bumped when loaded bundles or profiles change: triggers a heartbeat
+        self._codecs: dict[str, Any] = {}
+        self._results_addr = f"inproc://edgesplit-worker-results-{id(self)}"
+        self._sock: zmq.Socket | None = None
+
+    # -- public -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Graceful stop: take no more requests, finish the queued ones, say goodbye. Signal-safe."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+
+    def run(self) -> int:
+        """Serve until stop() (or a STOP from the broker) and the queue is drained; returns 0."""
+        self.repository.scan()
+        results = self.ctx.socket(zmq.PULL)
+        results.linger = 0
+        results.bind(self._results_addr)
+        compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
+        compute.start()
+        if self.config.preload:
+            with self._cond:
+                for bid in self.repository.ids():
+                    self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bid))
+                self._cond.notify()
+        try:
+            self._io_loop(results)
+        finally:
+            with self._cond:
+                self._stopped.set()
+                self._cond.notify_all()
+            compute.join(5)
+            results.close(0)
+            if self._sock is not None:
+                self._sock.close(0)
+            for b in self._loaded.values():
+                b.close()
+        return 0
+
+    # -- I/O thread ---------------------------------------------------------------------------
+    def _open(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.sndhwm = s.rcvhwm = 10_000
+        if self._curve:
+            server_pub, pub, sec = self._curve
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_pub, pub, sec
+        s.connect(self.connect)
+        s.send_multipart([W.MAGIC, W.READY, W.pack(self._status(full=True))])
+        return s
+
+    def _status(self, full: bool = False) -> dict:
+        st: dict[str, Any] = {"queued": len(self._queue), "loaded": sorted(self._loaded),
+                              "profiles": {b: l.profile for b, l in self._loaded.items() if l.profile},
+                              "draining": self._stop_at is not None}
+        if full:
+            st.update(name=self.name, device=self.device, runner=self.runner, pid=os.getpid(),
+                      host=socket.gethostname(), capacity=self.config.worker_capacity)
+        st["available"] = [bundle_summary(self.repository.manifest(b)) for b in self.repository.ids()]
+        return st
+
+    def _io_loop(self, results: zmq.Socket) -> None:
+        cfg = self.config
+        sock = self._sock = self._open()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
+        expiry = time.monotonic() + cfg.heartbeat_expiry_s
+        next_hb = time.monotonic() + cfg.heartbeat_interval_s
+        backoff = cfg.reconnect_initial_s
+        sent_version = self._version
+        draining_sent = False
+        while True:
+            now = time.monotonic()
+            events = dict(poller.poll(max(0.0, min(next_hb - now, 0.05)) * 1e3))
+            if results in events:
+                for _ in range(64):
+                    try:
+                        out = results.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    sock.send_multipart([W.MAGIC, W.REPLY, *out], copy=False)
+            if sock in events:
+                for _ in range(64):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    expiry = time.monotonic() + cfg.heartbeat_expiry_s
+                    backoff = cfg.reconnect_initial_s
+                    self._on_broker(frames)
+            now = time.monotonic()
+            if self._stop_at is not None:
+                if not draining_sent:
+                    sock.send_multipart([W.MAGIC, W.DRAINING])
+                    draining_sent = True
+                with self._cond:
+                    idle = not self._queue and not self._busy
+                if idle and not results.poll(0):
+                    sock.send_multipart([W.MAGIC, W.BYE])
+                    time.sleep(0.05)  # let libzmq flush the goodbye before the socket closes
+                    return
+                if now - self._stop_at > cfg.drain_timeout_s:
+                    log.warning("%s: drain timeout; %d requests unanswered", self.name, len(self._queue))
+                    return
+            if now >= next_hb or self._version != sent_version:
+                sent_version = self._version
+                sock.send_multipart([W.MAGIC, W.HEARTBEAT, W.pack(self._status())])
+                next_hb = now + cfg.heartbeat_interval_s
+            if now > expiry and self._stop_at is None:
+                log.warning("%s: broker silent for %.1f s; reconnecting in %.2f s", self.name,
+                            cfg.heartbeat_expiry_s, backoff)
+                poller.unregister(sock)
+                sock.close(0)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, cfg.reconnect_max_s)
+                sock = self._sock = self._open()
+                poller.register(sock, zmq.POLLIN)
+                expiry = time.monotonic() + cfg.heartbeat_expiry_s
+
+    def _on_broker(self, frames: list) -> None:
+        if len(frames) < 2 or frames[0].bytes != W.MAGIC:
+            return
+        cmd = frames[1].bytes
+        if cmd == W.REQUEST and len(frames) >= 5:
+            self._on_request(frames)
+        elif cmd == W.HEARTBEAT:
+            pass
+        elif cmd == W.STOP:
+            self.stop()
+        elif cmd == W.RECONNECT:
+            self._sock.send_multipart([W.MAGIC, W.READY, W.pack(self._status(full=True))])
+        elif cmd == W.LOAD and len(frames) >= 3:
+            bid = frames[2].bytes.decode("utf-8", "replace")
+            with self._cond:
+                self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bid))
+                self._cond.notify()
+
+    def _on_request(self, frames: list) -> None:
+        now = time.monotonic()
+        rkey = frames[2].bytes
+        try:
+            budget_ms, waited_ms = W.unpack(frames[3])
+            waited_ms = float(waited_ms)
+        except (ValueError, TypeError):
+            return  # not from our broker
+        try:
+            msg = P.decode(frames[4:], self.config.limits)
+        except ProtocolError as exc:
+            self._send_error(rkey, getattr(exc, "request_id", None) or "", P.error_code(exc), str(exc))
+            return
+        if msg.kind != "infer":
+            self._send_error(rkey, msg.id, "bad_request", f"expected an infer message, got {msg.kind!r}")
+            return
+        if self._stop_at is not None:
+            self._send_error(rkey, msg.id, "shutdown", "this worker is shutting down")
+            return
+        deadline = None if budget_ms is None else now + float(budget_ms) / 1e3
+        with self._cond:
+            self._queue.append(_Job(rkey, msg, deadline, now, waited_ms))
+            self._cond.notify()
+
+    def _send_error(self, rkey: bytes, rid: str, code: str, message: str) -> None:
+        frames = P.encode(P.error(rid, code, message, worker=self.name))
+        self._sock.send_multipart([W.MAGIC, W.REPLY, rkey, W.pack((code, None, 0)), *frames], copy=False)
+
+    # -- compute thread -----------------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        push = self.ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.connect(self._results_addr)
+        self._push = push
+        try:
+            while True:
+                batch = self._take_batch()
+                if batch is None:
+                    return
+                if batch:
+                    self._run_batch(batch)
+                with self._cond:
+                    self._busy = False
+        finally:
+            push.close(0)
+
+    def _reply_error(self, job: _Job, code: str, message: str) -> None:
+        frames = P.encode(P.error(job.msg.id, code, message, worker=self.name))
+        self._push.send_multipart([job.rkey, W.pack((code, None, 0)), *frames], copy=False)
+
+    def _take_batch(self) -> list[_Job] | None:
+        """The next batch: the oldest request and others of the same bundle and cut (may be [])."""
+        cfg = self.config
+        with self._cond:
+            while not self._queue:
+                if self._stopped.is_set():
+                    return None
+                self._cond.wait(0.1)
+            first = self._queue.popleft()
+            self._busy = True
+        if first.load is not None:
+            self._load_bundle(first.load)
+            return []
+        if not self._prepare(first):
+            return []
+        loaded = self._loaded[first.msg.bundle]
+        if not loaded.batchable[first.msg.cut] or cfg.max_batch <= 1 or first.samples >= cfg.max_batch:
+            return [first]
+        batch, samples = [first], first.samples
+        window_end = first.arrived + cfg.max_queue_delay_ms / 1e3
+        key = (first.msg.bundle, first.msg.cut)
+        while samples < cfg.max_batch:
+            with self._cond:
+                job = None
+                for i, j in enumerate(self._queue):
+                    if j.msg is not None and (j.msg.bundle, j.msg.cut) == key:
+                        job = j
+                        del self._queue[i]
+                        break
+                if job is None:
+                    left = window_end - time.monotonic()
+                    if left <= 0 or self._stop_at is not None:
+                        break
+                    self._cond.wait(left)
+                    continue
+            if not self._prepare(job):
+                continue
+            if samples + job.samples > cfg.max_batch:
+                with self._cond:
+                    self._queue.appendleft(job)  # next batch; already decoded
+                break
+            batch.append(job)
+            samples += job.samples
+        return batch
+
+    def _prepare(self, job: _Job) -> bool:
+        """Check `job` against its bundle and decode its tensors; on failure, answer it and return False."""
+        if job.arrays is not None:
+            return True
+        msg = job.msg
+        job.t_start = time.monotonic()
+        try:
+            if job.deadline is not None and job.t_start >= job.deadline:
+                raise _Failure("deadline", "the deadline passed while the request was queued")
+            loaded = self._loaded.get(msg.bundle) or self._load_bundle(msg.bundle)
+            if loaded is None:
+                raise _Failure("unknown_bundle", f"this worker cannot load bundle {msg.bundle[:64]!r}")
+            n = loaded.bundle.num_segments
+            if not 0 <= msg.cut < n:
+                raise _Failure("bad_cut", f"cut {msg.cut} is outside 0..{n - 1} for bundle {loaded.bundle.name}")
+            P.check_tensors(msg, loaded.bundle.cut(msg.cut).specs)
+            spec = msg.meta.get("reply_codec", "raw")
+            if not isinstance(spec, str) or self._codec(spec) is None:
+                raise _Failure("bad_request", f"unknown reply_codec {str(spec)[:40]!r}")
+            t = time.perf_counter()
+            job.arrays = {name: decode_tensor(enc) for name, enc in msg.tensors.items()}
+            job.decode_ms = (time.perf_counter() - t) * 1e3
+            if loaded.batchable[msg.cut]:
+                job.samples = int(next(iter(job.arrays.values())).shape[0]) if job.arrays else 1
+        except _Failure as exc:
+            self._reply_error(job, exc.code, str(exc))
+            return False
+        except (ProtocolError, CodecError) as exc:
+            self._reply_error(job, "bad_request", str(exc))
+            return False
+        return True
+
+    def _codec(self, spec: str):
+        c = self._codecs.get(spec)
+        if c is None and len(self._codecs) < 64:
+            try:
+                c = self._codecs[spec] = get_codec(spec)
+            except (CodecError, ConfigError, ValueError):
+                return None
+        return c
+
+    def _load_bundle(self, bid: str) -> _Loaded | None:
+        if bid in self._loaded:
+            return self._loaded[bid]
+        if bid not in self.repository:
+            self.repository.scan()
+            self._version += 1  # announce what the rescan found
+            if bid not in self.repository:
+                return None
+        t = time.perf_counter()
+        try:
+            loaded = _Loaded(self.repository.load(bid), self.runner, self._threads())
+        except (BundleError, BackendError, ConfigError) as exc:
+            log.error("%s: cannot load bundle %s: %s", self.name, bid[:12], exc)
+            return None
+        if self.config.profile_on_load:
+            try:
+                loaded.measure(self.device)
+            except (EdgeSplitError, ValueError, TypeError) as exc:
+                log.warning("%s: could not profile %s: %s", self.name, loaded.bundle.name, exc)
+        self._loaded[bid] = loaded
+        self._version += 1
+        log.info("%s: loaded %s (%s) in %.0f ms", self.name, loaded.bundle.name, loaded.runner_name,
+                 (time.perf_counter() - t) * 1e3)
+        return loaded
+
+    def _threads(self) -> int | None:
+        return self.config.intra_op_threads
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.deadline is not None and now >= job.deadline:
+                self._reply_error(job, "deadline", "the deadline passed before the request could be computed")
+            else:
+                live.append(job)
+        if not live:
+            return
+        first = live[0].msg
+        loaded = self._loaded[first.bundle]
+        names = list(live[0].arrays)
+        t = time.perf_counter()
+        try:
+            if len(live) == 1:
+                feeds = live[0].arrays
+            else:
+                feeds = {n: np.concatenate([j.arrays[n] for j in live], axis=0) for n in names}
+            outs = loaded.run(first.cut, feeds)
+        except (BackendError, ValueError) as exc:
+            if len(live) > 1:  # one bad request must not fail its batch-mates: run each alone
+                for job in live:
+                    self._run_batch([job])
+                return
+            self._reply_error(live[0], "internal", f"the tail failed: {exc}")
+            return
+        compute_ms = (time.perf_counter() - t) * 1e3
+        offset = 0
+        for i, job in enumerate(live):
+            t = time.perf_counter()
+            if len(live) == 1:
+                mine = outs
+            else:
+                mine = {n: a[offset:offset + job.samples] for n, a in outs.items()}
+                offset += job.samples
+            try:
+                codec = self._codec(job.msg.meta.get("reply_codec", "raw"))
+                tensors = {n: codec.encode(np.ascontiguousarray(a)) for n, a in mine.items()}
+            except (CodecError, ValueError) as exc:
+                self._reply_error(job, "internal", f"cannot encode the outputs: {exc}")
+                continue
+            encode_ms = (time.perf_counter() - t) * 1e3
+            queue_ms = job.waited_ms + (job.t_start - job.arrived) * 1e3
+            timings = {"queue_ms": round(queue_ms, 4), "decode_ms": round(job.decode_ms, 4),
+                       "compute_ms": round(compute_ms, 4), "encode_ms": round(encode_ms, 4)}
+            frames = P.encode(P.result(job.msg.id, tensors, timings=timings, worker=self.name, batch=len(live)))
+            stats = W.pack(("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], len(live) if i == 0 else 0))
+            self._push.send_multipart([job.rkey, stats, *frames], copy=False)
