@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,13 +118,21 @@ def run(args: argparse.Namespace) -> int:
             phase1 = classify("3. classifying the photos, link up:")
 
             print("4. cutting the link ...", flush=True)
+            detected: list[float] = []
+
+            def watch(t_cut: float) -> None:  # when does the agent see the loss?
+                while agent.link_stats().servers[0].state == "up" and time.monotonic() - t_cut < 10:
+                    time.sleep(0.002)
+                detected.append(time.monotonic() - t_cut)
+
             link.cut()
-            t_cut = time.monotonic()
+            watcher = threading.Thread(target=watch, args=(time.monotonic(),), daemon=True)
+            watcher.start()
             phase2 = classify("   classifying again, link cut:")
-            while agent.link_stats().servers[0].state == "up" and time.monotonic() - t_cut < 5:
-                time.sleep(0.005)
-            print(f"   (the agent declared the server down {1e3 * (time.monotonic() - t_cut):.0f} ms "
-                  f"after the cut; heartbeat {cfg.heartbeat_interval_ms:.0f} ms)")
+            watcher.join()
+            print(f"   (the agent declared the server down {1e3 * detected[0]:.0f} ms after the cut, "
+                  f"heartbeat {cfg.heartbeat_interval_ms:.0f} ms; the request caught in flight was "
+                  f"finished on the device)")
 
             print("5. restoring the link ...", flush=True)
             link.restore()
