@@ -81,6 +81,10 @@ def test_server_killed_mid_stream(tmp_path):
         proc.kill()
         proc.wait()
 
+    where = [r.where for r in results]
+    print(f"kill after {kill_at} submits, restart after {down_until}; cloud {where.count('cloud')}, "
+          f"local {where.count('local')}; first cloud answer {first_cloud:.2f} s after the restart was ready; "
+          f"counters {stats.counters}")
     assert answers == [1] * n                                       # exactly one answer each
     for i, r in enumerate(results):
         np.testing.assert_allclose(r.outputs["y"], refs[i:i + 1], rtol=2e-2, atol=2e-2)
