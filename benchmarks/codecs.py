@@ -273,7 +273,7 @@ def time_fold(bundle, cal, cuts, repeats: int = 30) -> list[dict]:
             onnx.save(fold_dequantize(onnx.load(tail_seg.path), t, scale, zero, axis), tmp / f"t{k}.onnx")
             with SegmentChain(bundle, 0, k - 1, runner="ort-cpu", intra_op_threads=1) as pre:
                 feeds = pre.run({bundle.inputs[0].name: _one_input(bundle)})
-            codec = get_codec("int8")
+            codec = get_codec("int8:pt")
             with OnnxRuntimeRunner(head_seg.path, intra_op_threads=1) as h, \
                     OnnxRuntimeRunner(tmp / f"h{k}.onnx", intra_op_threads=1) as hq, \
                     OnnxRuntimeRunner(tail_seg.path, intra_op_threads=1) as tl, \

@@ -61,7 +61,7 @@ def test_non_contiguous_and_big_endian_inputs(spec):
 def test_int_error_is_within_half_a_step(bits, per_channel):
     rng = np.random.default_rng(bits)
     x = rng.standard_normal((2, 16, 9, 7)).astype(np.float32) * np.linspace(0.1, 5, 16)[None, :, None, None]
-    codec = get_codec(f"int{bits}", per_channel=per_channel)
+    codec = get_codec(f"int{bits}", per_channel=per_channel, packed=True)
     enc = codec.encode(x)
     y = codec.decode(enc)
     if per_channel:
@@ -80,8 +80,8 @@ def test_int_error_is_within_half_a_step(bits, per_channel):
 def test_per_channel_beats_per_tensor_on_uneven_channels():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, 32, 8, 8)).astype(np.float32) * np.geomspace(0.01, 10, 32)[None, :, None, None]
-    err_pt = np.abs(get_codec("int4").decode(get_codec("int4").encode(x)) - x).mean()
-    err_pc = np.abs(get_codec("int4:pc").decode(get_codec("int4:pc").encode(x)) - x).mean()
+    err_pt = np.abs(get_codec("int4:pt").decode(get_codec("int4:pt").encode(x)) - x).mean()
+    err_pc = np.abs(get_codec("int4").decode(get_codec("int4").encode(x)) - x).mean()
     assert err_pc < err_pt / 3
 
 
@@ -93,7 +93,7 @@ def test_calibration_ranges_are_used_and_clip():
     assert y[0, 4] == pytest.approx(2.0, abs=0.02)  # the outlier is clipped to the calibrated range
     assert np.abs(y[0, :4] - x[0, :4]).max() <= 3.0 / 255
     assert enc.params["scale"] == pytest.approx(3.0 / 255)
-    pc = get_codec("int8:pc").encode(np.ones((1, 2, 3), np.float32),
+    pc = get_codec("int8:pc").encode(np.ones((1, 2, 16), np.float32),
                                       calibration={"min": 0, "max": 9, "min_c": [0, 0], "max_c": [1, 4]})
     assert np.frombuffer(pc.params["scales"], "<f4") == pytest.approx([1 / 255, 4 / 255])
     assert get_codec("int8:nocal").encode(x, calibration={"min": -1.0, "max": 2.0}).params["scale"] == \
@@ -135,7 +135,10 @@ def test_spec_parsing():
     assert get_codec("fp16+lz4", shuffle=False).spec == "fp16+lz4"
     assert get_codec("zstd").spec == "raw+shuffle+zstd"
     assert get_codec("int8:pc+zstd:5").byte_stages[-1].level == 5
-    for bad in ["", "int9", "zstd+int8", "gzip", "int8+fp16", "raw+zstd+lz4", "zstd+shuffle", 3]:
+    assert get_codec("int4").numeric.packed and not get_codec("int4+zstd").numeric.packed
+    assert get_codec("int4:p+zstd").numeric.packed and not get_codec("int4:u").numeric.packed
+    assert get_codec("int8").numeric.per_channel and not get_codec("int8:pt").numeric.per_channel
+    for bad in ["", "int9", "zstd+int8", "gzip", "int8+fp16", "raw+zstd+lz4", "zstd+shuffle", "int8:xx", 3]:
         with pytest.raises(CodecError):
             get_codec(bad)
 
@@ -199,3 +202,10 @@ def test_lossy_codecs_on_odd_shapes(spec):
         y = codec.decode(codec.encode(x))
         assert y.shape == x.shape and y.dtype == x.dtype
         assert np.allclose(y, x, atol=0.7 * (np.ptp(x) + abs(x).max() if x.size else 0) + 1e-6)
+
+
+def test_per_channel_needs_enough_values_per_channel():
+    feats = np.random.default_rng(4).standard_normal((1, 1280)).astype(np.float32)
+    enc = get_codec("int4:pc").encode(feats)  # one value per channel: scales would outweigh codes
+    assert "scale" in enc.params and "scales" not in enc.params
+    assert "scales" in get_codec("int4:pc").encode(np.tile(feats, (16, 1))).params

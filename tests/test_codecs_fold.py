@@ -16,7 +16,7 @@ from edgesplit.runtime import OnnxRuntimeRunner, SegmentChain
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_folded_head_and_tail_match_the_codec(mlp_bundle, tmp_path, per_channel):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((6, 16)).astype(np.float32)
+    x = rng.standard_normal((16, 16)).astype(np.float32)  # 16 values per channel: per channel applies
     with SegmentChain(mlp_bundle, 0, 1) as head, SegmentChain(mlp_bundle, 1, 2) as tail:
         h = head.run({"x": x})["h"]
         col = RangeCollector(percentile=100)
@@ -32,7 +32,7 @@ def test_folded_head_and_tail_match_the_codec(mlp_bundle, tmp_path, per_channel)
         with OnnxRuntimeRunner(tmp_path / "head_q.onnx") as hq, OnnxRuntimeRunner(tmp_path / "tail_q.onnx") as tq:
             codes = hq.infer({"x": x})["h" + QSUFFIX]
             assert codes.dtype == np.uint8 and codes.shape == h.shape
-            codec = get_codec("int8:pc" if per_channel else "int8")
+            codec = get_codec("int8:pc" if per_channel else "int8:pt")
             ref = codec.encode(h, calibration=entry)
             # Same codes as the numpy codec, up to round-half-even vs round-half-up on exact ties.
             assert np.abs(codes.astype(int) - codes_of(ref).astype(int)).max() <= 1

@@ -366,7 +366,7 @@ def test_fuzz_decoder_only_raises_protocol_error_and_stays_within_limits(frames)
 
 def test_a_tiny_frame_declaring_a_huge_tensor_allocates_nothing_big():
     # 1 GB of zeros compresses to a few KB; the header claims it; the limits refuse it first.
-    small = get_codec("int8+zstd").encode(np.zeros((64, 64), np.float32))
+    small = get_codec("int8:pt+zstd").encode(np.zeros((64, 64), np.float32))
     frames = _with_tensor(P.encode(P.result("r", {"x": small})), shape=[16384, 65536])
     tracemalloc.start()
     try:

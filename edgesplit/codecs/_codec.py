@@ -91,10 +91,16 @@ class Codec:
                  use_calibration: bool = True):
         (name, opts), byte_tokens = parse_spec(spec)
         if name.startswith("int"):
-            pc = per_channel if per_channel is not None else ("pc" in opts)
-            if "pt" in opts and per_channel is None:
-                pc = False
-            pk = packed if packed is not None else ("u" not in opts)
+            unknown = set(opts) - {"pc", "pt", "u", "p", "nocal"}
+            if unknown:
+                raise CodecError(f"unknown option(s) {sorted(unknown)} for {name} (pc, pt, u, p, nocal)")
+            # Per channel by default: per-tensor int8 loses top-1 agreement at early cuts where a few
+            # channels hold the outliers (benchmarks/results/codecs.md).
+            pc = per_channel if per_channel is not None else ("pt" not in opts)
+            # Dense bit packing, unless a compressor follows: zstd's Huffman stage codes one code per
+            # byte better than it codes packed ones.
+            compressed = any(n in ("zstd", "lz4") for n, _ in byte_tokens)
+            pk = packed if packed is not None else ("p" in opts or ("u" not in opts and not compressed))
             self.numeric: _quant.NumericStage = _quant.IntStage(
                 int(name[3:]), per_channel=pc, axis=axis, packed=pk,
                 use_calibration=use_calibration and "nocal" not in opts)
@@ -273,10 +279,12 @@ def get_codec(spec: str, **params: Any) -> Codec:
     """The codec named by `spec`, e.g. "raw", "fp16+lz4", "int8+zstd", "int4:pc+zstd:3".
 
     Stages are joined by "+": one numeric stage first (raw, fp16, bf16, int8..int2; default raw),
-    then byte stages (shuffle, zstd, lz4). Stage options follow a colon: ``int8:pc`` per channel,
-    ``int8:pt`` per tensor, ``int4:u`` one code per byte instead of packed, ``int8:nocal`` ignore
-    calibration, ``zstd:3`` level 3. Keyword params override them: per_channel, axis, level,
-    packed, shuffle (False disables the implicit byte shuffle before a compressor), use_calibration.
+    then byte stages (shuffle, zstd, lz4). Stage options follow colons: ``int8:pt`` per tensor
+    (default: per channel along axis 1 when each channel has >= 16 values), ``int4:p`` / ``int4:u``
+    packed densely / one code per byte (default: packed unless a compressor follows),
+    ``int8:nocal`` ignore calibration, ``zstd:3`` level 3 (default 1). Keyword params override
+    them: per_channel, axis, level, packed, shuffle (False: no implicit byte shuffle before a
+    compressor), use_calibration.
     """
     key = (spec, tuple(sorted(params.items())))
     codec = _CACHE.get(key)

@@ -15,6 +15,8 @@ import numpy as np
 from edgesplit.errors import CodecError
 
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+# Fewest values per channel for which per-channel quantisation is used (else per tensor).
+MIN_PER_CHANNEL = 16
 
 
 _WIRE_DTYPES: dict[str, np.dtype] = {}
@@ -163,7 +165,9 @@ class IntStage(NumericStage):
     # -- ranges -----------------------------------------------------------------------------
     def _ranges(self, x: np.ndarray, calibration: Any) -> tuple[np.ndarray, np.ndarray, int | None]:
         axis = None
-        if self.per_channel and x.ndim >= 2:
+        # Per channel only where each channel has enough values to amortise its scale and zero
+        # point (5 header bytes); a [N, C] feature vector at batch 1 goes per tensor.
+        if self.per_channel and x.ndim >= 2 and x.size >= MIN_PER_CHANNEL * x.shape[self.axis % x.ndim]:
             axis = self.axis % x.ndim
         cal = calibration if (self.use_calibration and isinstance(calibration, dict)) else None
         if cal is not None:
