@@ -25,8 +25,9 @@ At run time (what EdgeAgent(cut="auto") does)::
 
 At partition time (``edgesplit partition --auto``), over the whole DAG (DADS)::
 
-    cuts = choose_cuts(model_path, edge_nodes, cloud_nodes, bandwidths=(1e6, 100e6), rtt_s=0.02)
-    # -> list of tensor-name lists in chain order, for edgesplit.graph.partition
+    choice = choose_cuts(model_path, edge_nodes, cloud_nodes, bandwidths=(1e6, 100e6), rtt_s=0.02)
+    partition(model_path, choice.cuts, "bundle/")   # choice.cuts: tensor-name lists in chain order
+    min_cut(model_path, edge_nodes, cloud_nodes, bandwidth_bps=10e6, rtt_s=0.02)  # one link
 """
 
 from __future__ import annotations
