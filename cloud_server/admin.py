@@ -103,5 +103,6 @@ class AdminServer:
     async def _models(self, request):
         web = require("aiohttp.web")
         snap = self.broker.snapshot()
-        body = {"bundles": snap.get("bundles", []), "workers": snap.get("workers", []), "load": snap.get("load")}
+        body = {"bundles": snap.get("bundles", []), "workers": snap.get("workers", []), "load": snap.get("load"),
+                "lost_workers": snap.get("lost", [])}
         return web.Response(text=json.dumps(body, indent=1), content_type="application/json")

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _FLOAT = (int, float)
 _RECV_BATCH = 64  # messages taken from one socket before looking at the other
+_ZAP_DOMAIN = "edgesplit"  # the ZeroMQ authentication domain of the edge-facing socket
 
 
 class _Request:
@@ -130,6 +131,7 @@ class Broker:
         self._profiles: dict[str, dict] = {}  # id -> {"segment_ms": [...], "device": str}
         self._keys = itertools.count(1)
         self._last_scan = -math.inf
+        self._lost: list[dict] = []  # the last workers dropped for silence (for /v1/models)
         self._svc_ms = 0.0  # EWMA of a request's time in a worker, for est_wait_ms
         self._lock = threading.Lock()
         self._snapshot: dict = {}
@@ -218,11 +220,11 @@ class Broker:
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)
         cfg = self.config
-        next_tick = time.monotonic()
+        next_tick = next_expiry_check = time.monotonic()
         try:
             while True:
                 now = time.monotonic()
-                wait = max(0.0, min(next_tick - now, 0.05))
+                wait = max(0.0, min(next_tick - now, next_expiry_check - now, 0.05))
                 if self._pending:
                     wait = min(wait, 0.002)
                 events = poller.poll(wait * 1e3)
@@ -241,6 +243,9 @@ class Broker:
                 try:
                     if self._pending:
                         self._expire_pending(now)
+                    if now >= next_expiry_check:
+                        next_expiry_check = now + cfg.heartbeat_interval_s / 8
+                        self._expire_workers(now)
                     if now >= next_tick:
                         next_tick = now + cfg.heartbeat_interval_s
                         self._tick(now)
@@ -494,7 +499,10 @@ class Broker:
                 except ValueError:
                     return
                 if isinstance(status, dict):
+                    before = (w.loaded, w.available, w.draining)
                     self._apply_status(w, status)
+                    if (w.loaded, w.available, w.draining) != before:
+                        self._update_snapshot(now)
                     self._dispatch_pending(now)
         elif cmd == W.DRAINING:
             w.draining = True
@@ -593,10 +601,17 @@ class Broker:
         self._update_snapshot(now)
         self._dispatch_pending(now)
 
-    def _tick(self, now: float) -> None:
+    def _expire_workers(self, now: float) -> None:
         for w in list(self._workers.values()):
             if now > w.expiry:
-                self._drop(w, f"missed {self.config.heartbeat_liveness} heartbeats")
+                silent_ms = (now - w.expiry + self.config.heartbeat_expiry_s) * 1e3
+                self._lost.append({"name": w.name, "pid": w.pid, "silent_ms": round(silent_ms, 1),
+                                   "inflight": len(w.inflight), "at": time.time()})
+                del self._lost[:-32]
+                self._drop(w, f"missed {self.config.heartbeat_liveness} heartbeats ({silent_ms:.0f} ms silent)")
+
+    def _tick(self, now: float) -> None:
+        self._expire_workers(now)
         for w in self._workers.values():
             self.back.send_multipart([w.ident, W.MAGIC, W.HEARTBEAT])
         grace = self.config.deadline_grace_ms / 1e3
@@ -656,7 +671,7 @@ class Broker:
                             "available_on": [w["name"] for w in workers if bid in w["available"]],
                             "profile": self._profiles.get(bid)})
         snap = {"front": self.front_address, "back": self.back_address, "workers": workers, "bundles": bundles,
-                "load": self._load(), "draining": self._draining, "stopped": stopped,
+                "load": self._load(), "draining": self._draining, "stopped": stopped, "lost": list(self._lost),
                 "ready": any(w["loaded"] for w in workers if not w["draining"]) and not self._draining,
                 "curve": bool(self._curve_secret)}
         with self._lock:
@@ -714,11 +729,11 @@ def _setup_curve(broker: Broker, sock: zmq.Socket) -> None:
     auth.start()
     if allow is None:
         log.warning("CURVE without --allow-clients: every client that knows the server key is admitted")
-        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        auth.configure_curve(domain=_ZAP_DOMAIN, location=zmq.auth.CURVE_ALLOW_ANY)
     else:
-        auth.configure_curve(domain="*", location=os.fspath(allow))
+        auth.configure_curve(domain=_ZAP_DOMAIN, location=os.fspath(allow))
     broker._auth = auth
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
-    sock.zap_domain = b"edgesplit"
+    sock.zap_domain = _ZAP_DOMAIN.encode()

@@ -74,6 +74,7 @@ class Server:
         self.admin = None
         self.procs: list[subprocess.Popen | None] = [None] * len(self.devices)
         self._died_at: list[float | None] = [None] * len(self.devices)
+        self._generation = [0] * len(self.devices)
 
     def _threads(self) -> int:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -88,8 +89,10 @@ class Server:
         env = dict(os.environ)
         if device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = device[5:]
+        self._generation[i] += 1
+        name = f"worker-{i}.{self._generation[i]}-{device}"  # a restarted worker gets a new name in metrics
         cmd = [sys.executable, "-m", "edgesplit", "worker", "--connect", _local(self.broker.back_address),
-               "--repository", str(self.repository), "--device", device, "--name", f"worker-{i}-{device}",
+               "--repository", str(self.repository), "--device", device, "--name", name,
                "--config-json", json.dumps(cfg.to_json()), "--exit-with-parent"]
         self.procs[i] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr)
 

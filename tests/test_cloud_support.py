@@ -79,6 +79,40 @@ def echo_bundle(out: Path, elems: int = 1 << 18, small_reply: bool = False) -> B
                         [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
 
 
+def slow_bundle(out: Path, width: int = 256, depth: int = 24) -> Bundle:
+    """x[N,width] -> Identity -> h; tail: depth x (MatMul + Tanh) -> y[N,width]: a tail of a few ms.
+
+    The weights are scaled orthogonal-ish so values stay finite; the reference is numpy.
+    """
+    rng = np.random.default_rng(3)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
+    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
+    nodes, inits, prev = [], [], "h"
+    for i in range(depth):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
+        out_name = "y" if i == depth - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out_name]))
+        prev = out_name
+    tail = _model(nodes, [h], [y], inits)
+    hs = TensorSpec("h", "float32", ("N", width))
+    model = {"name": "slow", "source_sha256": "0" * 64,
+             "inputs": [TensorSpec("x", "float32", ("N", width)).to_json()],
+             "outputs": [TensorSpec("y", "float32", ("N", width)).to_json()]}
+    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
+                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
+
+
+def slow_reference(x: np.ndarray, out: Path) -> np.ndarray:
+    b = Bundle.load(out)
+    for w in onnx.load(str(b.segments[1].path)).graph.initializer:
+        x = np.tanh(x @ numpy_helper.to_array(w))
+    return x
+
+
 class ServeProc:
     """`python -m cloud_server` on random loopback ports; knows its addresses once "ready" is printed."""
 
@@ -203,3 +237,12 @@ def test_helpers_build_runnable_bundles(tmp_path):
     e = echo_bundle(tmp_path / "echo", elems=8, small_reply=True)
     with SegmentChain(e, 1, 2, runner="ort-cpu") as chain:
         assert chain.run({"h": np.arange(16, dtype=np.float32).reshape(2, 8)})["y"].tolist() == [[7.0], [15.0]]
+
+
+def test_slow_bundle_reference(tmp_path):
+    from edgesplit.runtime import SegmentChain
+
+    b = slow_bundle(tmp_path / "slow", width=32, depth=3)
+    x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    with SegmentChain(b, 0, 2, runner="ort-cpu") as chain:
+        np.testing.assert_allclose(chain.run({"x": x})["y"], slow_reference(x, b.path), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,303 @@
+"""The cloud pool with real processes on loopback: correctness under load, a worker killed mid-load,
+dynamic batching, backpressure, deadlines, graceful SIGTERM, admin endpoints, a worker from "another host"."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from edgesplit import protocol as P
+from test_cloud_support import (Edge, ServeProc, mlp_bundle, mlp_reference, slow_bundle, slow_reference)
+
+from cloud_server.config import ServerConfig
+from cloud_server.server import parse_devices
+from edgesplit.errors import ConfigError
+
+HB_MS = 100  # heartbeat of the servers under test: a lost worker is seen within 0.3 s
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    mlp_bundle(root / "mlp")
+    slow_bundle(root / "slow", width=128, depth=12)
+    return root
+
+
+def _bundles(repo):
+    from edgesplit.bundle import Bundle
+
+    return Bundle.load(repo / "mlp"), Bundle.load(repo / "slow")
+
+
+def _client(address, bundle, inputs, results, window=4, deadline_ms=20_000, tag="c"):
+    """Send every input (id -> array) with `window` in flight; record every reply per id."""
+    edge = Edge(address)
+    try:
+        todo = list(inputs.items())
+        outstanding = 0
+        end = time.monotonic() + 60
+        while (todo or outstanding) and time.monotonic() < end:
+            while todo and outstanding < window:
+                rid, x = todo.pop(0)
+                edge.send_infer(rid, bundle.id, 1, {"h": x}, deadline_ms=deadline_ms)
+                outstanding += 1
+            msg = edge.recv(timeout_ms=2000)
+            if msg is None:
+                continue
+            results.setdefault(msg.id, []).append(msg)
+            outstanding -= 1
+        # anything arriving later would be a duplicate
+        while True:
+            msg = edge.recv(timeout_ms=300)
+            if msg is None:
+                break
+            results.setdefault(msg.id, []).append(msg)
+    finally:
+        edge.close()
+
+
+def _eventually(check, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+def test_many_clients_one_worker_killed_every_request_answered_once(repo):
+    mlp, slow = _bundles(repo)
+    rng = np.random.default_rng(1)
+    n_clients, per_client = 8, 40
+    inputs = [{f"c{c}-{i}": rng.standard_normal((1 + i % 3, 128)).astype(np.float32) for i in range(per_client)}
+              for c in range(n_clients)]
+    results: dict[str, list] = {}
+    with ServeProc(repo, workers=2, heartbeat_ms=HB_MS) as server:
+        pids = server.worker_pids()
+        assert len(pids) == 2
+        threads = [threading.Thread(target=_client, args=(server.address, slow, inputs[c], results))
+                   for c in range(n_clients)]
+        for t in threads:
+            t.start()
+        while len(results) < n_clients * per_client // 4:
+            time.sleep(0.005)
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        for t in threads:
+            t.join()
+        # every request answered exactly once, with the right numbers
+        for c in range(n_clients):
+            for rid, x in inputs[c].items():
+                replies = results.get(rid, [])
+                assert len(replies) == 1, (rid, [m.kind for m in replies])
+                msg = replies[0]
+                assert msg.kind == "result", msg.meta
+                y = Edge.outputs(None, msg)["y"]
+                np.testing.assert_allclose(y, slow_reference(x, slow.path), rtol=1e-4, atol=1e-5)
+                assert set(msg.meta["timings"]) == {"queue_ms", "decode_ms", "compute_ms", "encode_ms"}
+        # the broker noticed within 3 heartbeats of the worker's last sign of life
+        while victim in server.worker_pids():
+            assert time.monotonic() - killed_at < 30
+            time.sleep(0.02)
+        lost = server.json("/v1/models")["lost_workers"]
+        assert [w["pid"] for w in lost] == [victim]
+        assert lost[0]["silent_ms"] <= 3 * HB_MS + HB_MS / 8 + 5
+        # /metrics no longer lists the dead worker; the redispatches are counted
+        text = server.get("/metrics")[1]
+        dead = next(line for line in server.err if "re-dispatching" in line)
+        dead_name = dead.split("worker ", 1)[1].split()[0]
+        assert f'worker="{dead_name}"' not in text
+        assert server.metric("edgesplit_workers_lost_total") == 1.0
+        assert lost[0]["inflight"] >= 1  # the kill caught requests in flight ...
+        assert server.metric("edgesplit_redispatched_total") >= lost[0]["inflight"]  # ... sent elsewhere
+        assert server.metric("edgesplit_requests_total", 'outcome="ok"') == n_clients * per_client
+        # the supervisor starts a replacement, under a new name
+        while len(server.worker_pids()) < 2:
+            assert time.monotonic() - killed_at < 60
+            time.sleep(0.05)
+        assert victim not in server.worker_pids()
+        assert server.stop() == 0
+
+
+def test_results_batching_deadline_busy_and_admin(repo, tmp_path):
+    mlp, slow = _bundles(repo)
+    with ServeProc(repo, workers=1, heartbeat_ms=HB_MS,
+                   extra=["--max-batch", "8", "--max-queue-delay-ms", "20", "--capacity", "8",
+                          "--max-pending", "4"]) as server:
+        edge = Edge(server.address)
+        # correct answers for both cuts, any batch size
+        rng = np.random.default_rng(2)
+        x = rng.standard_normal((3, 16)).astype(np.float32)
+        edge.send_infer("full", mlp.id, 0, {"x": x})
+        msg = edge.recv()
+        assert msg.kind == "result" and msg.id == "full"
+        np.testing.assert_allclose(edge.outputs(msg)["y"], mlp_reference(x, mlp.path), rtol=1e-4, atol=1e-4)
+
+        # dynamic batching: requests that arrive together run together and are split back right
+        xs = {f"b{i}": rng.standard_normal((1 + i % 2, 128)).astype(np.float32) for i in range(6)}
+        for rid, xi in xs.items():
+            edge.send_infer(rid, slow.id, 1, {"h": xi})
+        got = {m.id: m for m in (edge.recv() for _ in xs)}
+        assert set(got) == set(xs)
+        for rid, xi in xs.items():
+            assert got[rid].kind == "result"
+            np.testing.assert_allclose(edge.outputs(got[rid])["y"], slow_reference(xi, slow.path),
+                                       rtol=1e-4, atol=1e-5)
+        assert max(m.meta["batch"] for m in got.values()) > 1
+
+        # backpressure: capacity 8 + 4 pending, then an immediate "busy" with a retry hint
+        big = rng.standard_normal((8, 128)).astype(np.float32)
+        for i in range(40):
+            edge.send_infer(f"p{i}", slow.id, 1, {"h": big})
+        replies = [edge.recv() for _ in range(40)]
+        assert all(r is not None for r in replies)
+        assert sorted(r.id for r in replies) == sorted(f"p{i}" for i in range(40))
+        busy = [r for r in replies if r.kind == "error" and r.meta["code"] == "busy"]
+        assert busy and all(r.meta["retry_after_ms"] > 0 for r in busy)
+        assert any(r.kind == "result" for r in replies)
+
+        # deadlines: a request whose budget is spent is answered "deadline", not computed
+        edge.send_infer("late", slow.id, 1, {"h": big}, deadline_ms=0)
+        for i in range(6):
+            edge.send_infer(f"q{i}", slow.id, 1, {"h": big}, deadline_ms=0.5)
+        replies = [edge.recv() for _ in range(7)]
+        codes = {r.id: (r.meta.get("code") if r.kind == "error" else "ok") for r in replies}
+        assert codes["late"] == "deadline"
+        assert "deadline" in {codes[f"q{i}"] for i in range(1, 6)}
+
+        # unknown bundle, bad cut, wrong tensor, duplicate ids: errors, never crashes
+        edge.send_infer("u", "f" * 64, 1, {"h": big})
+        edge.send_infer("bc", slow.id, 2, {"y": big})
+        edge.send_infer("wt", slow.id, 1, {"h": big.astype(np.float64)})
+        edge.send_infer("ws", slow.id, 1, {"h": big[:, :5]})
+        got = {m.id: m for m in (edge.recv() for _ in range(4))}
+        assert {k: m.meta["code"] for k, m in got.items()} == {
+            "u": "unknown_bundle", "bc": "bad_cut", "wt": "bad_request", "ws": "bad_request"}
+
+        # ping / hello answered by the broker itself
+        P.send(edge.sock, P.ping("p1"))
+        pong = edge.recv()
+        assert pong.kind == "pong" and pong.meta["load"]["workers"] == 1
+        P.send(edge.sock, P.hello("h1", bundle=slow.id))
+        welcome = edge.recv()
+        assert welcome.kind == "welcome" and welcome.meta["held"] is True
+        assert len(welcome.meta["profile"]["segment_ms"]) == slow.num_segments
+        P.send(edge.sock, P.hello("h2", bundle="0" * 64))
+        assert edge.recv().meta["held"] is False
+
+        # admin endpoints
+        assert server.get("/healthz")[0] == 200
+        assert server.get("/readyz")[0] == 200
+        models = server.json("/v1/models")
+        by_name = {b["name"]: b for b in models["bundles"]}
+        assert set(by_name) == {"mlp", "slow"}
+        assert [c["index"] for c in by_name["mlp"]["cuts"]] == [0, 1, 2]
+        assert by_name["slow"]["loaded_on"] == [models["workers"][0]["name"]]
+        assert server.metric("edgesplit_live_workers") == 1.0
+        assert server.metric("edgesplit_requests_total", 'outcome="busy"') == len(busy)
+        assert server.metric("edgesplit_requests_total", 'outcome="deadline"') >= 2
+        assert server.metric("edgesplit_batch_size_count") >= 1
+        assert server.metric("edgesplit_bytes_in_total") > 40 * big.nbytes
+        for stage in ("queue", "decode", "compute", "encode"):
+            assert server.metric("edgesplit_stage_seconds_count", f'stage="{stage}"') > 0
+        edge.close()
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_0(repo):
+    mlp, slow = _bundles(repo)
+    rng = np.random.default_rng(3)
+    with ServeProc(repo, workers=1, heartbeat_ms=HB_MS, extra=["--max-batch", "1"]) as server:
+        edge = Edge(server.address)
+        xs = {f"s{i}": rng.standard_normal((256, 128)).astype(np.float32) for i in range(16)}
+        for rid, x in xs.items():
+            edge.send_infer(rid, slow.id, 1, {"h": x})
+        replies = {}
+        first = edge.recv()  # the server is computing: now ask it to stop
+        replies[first.id] = [first]
+        server.proc.send_signal(signal.SIGTERM)
+        edge.send_infer("after", slow.id, 1, {"h": xs["s0"]})
+        after_signal = 0
+        while not set(xs).union(["after"]) <= set(replies):
+            msg = edge.recv(timeout_ms=5000)
+            if msg is None:
+                break
+            replies.setdefault(msg.id, []).append(msg)
+            after_signal += msg.kind == "result"
+        rc = server.proc.wait(30)
+        assert rc == 0, server.err[-20:]
+        for rid, x in xs.items():
+            if rid in replies and replies[rid][0].kind == "error":
+                assert replies[rid][0].meta["code"] == "shutdown"  # arrived after the signal
+                continue
+            assert len(replies.get(rid, [])) == 1, rid
+            np.testing.assert_allclose(edge.outputs(replies[rid][0])["y"], slow_reference(x, slow.path),
+                                       rtol=1e-4, atol=1e-5)
+        assert after_signal >= 1  # requests in flight at the signal were finished, not dropped
+        assert all(len(r) == 1 for r in replies.values())
+        if "after" in replies and replies["after"][0].kind == "error":  # else it beat the signal handler
+            assert replies["after"][0].meta["code"] == "shutdown"
+        edge.close()
+
+
+def test_worker_from_another_host_joins_and_readiness_follows(repo, tmp_path):
+    mlp, slow = _bundles(repo)
+    with ServeProc(repo, workers=0, heartbeat_ms=HB_MS) as server:
+        assert server.get("/healthz")[0] == 200
+        assert server.get("/readyz")[0] == 503  # no worker holds anything yet
+        edge = Edge(server.address)
+        x = np.ones((1, 16), np.float32)
+        edge.send_infer("waits", mlp.id, 0, {"x": x}, deadline_ms=30_000)  # waits for a worker
+        worker = subprocess.Popen([sys.executable, "-m", "edgesplit", "worker", "--connect", server.back,
+                                   "--repository", str(repo), "--name", "remote-1", "--heartbeat-ms", str(HB_MS)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            msg = edge.recv(timeout_ms=30_000)
+            assert msg is not None and msg.kind == "result", msg and msg.meta
+            assert msg.meta["worker"] == "remote-1"
+            np.testing.assert_allclose(edge.outputs(msg)["y"], mlp_reference(x, mlp.path), rtol=1e-4, atol=1e-4)
+            assert _eventually(lambda: server.get("/readyz")[0] == 200)
+            # a worker stopped with SIGTERM drains and says goodbye: gone at once, not "lost"
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(30) == 0
+            while server.json("/v1/models")["workers"]:
+                time.sleep(0.02)
+            assert server.json("/v1/models")["lost_workers"] == []
+            assert _eventually(lambda: server.get("/readyz")[0] == 503)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            edge.close()
+
+
+def test_config_is_validated():
+    assert ServerConfig().heartbeat_expiry_s == pytest.approx(1.5)
+    for bad in ({"heartbeat_interval_s": 0}, {"max_batch": 0}, {"max_batch": 2.5}, {"max_pending": -1},
+                {"heartbeat_liveness": True}, {"intra_op_threads": 0}, {"reconnect_max_s": 0.01},
+                {"max_queue_delay_ms": float("nan")}):
+        with pytest.raises(ConfigError):
+            ServerConfig(**bad)
+    cfg = ServerConfig(max_batch=4)
+    assert ServerConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError):
+        ServerConfig.from_json({"nope": 1})
+    assert parse_devices("cpu", 3) == ["cpu"] * 3
+    assert parse_devices("cuda:0,cuda:1", None) == ["cuda:0", "cuda:1"]
+    with pytest.raises(ConfigError):
+        parse_devices("gpu0", None)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "cloud_server", "--repository", str(tmp_path / "nope"),
+                           "--http", "off"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "not a directory" in done.stderr and "Traceback" not in done.stderr
