@@ -92,18 +92,22 @@ def run(args: argparse.Namespace) -> int:
                 print(f"   cut {c.index}: {', '.join(c.tensors)} ({c.bytes_per_sample / 1e3:.0f} kB fp32)")
 
             print("2. starting a cloud server on loopback ...", flush=True)
-            server = LocalCloud(repo, timeout_s=args.server_timeout).start()
+            # One core each for the "device" and the "cloud": on a small box their thread pools
+            # would otherwise fight over every core and neither would look like itself.
+            server = LocalCloud(repo, threads=1, timeout_s=args.server_timeout).start()
             address = server.address
             host_port = address.split("//", 1)[1]
             link = LinkEmulator(to=host_port, rate_bps=parse_rate(args.rate),
                                 delay_s=parse_duration(args.delay)).start()
             print(f"   server {address}, the agent connects through a link emulator at {link.address} "
                   f"(rate {args.rate or 'unlimited'}, delay {args.delay})")
-            cfg = AgentConfig(heartbeat_interval_ms=200, deadline_ms=1000, connect_timeout_ms=10000)
+            cfg = AgentConfig(heartbeat_interval_ms=200, deadline_ms=1000, connect_timeout_ms=10000,
+                              intra_op_threads=1)
             agent = EdgeAgent(bundle, [link.address], codec=args.codec, cut=cut, config=cfg)
             labels = find_labels(None, bundle)
             feeds = {p.name: {bundle.inputs[0].name: preprocess_image(p)} for p in photos}
-            print(f"   device runner: {agent.runner_name}; codec {args.codec}; cut {agent.cut}")
+            print(f"   device runner: {agent.runner_name} (1 thread; the cloud worker has 1 more); "
+                  f"codec {args.codec}; cut {agent.cut}")
             agent.infer(next(iter(feeds.values())))  # warm the server's sessions up
 
             def classify(title: str) -> list:

@@ -36,15 +36,20 @@ class LocalCloud:
         repository: the folder of bundles to serve (or one bundle directory).
         workers: tail worker processes.
         bind: the ZeroMQ address to bind (default: a random loopback port).
+        http: HOST:PORT for the server's admin HTTP (/healthz, /metrics, ...), or "off".
+        threads: ONNX Runtime intra-op threads per worker (None: the server's default).
         extra_args: more command-line options for the server (e.g. CURVE keys).
         timeout_s: how long start() waits for the server's ready line.
     """
 
     def __init__(self, repository: str | os.PathLike, workers: int = 1, bind: str = "tcp://127.0.0.1:0",
-                 extra_args: Sequence[str] = (), timeout_s: float = 60.0):
+                 http: str = "off", threads: int | None = None, extra_args: Sequence[str] = (),
+                 timeout_s: float = 60.0):
         self.repository = Path(repository)
         self.workers = workers
         self.bind = bind
+        self.http = http
+        self.threads = threads
         self.extra_args = list(extra_args)
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
@@ -53,10 +58,12 @@ class LocalCloud:
 
     def start(self) -> "LocalCloud":
         cmd = [sys.executable, "-m", "cloud_server", "--repository", str(self.repository),
-               "--bind", self.bind, "--workers", str(self.workers), *self.extra_args]
+               "--bind", self.bind, "--workers", str(self.workers), "--http", self.http,
+               *(["--threads", str(self.threads)] if self.threads else []), *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         ready = threading.Event()
+        saw_ready = []
 
         def reader():
             for line in self.proc.stdout:
@@ -68,11 +75,12 @@ class LocalCloud:
                             self.address = word.rstrip(".;:,)")
                             break
                 if self.address and "ready" in line.lower():
+                    saw_ready.append(line)
                     ready.set()
             ready.set()  # the server exited
 
         threading.Thread(target=reader, name="local-cloud-output", daemon=True).start()
-        if not ready.wait(self.timeout_s) or self.proc.poll() is not None or not self.address:
+        if not ready.wait(self.timeout_s) or not saw_ready or self.proc.poll() is not None:
             self.stop()
             tail = "\n  ".join(self.lines[-15:])
             raise EdgeSplitError(f"the cloud server did not start ({' '.join(cmd)}):\n  {tail}")

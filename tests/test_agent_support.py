@@ -200,7 +200,7 @@ def start_server(repository: Path, address: str, use_mini: bool = False, timeout
         cmd = [sys.executable, __file__, str(repository), address]
     else:
         cmd = [sys.executable, "-m", "cloud_server", "--repository", str(repository), "--bind", address,
-               "--workers", "1"]
+               "--workers", "1", "--http", "off"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: list[str] = []
     ready = threading.Event()

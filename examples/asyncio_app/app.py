@@ -73,9 +73,9 @@ def main() -> int:
         else:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             bundle = demo_bundle(tmp / "repo" / "efficientnet_lite0")
-        address = args.server or stack.enter_context(LocalCloud(bundle.path.parent)).address
-        agent = stack.enter_context(EdgeAgent(bundle, [address], cut=2, codec="int8+zstd",
-                                              config=AgentConfig(max_in_flight=4, connect_timeout_ms=10000)))
+        address = args.server or stack.enter_context(LocalCloud(bundle.path.parent, threads=1)).address
+        config = AgentConfig(max_in_flight=4, connect_timeout_ms=10000, intra_op_threads=1)
+        agent = stack.enter_context(EdgeAgent(bundle, [address], cut=2, codec="int8+zstd", config=config))
         labels = find_labels(None, bundle)
         images = {p.name: {bundle.inputs[0].name: preprocess_image(p)}
                   for p in sorted((REPO / "models" / "photos").glob("*.jpg"))}

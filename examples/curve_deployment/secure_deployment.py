@@ -52,14 +52,14 @@ def main() -> int:
         print(f"1. keys in {keys}: {', '.join(sorted(p.name for p in keys.iterdir()))}")
 
         bundle = demo_bundle(tmp / "repo" / "efficientnet_lite0")
-        cloud = stack.enter_context(LocalCloud(bundle.path.parent, extra_args=[
+        cloud = stack.enter_context(LocalCloud(bundle.path.parent, threads=1, extra_args=[
             "--curve-secret", str(keys / "server.key_secret"), "--allow-clients", str(allowed)]))
         print(f"2. CURVE server at {cloud.address}, allowing {[p.name for p in allowed.iterdir()]}")
 
         labels = find_labels(None, bundle)
         photo = REPO / "models" / "photos" / "coffee.jpg"
         feeds = {bundle.inputs[0].name: preprocess_image(photo)}
-        base = AgentConfig(connect_timeout_ms=5000, heartbeat_interval_ms=200)
+        base = AgentConfig(connect_timeout_ms=5000, heartbeat_interval_ms=200, intra_op_threads=1)
         agents = {
             "robot (known key)": base.with_curve(keys / "server.key", keys / "robot.key_secret"),
             "stranger (unknown key)": base.with_curve(keys / "server.key", keys / "stranger.key_secret")

@@ -55,6 +55,7 @@ def main() -> int:
     ap.add_argument("--in-flight", type=int, default=4, help="frames pending at once")
     ap.add_argument("--deadline-ms", type=float, default=150.0, help="per-frame deadline")
     ap.add_argument("--cut", default="2")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads on the device (default 1)")
     ap.add_argument("--outage-at", type=float, default=None, help="cut the link after this many seconds")
     ap.add_argument("--outage-for", type=float, default=1.0, help="... for this many seconds")
     args = ap.parse_args()
@@ -67,9 +68,10 @@ def main() -> int:
             bundle = demo_bundle(tmp / "repo" / "efficientnet_lite0")
         address = args.server
         if address is None:
-            address = stack.enter_context(LocalCloud(bundle.path.parent)).address
+            address = stack.enter_context(LocalCloud(bundle.path.parent, threads=1)).address
         link = stack.enter_context(LinkEmulator(to=address.split("//", 1)[1]))
-        config = AgentConfig(deadline_ms=args.deadline_ms, max_in_flight=args.in_flight, connect_timeout_ms=10000)
+        config = AgentConfig(deadline_ms=args.deadline_ms, max_in_flight=args.in_flight, connect_timeout_ms=10000,
+                             intra_op_threads=args.threads)
         agent = stack.enter_context(EdgeAgent(bundle, [link.address], cut=int(args.cut) if args.cut != "auto" else "auto",
                                               codec="int8+zstd", config=config))
         labels = find_labels(None, bundle)
