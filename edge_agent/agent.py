@@ -619,7 +619,7 @@ class EdgeAgent:
             s.state = "up"
             s.backoff_ms = 0.0
             s.handshake_failed = False
-            s.next_ping = now + self.config.heartbeat_interval_ms / 1e3
+            s.next_ping = now  # a first RTT sample right away (the probe's own ping is not one)
         self._update_eligible(now)
 
     def _set_down(self, s: _Server, now: float, reason: str) -> None:

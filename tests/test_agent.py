@@ -391,3 +391,36 @@ def test_auto_cut_runs_and_reports_a_cut(chain, x):
         pred = agent.predicted_ms()
         assert set(pred) == set(range(bundle.num_segments + 1))
         assert agent.link_stats().cut == res.cut
+
+
+def test_close_with_requests_in_flight_answers_them_all(chain, x):
+    bundle, full = chain
+    ref = reference(full, x)
+    with MiniServer(bundle, mode="silent") as srv:
+        agent = EdgeAgent(bundle, [srv.address], cut=1, codec="raw",
+                          config=FAST.replace(deadline_ms=60000, close_timeout_ms=200, heartbeat_interval_ms=1000))
+        futs = [agent.submit({"x": x}) for _ in range(3)]
+        end = time.monotonic() + 5
+        while srv.requests < 3 and time.monotonic() < end:
+            time.sleep(0.01)
+        agent.close()
+    assert agent_threads() == []
+    for f in futs:  # finished on the device when the agent closed, not lost
+        res = f.result(timeout=0)
+        assert res.where == "local"
+        np.testing.assert_allclose(res.outputs["y"], ref, **TOL)
+
+
+def test_close_with_policy_error_fails_requests_in_flight(chain, x):
+    from edgesplit.errors import EdgeSplitError
+
+    bundle, _ = chain
+    with MiniServer(bundle, mode="silent") as srv:
+        agent = EdgeAgent(bundle, [srv.address], cut=1, codec="raw",
+                          config=FAST.replace(deadline_ms=60000, close_timeout_ms=100, fallback="error",
+                                              heartbeat_interval_ms=1000))
+        fut = agent.submit({"x": x})
+        agent.close()
+    with pytest.raises(EdgeSplitError):
+        fut.result(timeout=0)
+    assert agent_threads() == []
