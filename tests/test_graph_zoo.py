@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
         for name, path, shapes in models:
             t0 = time.perf_counter()
             try:
-                row = exercise(path, shapes, Path(tmp), every="--narrow-only" not in argv)
+                row = exercise(path, shapes, Path(tmp), every="--narrow-only" not in sys.argv)
             except Exception as exc:  # a report of what breaks, not a test
                 row = {"model": path.name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 failures += 1

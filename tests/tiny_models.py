@@ -16,7 +16,7 @@ OPSET = 17
 IR_VERSION = 8
 
 __all__ = ["OPSET", "TINY_MODELS", "attention", "chain", "example_inputs", "if_model", "loop_model",
-           "residual", "save", "two_in_two_out"]
+           "residual", "save", "two_in_two_out", "function_model"]
 
 
 def _w(name: str, *shape: int, seed: int = 0, scale: float = 0.5) -> onnx.TensorProto:
@@ -182,6 +182,27 @@ def attention(d: int = 8) -> onnx.ModelProto:
     return _model(nodes, inputs, [_f("y", "N", "S", d)], inits, "attention")
 
 
+def function_model() -> onnx.ModelProto:
+    """A model-local function (domain "tiny") called twice, with its own opset import."""
+    fn = helper.make_function(
+        "tiny", "LinearRelu", ["X", "W"], ["Y"],
+        [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Relu", ["XW"], ["Y"])],
+        opset_imports=[helper.make_opsetid("", OPSET)])
+    inits = [_w("w1", 6, 6), _w("w2", 6, 6), _w("w3", 6, 2)]
+    nodes = [
+        helper.make_node("LinearRelu", ["x", "w1"], ["f1"], domain="tiny", name="call1"),
+        helper.make_node("LinearRelu", ["f1", "w2"], ["f2"], domain="tiny", name="call2"),
+        helper.make_node("Add", ["f2", "x"], ["s"], name="skip"),
+        helper.make_node("MatMul", ["s", "w3"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(nodes, "function_model", [_f("x", "N", 6)], [_f("y", "N", 2)], initializer=inits)
+    model = helper.make_model(graph, functions=[fn], producer_name="edgesplit-tests",
+                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("tiny", 1)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 TINY_MODELS = {
     "chain": chain,
     "residual": residual,
@@ -189,6 +210,7 @@ TINY_MODELS = {
     "if_model": if_model,
     "loop_model": loop_model,
     "attention": attention,
+    "function_model": function_model,
 }
 
 
