@@ -424,3 +424,32 @@ def test_close_with_policy_error_fails_requests_in_flight(chain, x):
     with pytest.raises(EdgeSplitError):
         fut.result(timeout=0)
     assert agent_threads() == []
+
+
+def test_requests_in_flight_on_a_dying_server_are_resent_to_another(chain, x):
+    bundle, full = chain
+    ref = reference(full, x)
+    slow = MiniServer(bundle, compute_delay_s=5.0)  # holds every reply: requests stay in flight
+    good = MiniServer(bundle)
+    try:
+        cfg = FAST.replace(deadline_ms=20000, max_in_flight=4)
+        with EdgeAgent(bundle, [slow.address, good.address], cut=1, codec="raw", config=cfg) as agent:
+            end = time.monotonic() + 5
+            while sum(s.state == "up" for s in agent.link_stats().servers) < 2 and time.monotonic() < end:
+                time.sleep(0.01)
+            futs = [agent.submit({"x": x}) for _ in range(4)]
+            end = time.monotonic() + 5
+            while slow.requests == 0 and time.monotonic() < end:
+                time.sleep(0.01)
+            assert slow.requests >= 1  # least-loaded routing spreads them over both
+            slow.close()               # dies with requests in flight
+            results = [f.result(timeout=20) for f in futs]
+            stats = agent.link_stats()
+    finally:
+        if not slow._stop.is_set():
+            slow.close()
+        good.close()
+    assert all(r.where == "cloud" and r.server == good.address for r in results)
+    for r in results:
+        np.testing.assert_allclose(r.outputs["y"], ref, **TOL)
+    assert stats.counters.get("resent", 0) >= 1
