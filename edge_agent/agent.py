@@ -789,7 +789,7 @@ class EdgeAgent:
     def _no_server(self, req: _Request, reason: str = "link down") -> None:
         self._forget(req)
         policy = self.config.fallback
-        if policy == "wait" and reason == "link down" and not self._closed:
+        if policy == "wait" and not self._closed:  # held until a server can take it, or its deadline
             self._waiting.append(req)
             return
         self._give_up_cloud(req, reason, LinkDownError(f"request {req.id}: {reason}"))

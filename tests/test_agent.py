@@ -453,3 +453,22 @@ def test_requests_in_flight_on_a_dying_server_are_resent_to_another(chain, x):
     for r in results:
         np.testing.assert_allclose(r.outputs["y"], ref, **TOL)
     assert stats.counters.get("resent", 0) >= 1
+
+
+def test_policy_wait_survives_a_server_restart(chain, x):
+    bundle, full = chain
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    cfg = FAST.replace(fallback="wait", deadline_ms=15000)
+    srv = MiniServer(bundle, address=addr, compute_delay_s=0.5)
+    with EdgeAgent(bundle, [addr], cut=1, codec="raw", config=cfg) as agent:
+        fut = agent.submit({"x": x})
+        end = time.monotonic() + 5
+        while srv.requests == 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        srv.close()  # dies with the request in flight: it waits, it does not fail
+        time.sleep(0.3)
+        assert not fut.done()
+        with MiniServer(bundle, address=addr):
+            res = fut.result(timeout=10)
+    assert res.where == "cloud"
+    np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
