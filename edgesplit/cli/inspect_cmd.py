@@ -95,9 +95,11 @@ def run(args) -> int:
           + (f", {', '.join(f'{k}={v}' for k, v in info.symbols.items())}" if info.symbols else ""), file=out)
     print(f"{'cut':>4}  {'after':>9}  {'bytes/sample':>12}  {'':>9}  tensors", file=out)
     for c in cuts:
-        names = [f"{s.name} {_dims(s.shape)}" for s in c.specs]
-        shown = names[0] + (f"  (+{len(names) - 1} more: {', '.join(c.tensors[1:4])}"
-                            f"{', ...' if len(names) > 4 else ''})" if len(names) > 1 else "")
+        specs = sorted(c.specs, key=lambda s: -info.bytes_per_sample(s.name)[0])  # the big one first
+        shown = f"{specs[0].name} {_dims(specs[0].shape)}"
+        if len(specs) > 1:
+            rest = [s.name for s in specs[1:]]
+            shown += f"  (+{len(rest)} more: {', '.join(rest[:3])}{', ...' if len(rest) > 3 else ''})"
         mark = "" if c.exact else "*"
         print(f"{c.index:>4}  {c.head_nodes:>4}/{c.total_nodes:<4}  {c.bytes_per_sample:>12,}{mark}"
               f"  {_human(c.bytes_per_sample):>9}  {shown}", file=out)

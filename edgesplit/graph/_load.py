@@ -43,6 +43,9 @@ def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
         f = base / loc
         if not f.is_file():
             raise ModelError(f"{path}: external data file {info.location!r} of tensor {t.name!r} is missing")
+        if f.is_symlink():
+            raise ModelError(f"{path}: external data file {info.location!r} is a symbolic link, which onnx "
+                             "refuses to read; copy the file next to the model")
         end = (info.offset or 0) + (info.length or 0)
         if info.length and os.path.getsize(f) < end:
             raise ModelError(f"{path}: external data file {info.location!r} is truncated "
@@ -117,7 +120,11 @@ def load_model(path: str | os.PathLike, load_weights: bool = True, check: bool =
 def load_tensor_data(tensor: onnx.TensorProto, base_dir: Path) -> None:
     """Pull the external data of one initializer into the proto (no-op for embedded ones)."""
     if external_data_helper.uses_external_data(tensor):
-        external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        except Exception as exc:  # onnx raises ValidationError, OSError, ValueError
+            raise ModelError(f"cannot read the external data of {tensor.name!r} in {base_dir} "
+                             f"({_first_line(exc)})") from exc
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
 
