@@ -7,8 +7,9 @@ Frames after the ROUTER identity::
                        [MAGIC, REPLY, rkey, stats, *msg]    msg: the edge's reply frames, forwarded as-is
                        [MAGIC, DRAINING] / [MAGIC, BYE]
     broker -> worker   [MAGIC, REQUEST, rkey, ctl, *msg]    msg: the edge's frames, forwarded as-is;
-                                                             ctl: msgpack [budget_ms | None, waited_ms]
-                       [MAGIC, HEARTBEAT] / [MAGIC, STOP] / [MAGIC, RECONNECT] / [MAGIC, LOAD, bundle]
+                                                             ctl: msgpack [deadline, received, now]
+                                                             (broker monotonic seconds)
+                       [MAGIC, HEARTBEAT, now] / [MAGIC, STOP] / [MAGIC, RECONNECT] / [MAGIC, LOAD, bundle]
 
 `rkey` is the broker's key of one dispatch; a reply whose key the broker no longer holds (the
 request was re-dispatched or timed out) is dropped, which is what makes replies exactly-once.
@@ -34,6 +35,33 @@ LOAD = b"load"
 
 # Internal frames are small; anything larger is a bug or an impostor.
 MAX_CONTROL_BYTES = 1 << 20
+
+
+class ClockMap:
+    """Maps the broker's monotonic clock onto this process's, from the stamps the broker sends.
+
+    Each stamp gives offset - delay (delay: time on the wire and in socket buffers), so the
+    largest recent sample is the best estimate; it is never ahead of the truth, so a deadline
+    mapped with it is late by at most the smallest one-way delay. Samples age out (clock drift).
+    """
+
+    WINDOW_S = 30.0
+
+    def __init__(self):
+        self.offset: float | None = None
+        self._cur: float | None = None
+        self._prev: float | None = None
+        self._since = 0.0
+
+    def observe(self, broker_now: float, local_now: float) -> None:
+        sample = broker_now - local_now
+        if local_now - self._since > self.WINDOW_S:
+            self._prev, self._cur, self._since = self._cur, None, local_now
+        self._cur = sample if self._cur is None else max(self._cur, sample)
+        self.offset = self._cur if self._prev is None else max(self._cur, self._prev)
+
+    def to_local(self, broker_t: float) -> float:
+        return broker_t - (self.offset or 0.0)
 
 
 def pack(obj: Any) -> bytes:

@@ -175,6 +175,16 @@ class Broker:
         self._bound.set()
         return self.front_address, self.back_address
 
+    def add_inproc_endpoint(self) -> str:
+        """Also listen for workers on an inproc:// address (threads of this process, same context).
+
+        A request then reaches its worker by pointer: the payload lands once in this process.
+        """
+        self.bind()
+        address = f"inproc://edgesplit-broker-{id(self)}"
+        self.back.bind(address)
+        return address
+
     def start(self) -> "Broker":
         """Bind and run the loop in a background thread."""
         self.bind()
@@ -404,8 +414,9 @@ class Broker:
         w = self._pick(req.bundle)
         if w is None:
             return False
-        budget_ms = (req.deadline - now) * 1e3
-        ctl = W.pack((budget_ms, (now - req.t0) * 1e3))
+        # the worker maps broker times onto its own clock (see _wire.ClockMap): time a request
+        # spends in the worker's socket buffer counts against its deadline too
+        ctl = W.pack((req.deadline, req.t0, now))
         self.back.send_multipart([w.ident, W.MAGIC, W.REQUEST, req.rkey, ctl, *req.frames], copy=False)
         req.worker = w
         req.attempts += 1
@@ -612,8 +623,9 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         self._expire_workers(now)
+        stamp = W.pack(time.monotonic())
         for w in self._workers.values():
-            self.back.send_multipart([w.ident, W.MAGIC, W.HEARTBEAT])
+            self.back.send_multipart([w.ident, W.MAGIC, W.HEARTBEAT, stamp])
         grace = self.config.deadline_grace_ms / 1e3
         for req in [r for r in self._reqs.values() if r.worker is not None and now > r.deadline + grace]:
             self._answer_error(req, "deadline", "no answer from the worker within the deadline")

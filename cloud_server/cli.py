@@ -62,6 +62,9 @@ def build_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--worker-bind", default="tcp://127.0.0.1:0",
                    help="address workers connect to (default: a free loopback port; bind a LAN address "
                         "to add workers from other hosts with `edgesplit worker`)")
+    p.add_argument("--worker-mode", choices=("process", "thread"), default="process",
+                   help="local workers as processes (isolated; default) or as threads of the server "
+                        "(payloads never cross a process boundary: lowest overhead)")
     p.add_argument("--curve-secret", metavar="FILE", help="server key file (NAME.key_secret): CURVE on --bind")
     p.add_argument("--allow-clients", metavar="DIR", help="folder of allowed client public keys (*.key)")
     _config_args(p)
@@ -104,7 +107,7 @@ def run_serve(args) -> int:
     http = None if str(args.http).lower() in ("off", "none", "") else args.http
     server = Server(args.repository, bind=args.bind, http=http, devices=parse_devices(args.device, args.workers),
                     config=cfg, worker_bind=args.worker_bind, curve_secret=args.curve_secret,
-                    allow_clients=args.allow_clients)
+                    allow_clients=args.allow_clients, worker_mode=args.worker_mode)
     server.install_signal_handlers()
     server.start()
     ok = server.wait_ready(cfg.startup_timeout_s)

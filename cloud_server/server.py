@@ -58,12 +58,20 @@ class Server:
         config: ServerConfig.
         worker_bind: address for workers (remote ones too); default a free loopback port.
         curve_secret / allow_clients: CURVE on the edge-facing socket.
+        worker_mode: "process" (isolated: a crash or SIGKILL loses only that worker) or "thread"
+            (workers are threads of this process reached over inproc: a request's payload is
+            never copied between processes, the lowest overhead on one host).
     """
 
     def __init__(self, repository: str | os.PathLike, bind: str = "tcp://127.0.0.1:5555",
                  http: str | None = "127.0.0.1:8080", devices: Sequence[str] = ("cpu",),
                  config: ServerConfig = ServerConfig(), worker_bind: str = "tcp://127.0.0.1:0",
-                 curve_secret: str | os.PathLike | None = None, allow_clients: str | os.PathLike | None = None):
+                 curve_secret: str | os.PathLike | None = None, allow_clients: str | os.PathLike | None = None,
+                 worker_mode: str = "process"):
+        if worker_mode not in ("process", "thread"):
+            raise ConfigError(f"--worker-mode is process or thread, got {worker_mode!r}")
+        self.worker_mode = worker_mode
+        self.threads: list = []
         self.repository = Path(repository)
         if not self.repository.is_dir():
             raise ConfigError(f"--repository {repository} is not a directory")
@@ -106,10 +114,31 @@ class Server:
             self.admin = AdminServer(self.broker, self.http).start()
             print(f"edgesplit serve: admin on {self.admin.url} (health, readiness, metrics, models)", flush=True)
         print(f"edgesplit serve: workers connect to {back}", flush=True)
+        if self.worker_mode == "thread":
+            self._start_threads()
         self.broker.start()
-        for i in range(len(self.devices)):
-            self._spawn(i)
+        if self.worker_mode == "process":
+            for i in range(len(self.devices)):
+                self._spawn(i)
         return self
+
+    def _start_threads(self) -> None:
+        import threading
+
+        from cloud_server.worker import TailWorker
+
+        address = self.broker.add_inproc_endpoint()
+        for i, device in enumerate(self.devices):
+            cfg = self.config
+            if cfg.intra_op_threads is None and device == "cpu":
+                cfg = cfg.replace(intra_op_threads=self._threads())
+            if device.startswith("cuda:"):
+                cfg = cfg.replace(runner="ort-cuda") if cfg.runner == "auto" else cfg
+            w = TailWorker(address, self.repository, cfg, device=device, name=f"thread-{i}-{device}",
+                           context=self.broker.ctx)
+            t = threading.Thread(target=w.run, name=w.name, daemon=True)
+            t.start()
+            self.threads.append((w, t))
 
     def wait_ready(self, timeout: float) -> bool:
         """Until every local worker announced itself and (with preload) loaded its bundles."""
@@ -158,6 +187,9 @@ class Server:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+        for w, t in self.threads:
+            w.stop()
+            t.join(10)
         if self.admin is not None:
             self.admin.stop()
         self.broker.close()

@@ -1,14 +1,12 @@
 """A tail worker: runs segments [k, n) of bundles for the broker, batching requests that arrive together.
 
-Two threads share the work so a long computation never silences the heartbeat:
-
-- the I/O thread owns the DEALER socket to the broker: it announces the worker, heartbeats,
-  reconnects with backoff when the broker goes quiet (Paranoid Pirate), checks each request's
-  frames (edgesplit.protocol.decode, no copies) and queues it;
-- the compute thread loads bundles on demand (edgesplit.runtime.SegmentChain per segment),
-  forms a batch from queued requests for the same bundle and cut that arrived within
-  `max_queue_delay_ms` (when the cut has a dynamic batch dim), runs it, splits the outputs and
-  hands the encoded replies back to the I/O thread over an inproc socket (zero copy).
+One thread serves: it announces the worker, checks each request's frames (edgesplit.protocol.decode,
+no copies), loads bundles on demand (edgesplit.runtime.SegmentChain per segment), forms a batch
+from requests for the same bundle and cut that arrive within `max_queue_delay_ms` (when the cut
+has a dynamic batch dim), runs it, splits the outputs and replies, and reconnects with backoff when
+the broker goes quiet (Paranoid Pirate). A request never changes threads inside the worker (each
+hand-off costs a wake-up). A second thread sends the heartbeat only while the serving thread is
+busy (a long batch, a bundle loading), so the broker never takes a busy worker for a dead one.
 """
 
 from __future__ import annotations
@@ -42,16 +40,16 @@ _ids = itertools.count()
 
 
 class _Job:
-    __slots__ = ("rkey", "msg", "deadline", "arrived", "waited_ms", "arrays", "samples", "decode_ms", "t_start",
+    __slots__ = ("rkey", "msg", "deadline", "arrived", "received", "arrays", "samples", "decode_ms", "t_start",
                  "load")
 
-    def __init__(self, rkey: bytes, msg: P.Message | None, deadline: float | None, arrived: float, waited_ms: float,
+    def __init__(self, rkey: bytes, msg: P.Message | None, deadline: float | None, arrived: float, received: float,
                  load: str | None = None):
         self.rkey = rkey
         self.msg = msg
         self.deadline = deadline
         self.arrived = arrived
-        self.waited_ms = waited_ms
+        self.received = received  # broker clock
         self.arrays: dict[str, np.ndarray] | None = None
         self.samples = 1
         self.decode_ms = 0.0
@@ -155,15 +153,16 @@ class TailWorker:
                 raise ConfigError(f"{curve_secret} holds no secret key")
             self._curve = (server_pub, pub, sec)
         self._loaded: dict[str, _Loaded] = {}
-        self._queue: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._busy = False  # the compute thread is working on a batch
+        self._queue: deque[_Job] = deque()  # received, not yet run (only the serving thread touches it)
+        self._lock = threading.Lock()  # guards the socket: the serving thread and the heartbeat thread
         self._stop_at: float | None = None
-        self._stopped = threading.Event()
+        self._done = threading.Event()
         self._version = 0  # bumped when loaded bundles or profiles change: triggers a heartbeat
         self._codecs: dict[str, Any] = {}
-        self._results_addr = f"inproc://edgesplit-worker-results-{id(self)}"
         self._sock: zmq.Socket | None = None
+        self._last_send = 0.0
+        self._last_heard = time.monotonic()
+        self._clock = W.ClockMap()
 
     # -- public -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -174,31 +173,31 @@ class TailWorker:
     def run(self) -> int:
         """Serve until stop() (or a STOP from the broker) and the queue is drained; returns 0."""
         self.repository.scan()
-        results = self.ctx.socket(zmq.PULL)
-        results.linger = 0
-        results.bind(self._results_addr)
-        compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
-        compute.start()
         if self.config.preload:
-            with self._cond:
-                for bid in self.repository.ids():
-                    self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bid))
-                self._cond.notify()
+            for bid in self.repository.ids():
+                self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bid))
+        with self._lock:
+            self._sock = self._open()
+        beat = threading.Thread(target=self._heartbeat_loop, name=f"{self.name}-heartbeat", daemon=True)
+        beat.start()
         try:
-            self._io_loop(results)
+            self._serve_loop()
         finally:
-            with self._cond:
-                self._stopped.set()
-                self._cond.notify_all()
-            compute.join(5)
-            results.close(0)
-            if self._sock is not None:
-                self._sock.close(0)
+            self._done.set()
+            beat.join(5)
+            with self._lock:
+                if self._sock is not None:
+                    self._sock.close(0)
+                    self._sock = None
             for b in self._loaded.values():
                 b.close()
         return 0
 
-    # -- I/O thread ---------------------------------------------------------------------------
+    # -- the socket ---------------------------------------------------------------------------
+    # One thread serves: it receives, batches, computes and replies, so a request crosses no
+    # thread boundary inside the worker. The heartbeat thread only speaks when that thread has
+    # been quiet for a heartbeat interval (a long batch, a bundle loading), so the broker never
+    # takes a busy worker for a dead one.
     def _open(self) -> zmq.Socket:
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
@@ -208,11 +207,24 @@ class TailWorker:
             s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_pub, pub, sec
         s.connect(self.connect)
         s.send_multipart([W.MAGIC, W.READY, W.pack(self._status(full=True))])
+        self._last_send = self._last_heard = time.monotonic()
         return s
+
+    def _send(self, frames: list) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.send_multipart(frames, copy=False)
+                self._last_send = time.monotonic()
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval_s
+        while not self._done.wait(interval / 4):
+            if time.monotonic() - self._last_send >= interval:
+                self._send([W.MAGIC, W.HEARTBEAT, W.pack(self._status())])
 
     def _status(self, full: bool = False) -> dict:
         st: dict[str, Any] = {"queued": len(self._queue), "loaded": sorted(self._loaded),
-                              "profiles": {b: l.profile for b, l in self._loaded.items() if l.profile},
+                              "profiles": {b: l.profile for b, l in list(self._loaded.items()) if l.profile},
                               "draining": self._stop_at is not None}
         if full:
             st.update(name=self.name, device=self.device, runner=self.runner, pid=os.getpid(),
@@ -220,64 +232,63 @@ class TailWorker:
         st["available"] = [bundle_summary(self.repository.manifest(b)) for b in self.repository.ids()]
         return st
 
-    def _io_loop(self, results: zmq.Socket) -> None:
+    def _receive(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the broker, then take everything it sent."""
+        with self._lock:
+            sock = self._sock
+            if not sock.poll(max(0, int(timeout_s * 1e3))):
+                return
+            got = []
+            for _ in range(256):
+                try:
+                    got.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+        self._last_heard = time.monotonic()
+        for frames in got:
+            self._on_broker(frames)
+
+    def _serve_loop(self) -> None:
         cfg = self.config
-        sock = self._sock = self._open()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(results, zmq.POLLIN)
-        expiry = time.monotonic() + cfg.heartbeat_expiry_s
-        next_hb = time.monotonic() + cfg.heartbeat_interval_s
         backoff = cfg.reconnect_initial_s
         sent_version = self._version
         draining_sent = False
         while True:
             now = time.monotonic()
-            events = dict(poller.poll(max(0.0, min(next_hb - now, 0.05)) * 1e3))
-            if results in events:
-                for _ in range(64):
-                    try:
-                        out = results.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    sock.send_multipart([W.MAGIC, W.REPLY, *out], copy=False)
-            if sock in events:
-                for _ in range(64):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    expiry = time.monotonic() + cfg.heartbeat_expiry_s
-                    backoff = cfg.reconnect_initial_s
-                    self._on_broker(frames)
-            now = time.monotonic()
             if self._stop_at is not None:
                 if not draining_sent:
-                    sock.send_multipart([W.MAGIC, W.DRAINING])
+                    self._send([W.MAGIC, W.DRAINING])
                     draining_sent = True
-                with self._cond:
-                    idle = not self._queue and not self._busy
-                if idle and not results.poll(0):
-                    sock.send_multipart([W.MAGIC, W.BYE])
+                if not any(j.load is None for j in self._queue):
+                    self._send([W.MAGIC, W.BYE])
                     time.sleep(0.05)  # let libzmq flush the goodbye before the socket closes
                     return
                 if now - self._stop_at > cfg.drain_timeout_s:
                     log.warning("%s: drain timeout; %d requests unanswered", self.name, len(self._queue))
                     return
-            if now >= next_hb or self._version != sent_version:
+            if self._version != sent_version or now - self._last_send >= cfg.heartbeat_interval_s:
                 sent_version = self._version
-                sock.send_multipart([W.MAGIC, W.HEARTBEAT, W.pack(self._status())])
-                next_hb = now + cfg.heartbeat_interval_s
-            if now > expiry and self._stop_at is None:
+                self._send([W.MAGIC, W.HEARTBEAT, W.pack(self._status())])
+            if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
                 log.warning("%s: broker silent for %.1f s; reconnecting in %.2f s", self.name,
-                            cfg.heartbeat_expiry_s, backoff)
-                poller.unregister(sock)
-                sock.close(0)
+                            now - self._last_heard, backoff)
+                with self._lock:
+                    self._sock.close(0)
+                    self._sock = None
                 time.sleep(backoff)
                 backoff = min(backoff * 2, cfg.reconnect_max_s)
-                sock = self._sock = self._open()
-                poller.register(sock, zmq.POLLIN)
-                expiry = time.monotonic() + cfg.heartbeat_expiry_s
+                with self._lock:
+                    self._sock = self._open()
+                continue
+            if self._last_heard > now - cfg.heartbeat_interval_s:
+                backoff = cfg.reconnect_initial_s
+            if not self._queue:
+                self._receive(min(cfg.heartbeat_interval_s / 2, 0.05))
+                continue
+            self._receive(0)  # whatever else arrived meanwhile joins the queue (and maybe the batch)
+            batch = self._take_batch()
+            if batch:
+                self._run_batch(batch)
 
     def _on_broker(self, frames: list) -> None:
         if len(frames) < 2 or frames[0].bytes != W.MAGIC:
@@ -286,25 +297,27 @@ class TailWorker:
         if cmd == W.REQUEST and len(frames) >= 5:
             self._on_request(frames)
         elif cmd == W.HEARTBEAT:
-            pass
+            if len(frames) >= 3:
+                try:
+                    self._clock.observe(float(W.unpack(frames[2])), time.monotonic())
+                except (ValueError, TypeError):
+                    pass
         elif cmd == W.STOP:
             self.stop()
         elif cmd == W.RECONNECT:
-            self._sock.send_multipart([W.MAGIC, W.READY, W.pack(self._status(full=True))])
+            self._send([W.MAGIC, W.READY, W.pack(self._status(full=True))])
         elif cmd == W.LOAD and len(frames) >= 3:
             bid = frames[2].bytes.decode("utf-8", "replace")
-            with self._cond:
-                self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bid))
-                self._cond.notify()
+            self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bid))
 
     def _on_request(self, frames: list) -> None:
         now = time.monotonic()
         rkey = frames[2].bytes
         try:
-            budget_ms, waited_ms = W.unpack(frames[3])
-            waited_ms = float(waited_ms)
+            deadline_b, received_b, now_b = (float(v) for v in W.unpack(frames[3]))
         except (ValueError, TypeError):
             return  # not from our broker
+        self._clock.observe(now_b, now)
         try:
             msg = P.decode(frames[4:], self.config.limits)
         except ProtocolError as exc:
@@ -313,50 +326,23 @@ class TailWorker:
         if msg.kind != "infer":
             self._send_error(rkey, msg.id, "bad_request", f"expected an infer message, got {msg.kind!r}")
             return
-        if self._stop_at is not None:
+        if self._stop_at is not None and self._stop_at < now - 0.5:
             self._send_error(rkey, msg.id, "shutdown", "this worker is shutting down")
             return
-        deadline = None if budget_ms is None else now + float(budget_ms) / 1e3
-        with self._cond:
-            self._queue.append(_Job(rkey, msg, deadline, now, waited_ms))
-            self._cond.notify()
+        self._queue.append(_Job(rkey, msg, self._clock.to_local(deadline_b), now, received_b))
 
     def _send_error(self, rkey: bytes, rid: str, code: str, message: str) -> None:
         frames = P.encode(P.error(rid, code, message, worker=self.name))
-        self._sock.send_multipart([W.MAGIC, W.REPLY, rkey, W.pack((code, None, 0)), *frames], copy=False)
+        self._send([W.MAGIC, W.REPLY, rkey, W.pack((code, None, 0)), *frames])
 
-    # -- compute thread -----------------------------------------------------------------------
-    def _compute_loop(self) -> None:
-        push = self.ctx.socket(zmq.PUSH)
-        push.linger = 0
-        push.connect(self._results_addr)
-        self._push = push
-        try:
-            while True:
-                batch = self._take_batch()
-                if batch is None:
-                    return
-                if batch:
-                    self._run_batch(batch)
-                with self._cond:
-                    self._busy = False
-        finally:
-            push.close(0)
-
+    # -- batching and computing ---------------------------------------------------------------
     def _reply_error(self, job: _Job, code: str, message: str) -> None:
-        frames = P.encode(P.error(job.msg.id, code, message, worker=self.name))
-        self._push.send_multipart([job.rkey, W.pack((code, None, 0)), *frames], copy=False)
+        self._send_error(job.rkey, job.msg.id, code, message)
 
-    def _take_batch(self) -> list[_Job] | None:
+    def _take_batch(self) -> list[_Job]:
         """The next batch: the oldest request and others of the same bundle and cut (may be [])."""
         cfg = self.config
-        with self._cond:
-            while not self._queue:
-                if self._stopped.is_set():
-                    return None
-                self._cond.wait(0.1)
-            first = self._queue.popleft()
-            self._busy = True
+        first = self._queue.popleft()
         if first.load is not None:
             self._load_bundle(first.load)
             return []
@@ -369,24 +355,22 @@ class TailWorker:
         window_end = first.arrived + cfg.max_queue_delay_ms / 1e3
         key = (first.msg.bundle, first.msg.cut)
         while samples < cfg.max_batch:
-            with self._cond:
-                job = None
-                for i, j in enumerate(self._queue):
-                    if j.msg is not None and (j.msg.bundle, j.msg.cut) == key:
-                        job = j
-                        del self._queue[i]
-                        break
-                if job is None:
-                    left = window_end - time.monotonic()
-                    if left <= 0 or self._stop_at is not None:
-                        break
-                    self._cond.wait(left)
-                    continue
+            job = None
+            for i, j in enumerate(self._queue):
+                if j.msg is not None and (j.msg.bundle, j.msg.cut) == key:
+                    job = j
+                    del self._queue[i]
+                    break
+            if job is None:
+                left = window_end - time.monotonic()
+                if left <= 0 or self._stop_at is not None:
+                    break
+                self._receive(left)
+                continue
             if not self._prepare(job):
                 continue
             if samples + job.samples > cfg.max_batch:
-                with self._cond:
-                    self._queue.appendleft(job)  # next batch; already decoded
+                self._queue.appendleft(job)  # the next batch; already decoded
                 break
             batch.append(job)
             samples += job.samples
@@ -504,9 +488,10 @@ class TailWorker:
                 self._reply_error(job, "internal", f"cannot encode the outputs: {exc}")
                 continue
             encode_ms = (time.perf_counter() - t) * 1e3
-            queue_ms = job.waited_ms + (job.t_start - job.arrived) * 1e3
+            # broker receipt to the start of decoding, socket buffers included
+            queue_ms = max(0.0, (job.t_start - self._clock.to_local(job.received)) * 1e3)
             timings = {"queue_ms": round(queue_ms, 4), "decode_ms": round(job.decode_ms, 4),
                        "compute_ms": round(compute_ms, 4), "encode_ms": round(encode_ms, 4)}
             frames = P.encode(P.result(job.msg.id, tensors, timings=timings, worker=self.name, batch=len(live)))
             stats = W.pack(("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], len(live) if i == 0 else 0))
-            self._push.send_multipart([job.rkey, stats, *frames], copy=False)
+            self._send([W.MAGIC, W.REPLY, job.rkey, stats, *frames])

@@ -1,0 +1,317 @@
+"""Benchmark of the cloud pool (`edgesplit serve`), side by side in one run:
+
+1. per-request overhead of the whole path (edge DEALER -> broker -> tail worker -> broker -> edge)
+   with a near-zero-compute tail, against a bare pyzmq DEALER/ROUTER round trip of the same
+   bytes (an echo server in its own process), for 1 MB requests;
+2. throughput against the number of workers (closed loop, batching off);
+3. the effect of dynamic batching on a batchable model (1 worker, max_batch 1 vs 16).
+
+    python benchmarks/cloud_pool.py [--quick] [--json benchmarks/results/cloud_pool.json]
+
+Prints the machine, medians and ratios; writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+from onnx import TensorProto, helper, numpy_helper
+
+from edgesplit import protocol as P
+from edgesplit.bundle import Cut, TensorSpec, write_bundle
+from edgesplit.codecs import get_codec
+
+REPO = Path(__file__).resolve().parents[1]
+
+_ECHO_SERVER = r"""
+import sys, zmq
+ctx = zmq.Context()
+s = ctx.socket(zmq.ROUTER); s.linger = 0
+port = s.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+small = sys.argv[1] == "small"
+tiny = b"\x00" * 4
+while True:
+    f = s.recv_multipart(copy=False)
+    if f[1].bytes == b"quit":
+        break
+    # the reply a tail would send: a small header and the output payload (no copy)
+    s.send_multipart([f[0], f[1], tiny if small else f[-1]], copy=False)
+"""
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{platform.machine()}, {ncpu} cores ({cpu or 'unknown CPU'}), Python {platform.python_version()}, "
+            f"libzmq {zmq.zmq_version()}, pyzmq {zmq.__version__}")
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def echo_bundle(out: Path, elems: int, small_reply: bool):
+    """Identity head; tail = Identity (1 MB back) or ReduceMax (4 bytes back): near-zero compute."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", elems])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", elems])
+    ydim = 1 if small_reply else elems
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", ydim])
+    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
+    tail = (_model([helper.make_node("ReduceMax", ["h"], ["y"], keepdims=1, axes=[1])], [h], [y], opset=13)
+            if small_reply else _model([helper.make_node("Identity", ["h"], ["y"])], [h], [y]))
+    hs = TensorSpec("h", "float32", ("N", elems))
+    model = {"name": "echo-small" if small_reply else "echo", "source_sha256": "0" * 64,
+             "inputs": [TensorSpec("x", "float32", ("N", elems)).to_json()],
+             "outputs": [TensorSpec("y", "float32", ("N", ydim)).to_json()]}
+    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
+                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
+
+
+def mlp_bundle(out: Path, width: int = 256, depth: int = 8):
+    """A batchable tail: depth x (MatMul width x width + Tanh); small per-sample compute, so the
+    per-call overhead that batching amortises is visible, as in a classifier head."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
+    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
+    nodes, inits, prev = [], [], "h"
+    for i in range(depth):
+        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width))
+                                             .astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
+        prev = "y" if i == depth - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [prev]))
+    tail = _model(nodes, [h], [y], inits)
+    hs = TensorSpec("h", "float32", ("N", width))
+    model = {"name": f"mlp{width}x{depth}", "source_sha256": "0" * 64,
+             "inputs": [TensorSpec("x", "float32", ("N", width)).to_json()],
+             "outputs": [TensorSpec("y", "float32", ("N", width)).to_json()]}
+    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
+                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
+
+
+class Serve:
+    """`python -m cloud_server` with the given options, on free loopback ports."""
+
+    def __init__(self, repo: Path, workers: int, *extra: str):
+        cmd = [sys.executable, "-m", "cloud_server", "--repository", str(repo), "--bind", "tcp://127.0.0.1:0",
+               "--http", "off", "--workers", str(workers), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        self.address = None
+        for line in self.proc.stdout:
+            m = re.search(r"listening on (\S+)", line)
+            if m:
+                self.address = m.group(1)
+            if "ready on" in line:
+                break
+        if self.address is None:
+            raise RuntimeError("the server did not start")
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _roundtrips(sock, frames_fn, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        frames = frames_fn(i)
+        t = time.perf_counter()
+        sock.send_multipart(frames, copy=False)
+        if not sock.poll(10_000):
+            raise RuntimeError("no reply within 10 s")
+        sock.recv_multipart(copy=False)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dict:
+    """Full path vs bare round trip of `size` bytes, interleaved in `rounds` blocks of n."""
+    elems = size // 4
+    res = {}
+    for small, mode in ((True, "process"), (True, "thread"), (False, "process"), (False, "thread")):
+        repo = tmp / f"repo-echo-{'small' if small else 'full'}-{mode}"
+        bundle = echo_bundle(repo / "echo", elems, small)
+        server = Serve(repo, 1, "--max-batch", "1", "--threads", "1", "--worker-mode", mode)
+        echo = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, "small" if small else "full"],
+                                stdout=subprocess.PIPE, text=True)
+        port = int(echo.stdout.readline())
+        try:
+            full = ctx.socket(zmq.DEALER)
+            bare = ctx.socket(zmq.DEALER)
+            for s in (full, bare):
+                s.linger = 0
+            full.connect(server.address)
+            bare.connect(f"tcp://127.0.0.1:{port}")
+            x = np.random.default_rng(0).standard_normal((1, elems)).astype(np.float32)
+            enc = get_codec("raw").encode(x)
+
+            def full_frames(i):
+                return P.encode(P.infer(f"r{i}", bundle.id, 1, {"h": enc}, deadline_ms=10_000.0))
+
+            head = full_frames(0)[0]
+
+            def bare_frames(i):
+                return [head, enc.payload]
+
+            _roundtrips(full, full_frames, 50)  # warm-up: sessions, TCP windows, allocators
+            _roundtrips(bare, bare_frames, 50)
+            t_full, t_bare = [], []
+            for _ in range(rounds):
+                t_full += _roundtrips(full, full_frames, n)
+                t_bare += _roundtrips(bare, bare_frames, n)
+            bare.send_multipart([b"quit", b""])
+            mf, mb = statistics.median(t_full) * 1e6, statistics.median(t_bare) * 1e6
+            key = ("small_reply" if small else "same_size_reply") + f"/{mode}_worker"
+            res[key] = {"request_bytes": x.nbytes, "reply_bytes": 4 if small else x.nbytes,
+                        "full_path_median_us": round(mf, 1), "bare_zmq_median_us": round(mb, 1),
+                        "ratio": round(mf / mb, 3), "samples": len(t_full),
+                        "full_path_p90_us": round(float(np.percentile(t_full, 90)) * 1e6, 1),
+                        "bare_zmq_p90_us": round(float(np.percentile(t_bare, 90)) * 1e6, 1)}
+            full.close()
+            bare.close()
+        finally:
+            server.close()
+            echo.wait(10)
+    return res
+
+
+def throughput(address: str, bundle_id: str, ctx: zmq.Context, seconds: float, clients: int, window: int,
+               batch: int, width: int) -> dict:
+    """Closed loop: `clients` DEALERs, each keeping `window` requests of `batch` samples in flight."""
+    stop = time.monotonic() + seconds
+    counts = [0] * clients
+    lats: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    x = np.random.default_rng(1).standard_normal((batch, width)).astype(np.float32)
+    enc = get_codec("raw").encode(x)
+
+    def client(c):
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(address)
+        sent = {}
+        i = 0
+        while True:
+            now = time.perf_counter()
+            if time.monotonic() < stop:
+                while len(sent) < window:
+                    rid = f"{c}-{i}"
+                    i += 1
+                    sent[rid] = time.perf_counter()
+                    s.send_multipart(P.encode(P.infer(rid, bundle_id, 1, {"h": enc}, deadline_ms=30_000.0)), copy=False)
+            elif not sent:
+                break
+            if not s.poll(10_000):
+                break
+            msg = P.decode(s.recv_multipart(copy=False))
+            t0 = sent.pop(msg.id, None)
+            if t0 is None:
+                continue
+            if msg.kind == "result":
+                counts[c] += 1
+                lats[c].append(time.perf_counter() - t0)
+            else:
+                errors[c] += 1
+        s.close()
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    allat = [v for lst in lats for v in lst]
+    return {"requests_per_s": round(sum(counts) / wall, 1), "samples_per_s": round(sum(counts) * batch / wall, 1),
+            "median_latency_ms": round(statistics.median(allat) * 1e3, 3) if allat else None,
+            "errors": sum(errors), "requests": sum(counts)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    ap.add_argument("--size-mb", type=float, default=1.0, help="request size for the overhead part")
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "cloud_pool.json"))
+    ap.add_argument("--parts", default="overhead,workers,batching")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    n, rounds, seconds = (50, 2, 2.0) if args.quick else (100, 6, 5.0)
+    ctx = zmq.Context()
+    out = {"machine": machine(), "command": "python benchmarks/cloud_pool.py" + (" --quick" if args.quick else "")}
+    print(f"machine: {out['machine']}")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if "overhead" in parts:
+            size = int(args.size_mb * (1 << 20))
+            print(f"\n1. per-request overhead, {size} byte requests, {n * rounds} round trips each, interleaved")
+            res = overhead(tmp, ctx, size, n, rounds)
+            out["overhead"] = res
+            for k, v in res.items():
+                print(f"   {k:30s} full path {v['full_path_median_us']:8.1f} us   bare pyzmq {v['bare_zmq_median_us']:8.1f} us"
+                      f"   ratio {v['ratio']:.2f}   (p90 {v['full_path_p90_us']:.0f} / {v['bare_zmq_p90_us']:.0f} us)")
+        width = 256
+        repo = tmp / "repo-mlp"
+        bundle = mlp_bundle(repo / "mlp", width=width, depth=8)
+        if "workers" in parts:
+            print(f"\n2. throughput vs workers ({bundle.name}, batch 64 per request, batching off, 1 thread per worker)")
+            out["workers"] = {}
+            for w in (1, 2):
+                server = Serve(repo, w, "--max-batch", "1", "--threads", "1")
+                try:
+                    r = throughput(server.address, bundle.id, ctx, seconds, clients=4, window=4, batch=64, width=width)
+                finally:
+                    server.close()
+                out["workers"][str(w)] = r
+                print(f"   {w} worker(s): {r['requests_per_s']:8.1f} req/s  {r['samples_per_s']:9.1f} samples/s  "
+                      f"median {r['median_latency_ms']} ms  errors {r['errors']}")
+            one, two = out["workers"]["1"]["requests_per_s"], out["workers"]["2"]["requests_per_s"]
+            out["workers"]["speedup_2_vs_1"] = round(two / one, 3)
+            print(f"   2 vs 1 workers: x{two / one:.2f}")
+        if "batching" in parts:
+            print(f"\n3. dynamic batching ({bundle.name}, 1 sample per request, 32 in flight, 1 worker, 1 thread)")
+            out["batching"] = {}
+            for mb in (1, 16):
+                server = Serve(repo, 1, "--max-batch", str(mb), "--max-queue-delay-ms", "2", "--threads", "1",
+                               "--capacity", "32")
+                try:
+                    r = throughput(server.address, bundle.id, ctx, seconds, clients=4, window=8, batch=1, width=width)
+                finally:
+                    server.close()
+                out["batching"][f"max_batch_{mb}"] = r
+                print(f"   max_batch {mb:2d}: {r['requests_per_s']:8.1f} req/s  median {r['median_latency_ms']} ms  "
+                      f"errors {r['errors']}")
+            a, b = out["batching"]["max_batch_1"]["requests_per_s"], out["batching"]["max_batch_16"]["requests_per_s"]
+            out["batching"]["speedup"] = round(b / a, 3)
+            print(f"   batching speed-up: x{b / a:.2f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
