@@ -144,6 +144,17 @@ def test_specs_keep_symbolic_dims_and_shapes_bind_bytes(tmp_path):
     assert bundle.manifest["model"]["inputs"][1] == {"name": "mask", "dtype": "int64", "shape": ["N", "S"]}
 
 
+def test_batch_axis_lost_by_inference_is_found_again(tmp_path):
+    model = tm.reshape_model()
+    path = tm.save(model, tmp_path)
+    bundle = partition(path, [["rr"], ["b"]], tmp_path / "b")
+    rr, b = bundle.cut(1).specs[0], bundle.cut(2).specs[0]
+    assert rr.shape[1:] == (4,) and rr.shape[0] != "N"  # 2N rows: not the batch
+    assert isinstance(rr.shape[0], str)
+    assert b.shape == ("N", 8)  # one row per sample again: the batch symbol is back
+    check_bundle(bundle, path, tm.example_inputs(model, batch=3))
+
+
 def test_narrow_cuts_are_block_boundaries(tmp_path):
     path = tm.save(tm.residual(), tmp_path)
     narrow = candidate_cuts(path)

@@ -16,7 +16,8 @@ OPSET = 17
 IR_VERSION = 8
 
 __all__ = ["OPSET", "TINY_MODELS", "attention", "chain", "example_inputs", "if_model", "loop_model",
-           "residual", "save", "two_in_two_out", "function_model"]
+           "residual", "save", "two_in_two_out", "function_model",
+           "reshape_model"]
 
 
 def _w(name: str, *shape: int, seed: int = 0, scale: float = 0.5) -> onnx.TensorProto:
@@ -203,6 +204,20 @@ def function_model() -> onnx.ModelProto:
     return model
 
 
+def reshape_model() -> onnx.ModelProto:
+    """Reshapes with -1 that make shape inference lose the batch dim: r is [2N, 4], b is [N, 8]."""
+    inits = [_w("w1", 8, 8), _w("w2", 8, 3), _c("s1", np.array([-1, 4], np.int64)),
+             _c("s2", np.array([-1, 8], np.int64))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+        helper.make_node("Reshape", ["a", "s1"], ["r"], name="split_rows"),
+        helper.make_node("Relu", ["r"], ["rr"], name="relu"),
+        helper.make_node("Reshape", ["rr", "s2"], ["b"], name="join_rows"),
+        helper.make_node("MatMul", ["b", "w2"], ["y"], name="mm2"),
+    ]
+    return _model(nodes, [_f("x", "N", 8)], [_f("y", "N", 3)], inits, "reshape_model")
+
+
 TINY_MODELS = {
     "chain": chain,
     "residual": residual,
@@ -211,6 +226,7 @@ TINY_MODELS = {
     "loop_model": loop_model,
     "attention": attention,
     "function_model": function_model,
+    "reshape_model": reshape_model,
 }
 
 

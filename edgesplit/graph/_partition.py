@@ -15,7 +15,7 @@ from edgesplit.errors import BundleError, CutError, ModelError
 from edgesplit.graph._cuts import crossing_spec, fill_unknown
 from edgesplit.graph._index import GraphIndex
 from edgesplit.graph._load import PROTO_LIMIT, _first_line, file_sha256, load_model, load_tensor_data
-from edgesplit.graph._shapes import WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes
+from edgesplit.graph._shapes import WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes, name_batch_axes
 
 
 def _names(names: Sequence[str] | str) -> list[str]:
@@ -239,7 +239,9 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
     index = GraphIndex(model)
     info = infer_shapes(model, shapes)
     heads = plan_segments(index, cuts)
-    fill_unknown(index, info, [t for h in heads for t in crossing(index, h)] + index.outputs, model_path)
+    shipped = [t for h in heads for t in crossing(index, h)] + index.outputs
+    fill_unknown(index, info, shipped, model_path)
+    name_batch_axes(model_path, model, info, shipped)
     segs, cut_tensors = build_segments(model, index, info, heads, model_path.parent)
     namer = UnknownNamer()
     cut_objs = []

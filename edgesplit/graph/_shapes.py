@@ -183,6 +183,8 @@ class ShapeInfo:
     bound: dict[str, TensorType]
     symbols: dict[str, int]  # dim symbol -> size used for bytes
     inputs: dict[str, tuple]  # the input shapes used for bytes (after binding)
+    batch_symbol: str | None = None  # the symbol on axis 0 of the batched inputs, if one
+    input_symbols: frozenset = frozenset()  # every symbol on the model inputs
 
     def dtype(self, name: str) -> str | None:
         t = self.symbolic.get(name) or self.bound.get(name)
@@ -233,16 +235,27 @@ class ShapeInfo:
 
 
 class UnknownNamer:
-    """Names unknown dims: axis 0 of a tensor -> "N" (the batch), others "?1", "?2", ..."""
+    """Names dims that inference could not name: "?1", "?2", ... each matching any size on its own.
+
+    (Calling them all "N" would tell the wire protocol that they are equal to the batch.)
+    """
 
     def __init__(self):
         self.count = 0
 
     def __call__(self, name: str, axis: int) -> str:
-        if axis == 0:
-            return "N"
         self.count += 1
         return f"?{self.count}"
+
+
+def _name_input_dims(m: onnx.ModelProto) -> None:
+    """Give unnamed dims of the graph inputs a symbol (axis 0: "N"), so inference carries it along."""
+    for vi in m.graph.input:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value") and not (d.HasField("dim_param") and d.dim_param):
+                d.dim_param = "N" if axis == 0 else f"{vi.name}_dim{axis}"
 
 
 def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None) -> ShapeInfo:
@@ -254,6 +267,7 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None)
             dims for bytes per sample. A dynamic batch (symbolic axis 0 of an input) is 1.
     """
     base = _weightless(model)
+    _name_input_dims(base)
     symbolic = _infer(base)
     graph_inputs = {vi.name: _type_of(vi.type) for vi in model.graph.input}
     bindings: dict[str, tuple] = {}
@@ -293,21 +307,19 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None)
         bound = symbolic
     used_inputs = {name: (bound.get(name).dims if name in bound and bound[name].dims is not None else t.dims)
                    for name, t in graph_inputs.items()}
-    return ShapeInfo(symbolic, bound, symbols, used_inputs)
+    firsts = {t.dims[0] for n, t in symbolic.items() if n in graph_inputs and t.dims and isinstance(t.dims[0], str)}
+    in_syms = frozenset(d for n, t in symbolic.items() if n in graph_inputs and t.dims for d in t.dims
+                        if isinstance(d, str))
+    return ShapeInfo(symbolic, bound, symbols, used_inputs, firsts.pop() if len(firsts) == 1 else None, in_syms)
 
 
-def probe_with_onnxruntime(model_path, model: onnx.ModelProto, info: ShapeInfo, names: list[str]) -> list[str]:
-    """Learn dtype and rank of `names` that inference left unknown by running the model once.
-
-    ONNX shape inference gives up on some ops (a Loop's carried values, custom ops). Here the
-    model runs in ONNX Runtime on random inputs (batch 1, symbols as bound) with those
-    tensors as extra outputs. Dims stay symbolic (unknown) unless inference knew them.
-    Returns the names it could fill.
-    """
+def _probe_runs(model_path, model: onnx.ModelProto, info: ShapeInfo, names: list[str], batches=(None,)):
+    """Run the model in ONNX Runtime with `names` as extra outputs, once per batch size
+    (None: the bound input shapes). Returns one list of arrays per batch, or None."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return []
+        return None
     from edgesplit.graph._load import load_model
 
     full = onnx.ModelProto()
@@ -316,33 +328,55 @@ def probe_with_onnxruntime(model_path, model: onnx.ModelProto, info: ShapeInfo, 
     else:
         full.CopyFrom(model)
     if full.ByteSize() >= (1 << 31) - (1 << 20):
-        return []
+        return None
     present = {o.name for o in full.graph.output}
     for n in names:
         if n not in present:
             vi = full.graph.output.add()
             vi.name = n
-    feeds = {}
-    rng = np.random.default_rng(0)
     inits = {t.name for t in full.graph.initializer}
+    shapes = {}
     for vi in full.graph.input:
         if vi.name in inits:
             continue
         t = info.bound.get(vi.name) or _type_of(vi.type)
         if t.dims is None or t.dtype is None or any(not isinstance(d, int) for d in t.dims):
-            return []
-        dt = np.dtype(t.dtype)
-        feeds[vi.name] = (rng.standard_normal(t.dims).astype(dt) if dt.kind == "f"
-                          else rng.integers(0, 2, t.dims).astype(dt))
+            return None
+        sym = info.symbolic.get(vi.name)
+        batched = bool(sym and sym.dims and info.batch_symbol and sym.dims[0] == info.batch_symbol)
+        shapes[vi.name] = (np.dtype(t.dtype), tuple(t.dims), batched)
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         sess = ort.InferenceSession(full.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        outs = sess.run(names, feeds)
+        results = []
+        for b in batches:
+            rng = np.random.default_rng(0)
+            feeds = {}
+            for name, (dt, dims, batched) in shapes.items():
+                if b is not None and batched:
+                    dims = (b,) + dims[1:]
+                feeds[name] = (rng.standard_normal(dims).astype(dt) if dt.kind == "f"
+                               else rng.integers(0, 2, dims).astype(dt))
+            results.append(sess.run(names, feeds))
+        return results
     except Exception:  # the probe is best effort; callers report what stays unknown
+        return None
+
+
+def probe_with_onnxruntime(model_path, model: onnx.ModelProto, info: ShapeInfo, names: list[str]) -> list[str]:
+    """Learn dtype, rank and bound sizes of `names` that inference left unknown by running the model once.
+
+    ONNX shape inference gives up on some ops (a Loop's carried values, custom ops, a ViT's
+    class-token Concat). Here the model runs in ONNX Runtime on random inputs (batch 1,
+    symbols as bound) with those tensors as extra outputs. Dims stay symbolic (unknown)
+    unless inference knew them. Returns the names it could fill.
+    """
+    runs = _probe_runs(model_path, model, info, names)
+    if runs is None:
         return []
     filled = []
-    for n, arr in zip(names, outs):
+    for n, arr in zip(names, runs[0]):
         if not isinstance(arr, np.ndarray):
             continue
         elem = helper.np_dtype_to_tensor_dtype(arr.dtype)
@@ -352,6 +386,34 @@ def probe_with_onnxruntime(model_path, model: onnx.ModelProto, info: ShapeInfo, 
         info.bound[n] = TensorType(arr.dtype.name, elem, tuple(arr.shape))
         filled.append(n)
     return filled
+
+
+def name_batch_axes(model_path, model: onnx.ModelProto, info: ShapeInfo, names) -> list[str]:
+    """Give the model's batch symbol to axis 0 of `names` where inference lost it.
+
+    After a Reshape or a Concat the leading dim may be unnamed ("unk__3"). The model runs at
+    batch 1 and 2; a tensor whose axis 0 follows the batch while its other dims stay put gets
+    the batch symbol, so the cloud can batch requests at that cut.
+    """
+    b = info.batch_symbol
+    if not b:
+        return []
+    todo = [n for n in dict.fromkeys(names)
+            if (t := info.symbolic.get(n)) is not None and t.dims and t.dims[0] != b
+            and not isinstance(t.dims[0], int) and not (isinstance(t.dims[0], str) and t.dims[0] in info.input_symbols)]
+    if not todo:
+        return []
+    runs = _probe_runs(model_path, model, info, todo, batches=(1, 2))
+    if runs is None:
+        return []
+    done = []
+    for n, a1, a2 in zip(todo, runs[0], runs[1]):
+        if (isinstance(a1, np.ndarray) and isinstance(a2, np.ndarray) and a1.ndim == a2.ndim >= 1
+                and a1.shape[0] == 1 and a2.shape[0] == 2 and a1.shape[1:] == a2.shape[1:]):
+            t = info.symbolic[n]
+            info.symbolic[n] = TensorType(t.dtype, t.elem_type, (b,) + tuple(t.dims[1:]))
+            done.append(n)
+    return done
 
 
 def _is_symbol(model: onnx.ModelProto, name: str) -> bool:
