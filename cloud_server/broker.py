@@ -131,6 +131,8 @@ class Broker:
         self._profiles: dict[str, dict] = {}  # id -> {"segment_ms": [...], "device": str}
         self._keys = itertools.count(1)
         self._last_scan = -math.inf
+        self._outcomes: dict[Any, Any] = {}
+        self._stage_children = [self.metrics.stage.labels(s) for s in STAGES]
         self._lost: list[dict] = []  # the last workers dropped for silence (for /v1/models)
         self._svc_ms = 0.0  # EWMA of a request's time in a worker, for est_wait_ms
         self._lock = threading.Lock()
@@ -273,8 +275,18 @@ class Broker:
         self.metrics.bytes_out.inc(sum(len(f) for f in frames))
         self.front.send_multipart([ident, *frames], copy=False)
 
+    def _outcome(self, outcome: Any):
+        """The requests counter for one outcome (label children cached: this runs per request)."""
+        if not isinstance(outcome, str):
+            outcome = "other"
+        child = self._outcomes.get(outcome)
+        if child is None:
+            key = outcome if isinstance(outcome, str) and outcome in P.ERROR_CODES | {"ok", "cancelled"} else "other"
+            child = self._outcomes[outcome] = self.metrics.requests.labels(key)
+        return child
+
     def _error(self, ident: bytes, rid: str, code: str, message: str, **meta: Any) -> None:
-        self.metrics.requests.labels(code).inc()
+        self._outcome(code).inc()
         self._reply(ident, P.error(rid, code, message, **meta))
 
     def _on_front(self, frames: list) -> None:
@@ -394,7 +406,7 @@ class Broker:
             except ValueError:
                 return
             self._forget(req)
-            self.metrics.requests.labels("cancelled").inc()
+            self._outcome("cancelled").inc()
 
     # -- dispatch -----------------------------------------------------------------------------
     def _pick(self, bundle: str) -> _Worker | None:
@@ -538,11 +550,11 @@ class Broker:
             outcome, times, batch = stats[0], stats[1], stats[2]
         except (ValueError, TypeError, IndexError, KeyError):
             outcome, times, batch = "ok", None, 0
-        m.requests.labels(str(outcome)[:32]).inc()
+        self._outcome(outcome).inc()
         if times:
-            # queue time = waiting here before dispatch + waiting in the worker
-            for stage, ms in zip(STAGES, times):
-                m.stage.labels(stage).observe(ms / 1e3)
+            # queue time = broker receipt to the worker starting to decode (both queues)
+            for child, ms in zip(self._stage_children, times):
+                child.observe(ms / 1e3)
             svc = sum(times[1:]) if outcome == "ok" else 0.0
             if svc > 0:
                 self._svc_ms = svc if self._svc_ms == 0 else self._svc_ms + 0.1 * (svc - self._svc_ms)
