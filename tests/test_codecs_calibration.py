@@ -60,7 +60,7 @@ def test_calibrate_command_writes_the_manifest(mlp_bundle, tmp_path):
     assert entry["max"] == pytest.approx(h.max(), rel=1e-4)
     assert np.allclose(entry["max_c"], h.max(axis=0), rtol=1e-4)
     # A codec given the entry quantises with the calibrated per-channel ranges.
-    enc = get_codec("int8:pc").encode(np.tile(h, (2, 1)), calibration=entry)  # >= 16 values per channel
+    enc = get_codec("int8:pc").encode(np.tile(h, (16, 1)), calibration=entry)  # >= 128 values per channel
     span = np.maximum(entry["max_c"], 0) - np.minimum(entry["min_c"], 0)
     # A dead channel (all zeros after the ReLU) gets scale 1: any scale represents it exactly.
     assert np.frombuffer(enc.params["scales"], "<f4") == pytest.approx(np.where(span > 0, span / 255, 1), rel=1e-5)

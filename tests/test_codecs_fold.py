@@ -16,7 +16,7 @@ from edgesplit.runtime import OnnxRuntimeRunner, SegmentChain
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_folded_head_and_tail_match_the_codec(mlp_bundle, tmp_path, per_channel):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((16, 16)).astype(np.float32)  # 16 values per channel: per channel applies
+    x = rng.standard_normal((128, 16)).astype(np.float32)  # 128 values per channel: per channel applies
     with SegmentChain(mlp_bundle, 0, 1) as head, SegmentChain(mlp_bundle, 1, 2) as tail:
         h = head.run({"x": x})["h"]
         col = RangeCollector(percentile=100)
