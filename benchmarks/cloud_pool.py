@@ -53,6 +53,35 @@ while True:
 """
 
 
+# The floor of any design with the worker in another process: a C-speed relay (zmq.proxy, no
+# Python per message) in one process and a trivial echo worker in another.
+_RELAY = r"""
+import sys, threading, zmq
+ctx = zmq.Context()
+front = ctx.socket(zmq.ROUTER); front.linger = 0
+fport = front.bind_to_random_port("tcp://127.0.0.1")
+back = ctx.socket(zmq.DEALER); back.linger = 0
+bport = back.bind_to_random_port("tcp://127.0.0.1")
+small = sys.argv[1] == "small"
+print(fport, bport, flush=True)
+try:
+    zmq.proxy(front, back)
+except zmq.ContextTerminated:
+    pass
+"""
+_RELAY_WORKER = r"""
+import sys, zmq
+ctx = zmq.Context()
+w = ctx.socket(zmq.DEALER); w.linger = 0
+w.connect(sys.argv[1])
+small = sys.argv[2] == "small"
+tiny = b"\x00" * 4
+while True:
+    f = w.recv_multipart(copy=False)
+    w.send_multipart([f[0], f[1], tiny if small else f[-1]], copy=False)
+"""
+
+
 def machine() -> str:
     cpu = ""
     try:
@@ -158,13 +187,20 @@ def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dic
         echo = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, "small" if small else "full"],
                                 stdout=subprocess.PIPE, text=True)
         port = int(echo.stdout.readline())
+        relay = subprocess.Popen([sys.executable, "-c", _RELAY, "small" if small else "full"],
+                                 stdout=subprocess.PIPE, text=True)
+        rport, rback = map(int, relay.stdout.readline().split())
+        relay_worker = subprocess.Popen([sys.executable, "-c", _RELAY_WORKER, f"tcp://127.0.0.1:{rback}",
+                                         "small" if small else "full"])
         try:
             full = ctx.socket(zmq.DEALER)
             bare = ctx.socket(zmq.DEALER)
-            for s in (full, bare):
+            floor = ctx.socket(zmq.DEALER)
+            for s in (full, bare, floor):
                 s.linger = 0
             full.connect(server.address)
             bare.connect(f"tcp://127.0.0.1:{port}")
+            floor.connect(f"tcp://127.0.0.1:{rport}")
             x = np.random.default_rng(0).standard_normal((1, elems)).astype(np.float32)
             enc = get_codec("raw").encode(x)
 
@@ -178,23 +214,32 @@ def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dic
 
             _roundtrips(full, full_frames, 50)  # warm-up: sessions, TCP windows, allocators
             _roundtrips(bare, bare_frames, 50)
-            t_full, t_bare = [], []
+            _roundtrips(floor, bare_frames, 50)
+            t_full, t_bare, t_floor = [], [], []
             for _ in range(rounds):
                 t_full += _roundtrips(full, full_frames, n)
                 t_bare += _roundtrips(bare, bare_frames, n)
+                t_floor += _roundtrips(floor, bare_frames, n)
             bare.send_multipart([b"quit", b""])
             mf, mb = statistics.median(t_full) * 1e6, statistics.median(t_bare) * 1e6
+            mr = statistics.median(t_floor) * 1e6
             key = ("small_reply" if small else "same_size_reply") + f"/{mode}_worker"
             res[key] = {"request_bytes": x.nbytes, "reply_bytes": 4 if small else x.nbytes,
                         "full_path_median_us": round(mf, 1), "bare_zmq_median_us": round(mb, 1),
                         "ratio": round(mf / mb, 3), "samples": len(t_full),
+                        "c_relay_floor_median_us": round(mr, 1), "c_relay_floor_ratio": round(mr / mb, 3),
                         "full_path_p90_us": round(float(np.percentile(t_full, 90)) * 1e6, 1),
                         "bare_zmq_p90_us": round(float(np.percentile(t_bare, 90)) * 1e6, 1)}
             full.close()
             bare.close()
+            floor.close()
         finally:
             server.close()
             echo.wait(10)
+            relay.kill()
+            relay_worker.kill()
+            relay.wait(10)
+            relay_worker.wait(10)
     return res
 
 
@@ -270,8 +315,9 @@ def main() -> int:
             res = overhead(tmp, ctx, size, n, rounds)
             out["overhead"] = res
             for k, v in res.items():
-                print(f"   {k:30s} full path {v['full_path_median_us']:8.1f} us   bare pyzmq {v['bare_zmq_median_us']:8.1f} us"
-                      f"   ratio {v['ratio']:.2f}   (p90 {v['full_path_p90_us']:.0f} / {v['bare_zmq_p90_us']:.0f} us)")
+                print(f"   {k:30s} full path {v['full_path_median_us']:7.0f} us  bare pyzmq {v['bare_zmq_median_us']:6.0f} us"
+                      f"  ratio {v['ratio']:.2f}   [C relay via another process: {v['c_relay_floor_median_us']:.0f} us,"
+                      f" x{v['c_relay_floor_ratio']:.2f}]")
         width = 256
         repo = tmp / "repo-mlp"
         bundle = mlp_bundle(repo / "mlp", width=width, depth=8)
