@@ -207,21 +207,36 @@ def _byte_decoder(name: str) -> _bytes.ByteStage:
 def _numeric_decoder(name: str) -> _quant.NumericStage:
     stage = _NUMERIC.get(name)
     if stage is None:
-        stage = _quant.IntStage(int(name[3:]))
+        stage = _NUMERIC.setdefault(name, _quant.IntStage(int(name[3:])))
     return stage
+
+
+_STAGES_CACHE: dict[str, tuple[_quant.NumericStage, list[_bytes.ByteStage]]] = {}
+
+
+def _stages(codec: Any) -> tuple[_quant.NumericStage, list[_bytes.ByteStage]]:
+    """The decoders for a codec name; valid names are cached (this runs for every tensor)."""
+    hit = _STAGES_CACHE.get(codec) if type(codec) is str else None
+    if hit is not None:
+        return hit
+    if type(codec) is not str or len(codec) > 200:
+        raise CodecError("codec name must be a short string")
+    names = codec.split("+")
+    if names[0] not in NUMERIC_STAGES or any(n not in BYTE_STAGES for n in names[1:]) or len(names) > 8:
+        raise CodecError(f"unknown codec {codec!r}")
+    if any(n in ("zstd", "lz4") for n in names[1:-1]):
+        raise CodecError(f"codec {codec!r}: a compressor must be the last stage")
+    hit = (_numeric_decoder(names[0]), [_byte_decoder(n) for n in names[1:]])
+    if len(_STAGES_CACHE) < 512:
+        _STAGES_CACHE[codec] = hit
+    return hit
 
 
 def _plan(enc: Encoded) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], int]:
     """Check everything about `enc` that needs no allocation; return the stages and payload size."""
     if not isinstance(enc, Encoded):
         raise CodecError(f"expected an Encoded, got {type(enc).__name__}")
-    if not isinstance(enc.codec, str) or len(enc.codec) > 200:
-        raise CodecError("codec name must be a short string")
-    names = enc.codec.split("+")
-    if names[0] not in NUMERIC_STAGES or any(n not in BYTE_STAGES for n in names[1:]) or len(names) > 8:
-        raise CodecError(f"unknown codec {enc.codec!r}")
-    if any(n in ("zstd", "lz4") for n in names[1:-1]):
-        raise CodecError(f"codec {enc.codec!r}: a compressor must be the last stage")
+    numeric, stages = _stages(enc.codec)
     if type(enc.dtype) is not str or enc.dtype not in DTYPES:
         raise CodecError(f"dtype {enc.dtype!r} is not allowed")
     if not isinstance(enc.shape, tuple) or len(enc.shape) > MAX_RANK or any(
@@ -230,7 +245,6 @@ def _plan(enc: Encoded) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], in
         raise CodecError(f"shape {enc.shape!r} must be a tuple of non-negative ints")
     if not isinstance(enc.params, dict):
         raise CodecError("params must be a dict")
-    numeric = _numeric_decoder(names[0])
     if numeric.lossy and enc.dtype not in _quant.FLOAT_DTYPES:
         raise CodecError(f"{numeric.name} cannot carry dtype {enc.dtype}")
     try:
@@ -240,7 +254,6 @@ def _plan(enc: Encoded) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], in
     size = numeric.payload_size(enc.dtype, enc.shape, enc.params)
     if isinstance(numeric, _quant.IntStage):
         numeric.validate(enc.dtype, enc.shape, enc.params)
-    stages = [_byte_decoder(n) for n in names[1:]]
     return numeric, stages, size
 
 
