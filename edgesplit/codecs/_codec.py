@@ -280,7 +280,10 @@ def decode(enc: Encoded) -> np.ndarray:
             f"{enc.codec}: payload has {memoryview(buf).nbytes} bytes, {enc.dtype}{list(enc.shape)} needs {size}"
         )
     try:
-        return numeric.decode(buf, enc.dtype, enc.shape, enc.params)
+        if not numeric.lossy:
+            return numeric.decode(buf, enc.dtype, enc.shape, enc.params)
+        with np.errstate(over="ignore", invalid="ignore"):  # hostile scales may overflow: inf, quietly
+            return numeric.decode(buf, enc.dtype, enc.shape, enc.params)
     except (ValueError, TypeError) as exc:
         raise CodecError(f"{enc.codec}: cannot decode ({exc})") from None
 
