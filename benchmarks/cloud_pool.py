@@ -93,6 +93,13 @@ def machine() -> str:
             f"libzmq {zmq.zmq_version()}, pyzmq {zmq.__version__}")
 
 
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
 def _model(nodes, inputs, outputs, inits=(), opset=17):
     g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
@@ -306,7 +313,8 @@ def main() -> int:
     n, rounds, seconds = (50, 2, 2.0) if args.quick else (100, 6, 5.0)
     ctx = zmq.Context()
     out = {"machine": machine(), "command": "python benchmarks/cloud_pool.py" + (" --quick" if args.quick else "")}
-    print(f"machine: {out['machine']}")
+    out["load_before"] = load_average()
+    print(f"machine: {out['machine']}; {out['load_before']} (other work on the box inflates every number)")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if "overhead" in parts:
@@ -352,6 +360,8 @@ def main() -> int:
             a, b = out["batching"]["max_batch_1"]["requests_per_s"], out["batching"]["max_batch_16"]["requests_per_s"]
             out["batching"]["speedup"] = round(b / a, 3)
             print(f"   batching speed-up: x{b / a:.2f}")
+    out["load_after"] = load_average()
+    print(f"\n{out['load_after']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.json}")

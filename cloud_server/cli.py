@@ -113,6 +113,8 @@ def run_serve(args) -> int:
     ok = server.wait_ready(cfg.startup_timeout_s)
     snap = server.broker.snapshot()
     extra = f", admin {server.admin.url}" if server.admin else ""
+    if server.broker.join(0):  # stopped while starting
+        return server.stop()
     if not ok:
         print(f"edgesplit serve: warning: not every worker came up within {cfg.startup_timeout_s:.0f} s",
               file=sys.stderr, flush=True)

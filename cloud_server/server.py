@@ -152,6 +152,8 @@ class Server:
                     return True
             if any(p is not None and p.poll() is not None for p in self.procs) and not self.config.restart_delay_s:
                 return False
+            if self.broker.join(0):  # stopped (a signal) while starting
+                return False
             time.sleep(0.05)
         return False
 

@@ -270,6 +270,8 @@ class TailWorker:
                 sent_version = self._version
                 self._send([W.MAGIC, W.HEARTBEAT, W.pack(self._status())])
             if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
+                self._receive(0)  # after a long batch the broker's messages may just be waiting here
+            if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
                 log.warning("%s: broker silent for %.1f s; reconnecting in %.2f s", self.name,
                             now - self._last_heard, backoff)
                 with self._lock:

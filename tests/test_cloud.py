@@ -174,6 +174,17 @@ def test_results_batching_deadline_busy_and_admin(repo, tmp_path):
         codes = {r.id: (r.meta.get("code") if r.kind == "error" else "ok") for r in replies}
         assert codes == {"late": "deadline", "huge": "ok", "q0": "deadline", "q1": "deadline", "q2": "deadline"}
 
+        # a batch longer than 3 heartbeats: the worker stays up (its heartbeat thread speaks) and
+        # does not reconnect afterwards (its identity, seen as "joined", is unchanged)
+        joined = server.json("/v1/models")["workers"][0]["joined"]
+        long = rng.standard_normal((40_000, 128)).astype(np.float32)
+        edge.send_infer("long", slow.id, 1, {"h": long})
+        msg = edge.recv(timeout_ms=60_000)
+        assert msg.kind == "result" and msg.meta["timings"]["compute_ms"] > 3 * HB_MS, msg.meta
+        time.sleep(4 * HB_MS / 1e3)
+        assert server.json("/v1/models")["workers"][0]["joined"] == joined
+        assert server.json("/v1/models")["lost_workers"] == []
+
         # unknown bundle, bad cut, wrong tensor, duplicate ids: errors, never crashes
         edge.send_infer("u", "f" * 64, 1, {"h": big})
         edge.send_infer("bc", slow.id, 2, {"y": big})
