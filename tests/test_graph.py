@@ -272,6 +272,21 @@ def test_external_data_model(tmp_path):
         assert chain.run(tm.example_inputs(model))["logits"].shape == (2, 10)
 
 
+def test_external_data_inside_an_if_body(tmp_path):
+    model = tm.if_model()
+    then = next(a.g for a in model.graph.node[6].attribute if a.name == "then_branch")
+    value = onnx.numpy_helper.from_array(np.full((1, 8), 0.25, np.float32), "big_value")
+    then.node.insert(0, helper.make_node("Constant", [], ["big"], value=value))
+    then.node[1].input[1] = "big"  # then_add reads h + big
+    path = tmp_path / "ext" / "if.onnx"
+    path.parent.mkdir()
+    onnx.save_model(model, str(path), save_as_external_data=True, size_threshold=0, location="if.data")
+    bundle = partition(path, [["h"]], tmp_path / "b")
+    (path.parent / "if.data").unlink()
+    with SegmentChain(bundle, 0, 2, runner="ort-cpu") as chain:  # the segments hold the data now
+        assert chain.run(tm.example_inputs(model))["y"].shape == (2, 3)
+
+
 def test_missing_external_data_is_a_model_error(tmp_path):
     path = tmp_path / "model.onnx"
     onnx.save_model(tm.residual(channels=32), str(path), save_as_external_data=True,

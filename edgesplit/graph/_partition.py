@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Sequence
 
 import onnx
-from onnx import helper
+from onnx import external_data_helper, helper
 
 from edgesplit.bundle import Bundle, Cut, TensorSpec, write_bundle
 from edgesplit.errors import BundleError, CutError, ModelError
 from edgesplit.graph._cuts import crossing_spec, fill_unknown
 from edgesplit.graph._index import GraphIndex
-from edgesplit.graph._load import PROTO_LIMIT, _first_line, file_sha256, load_model, load_tensor_data
+from edgesplit.graph._load import (PROTO_LIMIT, _first_line, file_sha256, has_external_data, load_model,
+                                   load_tensor_data)
 from edgesplit.graph._shapes import WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes, name_batch_axes
 
 
@@ -202,6 +203,11 @@ def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, h
         m.metadata_props.extend(model.metadata_props)
         m.functions.extend(model.functions)
         m.graph.CopyFrom(sg)
+        if base_dir is not None and has_external_data(m):  # tensors inside If/Loop bodies, Constant attrs
+            try:
+                external_data_helper.load_external_data_for_model(m, str(base_dir))
+            except Exception as exc:
+                raise ModelError(f"cannot read external data from {base_dir} ({_first_line(exc)})") from exc
         segments.append((m, ins, outs))
     return segments, cut_tensors
 
