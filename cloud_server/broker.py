@@ -65,7 +65,7 @@ class _Request:
 
 class _Worker:
     __slots__ = ("ident", "name", "device", "runner", "pid", "capacity", "available", "loaded", "inflight",
-                 "expiry", "draining", "queued", "joined", "host")
+                 "expiry", "draining", "queued", "joined", "host", "sock")
 
     def __init__(self, ident: bytes, info: dict, capacity: int, now: float, expiry_s: float):
         self.ident = ident
@@ -83,6 +83,7 @@ class _Worker:
         self.draining = False
         self.queued = 0
         self.joined = time.time()
+        self.sock = None  # the broker socket this worker talks on (local or remote)
 
 
 def _is_loopback(address: str) -> bool:
@@ -100,9 +101,13 @@ class Broker:
         front: address edges connect to (e.g. "tcp://127.0.0.1:5555"; port 0 picks a free one).
         back: address workers connect to (default: a free loopback port).
         repository: the bundle directory, so the broker knows bundles before a worker announces them.
+        remote_back: a second worker address for workers on other hosts (e.g. "tcp://10.0.0.5:5556");
+            with `curve_secret` it uses CURVE and admits only the keys in `allow_workers`.
         curve_secret: a zmq.auth certificate file holding the server's secret key: CURVE on the front.
         allow_clients: directory of allowed client public keys (`*.key`); None admits any client
             that knows the server key.
+        allow_workers: directory of allowed worker public keys, for `remote_back` (a device key
+            never admits a worker: workers see every device's activations).
         metrics: a Metrics (default: prometheus metrics when prometheus-client is installed).
         context: the zmq.Context to use.
     """
@@ -110,7 +115,8 @@ class Broker:
     def __init__(self, config: ServerConfig = ServerConfig(), front: str = "tcp://127.0.0.1:5555",
                  back: str = "tcp://127.0.0.1:0", repository: str | os.PathLike | None = None,
                  curve_secret: str | os.PathLike | None = None, allow_clients: str | os.PathLike | None = None,
-                 metrics: Metrics | None = None, context: zmq.Context | None = None):
+                 metrics: Metrics | None = None, context: zmq.Context | None = None,
+                 remote_back: str | None = None, allow_workers: str | os.PathLike | None = None):
         self.config = config
         self.limits = config.limits
         self.ctx = context or zmq.Context.instance()
@@ -118,9 +124,11 @@ class Broker:
         self.metrics = metrics if metrics is not None else _default_metrics()
         self._front_addr, self._back_addr = front, back
         self._curve_secret, self._allow_clients = curve_secret, allow_clients
+        self._remote_addr, self._allow_workers = remote_back, allow_workers
         self.front: zmq.Socket | None = None
         self.back: zmq.Socket | None = None
-        self.front_address = self.back_address = None
+        self.remote: zmq.Socket | None = None
+        self.front_address = self.back_address = self.remote_address = None
         self._auth = None
 
         self._workers: dict[bytes, _Worker] = {}
@@ -154,25 +162,41 @@ class Broker:
             self._rescan(force=True)
         front = self.ctx.socket(zmq.ROUTER)
         back = self.ctx.socket(zmq.ROUTER)
-        for s in (front, back):
+        remote = self.ctx.socket(zmq.ROUTER) if self._remote_addr else None
+        socks = [s for s in (front, back, remote) if s is not None]
+        for s in socks:
             s.linger = 0
             s.router_mandatory = False
             s.sndhwm = s.rcvhwm = 10_000
-        if self._curve_secret:
-            _setup_curve(self, front)
-        elif not _is_loopback(self._front_addr):
-            log.warning("binding %s without CURVE: anyone who reaches this address can use the server "
-                        "(pass --curve-secret and --allow-clients)", self._front_addr)
         try:
+            if self._curve_secret:
+                _setup_curve(self, front, self._allow_clients, _ZAP_DOMAIN)
+                if remote is not None:
+                    if self._allow_workers is None:
+                        raise ConfigError("a CURVE server with a remote worker address needs --allow-workers "
+                                          "(the public keys of the workers allowed in)")
+                    _setup_curve(self, remote, self._allow_workers, _ZAP_DOMAIN + "-workers")
+            else:
+                for addr, what in ((self._front_addr, "edges"), (self._remote_addr, "workers")):
+                    if addr and not _is_loopback(addr):
+                        log.warning("binding %s for %s without CURVE: anyone who reaches this address can "
+                                    "use (or impersonate) the server (pass --curve-secret and --allow-clients"
+                                    "%s)", addr, what, " / --allow-workers" if what == "workers" else "")
             front.bind(_zmq_address(self._front_addr))
             back.bind(_zmq_address(self._back_addr))
-        except zmq.ZMQError as exc:
-            front.close()
-            back.close()
+            if remote is not None:
+                remote.bind(_zmq_address(self._remote_addr))
+        except (zmq.ZMQError, ConfigError) as exc:
+            for s in socks:
+                s.close()
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"cannot bind {self._front_addr} / {self._back_addr}: {exc}") from None
-        self.front, self.back = front, back
+        self.front, self.back, self.remote = front, back, remote
         self.front_address = _public(front.last_endpoint.decode())
         self.back_address = _public(back.last_endpoint.decode())
+        if remote is not None:
+            self.remote_address = _public(remote.last_endpoint.decode())
         self._update_snapshot(time.monotonic())
         self._bound.set()
         return self.front_address, self.back_address
@@ -210,7 +234,7 @@ class Broker:
         self.shutdown()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(self.config.drain_timeout_s + 10)
-        for s in (self.front, self.back):
+        for s in (self.front, self.back, self.remote):
             if s is not None and not s.closed:
                 s.close(0)
         if self._auth is not None:
@@ -227,10 +251,13 @@ class Broker:
     def run(self) -> None:
         """Serve until shutdown() and the drain are done."""
         self.bind()
-        front, back = self.front, self.back
+        front, back, remote = self.front, self.back, self.remote
         poller = zmq.Poller()
-        poller.register(front, zmq.POLLIN)
-        poller.register(back, zmq.POLLIN)
+        handlers = {front: self._on_front, back: lambda f: self._on_back(f, back)}
+        if remote is not None:
+            handlers[remote] = lambda f: self._on_back(f, remote)
+        for sock in handlers:
+            poller.register(sock, zmq.POLLIN)
         cfg = self.config
         next_tick = next_expiry_check = time.monotonic()
         try:
@@ -241,7 +268,7 @@ class Broker:
                     wait = min(wait, 0.002)
                 events = poller.poll(wait * 1e3)
                 for sock, _ in events:
-                    handler = self._on_back if sock is back else self._on_front
+                    handler = handlers[sock]
                     for _ in range(_RECV_BATCH):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -429,7 +456,7 @@ class Broker:
         # the worker maps broker times onto its own clock (see _wire.ClockMap): time a request
         # spends in the worker's socket buffer counts against its deadline too
         ctl = W.pack((req.deadline, req.t0, now))
-        self.back.send_multipart([w.ident, W.MAGIC, W.REQUEST, req.rkey, ctl, *req.frames], copy=False)
+        w.sock.send_multipart([w.ident, W.MAGIC, W.REQUEST, req.rkey, ctl, *req.frames], copy=False)
         req.worker = w
         req.attempts += 1
         w.inflight[req.rkey] = req
@@ -485,10 +512,10 @@ class Broker:
             return
         having = [w for w in live if bundle in w.available] or live
         w = min(having, key=lambda w: len(w.inflight))
-        self.back.send_multipart([w.ident, W.MAGIC, W.LOAD, bundle.encode()])
+        w.sock.send_multipart([w.ident, W.MAGIC, W.LOAD, bundle.encode()])
 
     # -- workers ------------------------------------------------------------------------------
-    def _on_back(self, frames: list) -> None:
+    def _on_back(self, frames: list, sock: zmq.Socket) -> None:
         if len(frames) < 3 or frames[1].bytes != W.MAGIC:
             return
         ident = frames[0].bytes
@@ -508,11 +535,11 @@ class Broker:
                 info = {}
             if w is not None:
                 self._drop(w, "announced itself again")
-            self._add_worker(ident, info, now)
+            self._add_worker(ident, info, now, sock)
             return
         if w is None:
             if cmd != W.BYE:
-                self.back.send_multipart([ident, W.MAGIC, W.RECONNECT])
+                sock.send_multipart([ident, W.MAGIC, W.RECONNECT])
             return
         w.expiry = now + self.config.heartbeat_expiry_s
         if cmd == W.HEARTBEAT:
@@ -563,8 +590,9 @@ class Broker:
         if self._pending:
             self._dispatch_pending(now)
 
-    def _add_worker(self, ident: bytes, info: dict, now: float) -> None:
+    def _add_worker(self, ident: bytes, info: dict, now: float, sock: zmq.Socket) -> None:
         w = _Worker(ident, info, self.config.worker_capacity, now, self.config.heartbeat_expiry_s)
+        w.sock = sock
         with self._lock:
             self._workers[ident] = w
         self._apply_status(w, info)
@@ -637,7 +665,7 @@ class Broker:
         self._expire_workers(now)
         stamp = W.pack(time.monotonic())
         for w in self._workers.values():
-            self.back.send_multipart([w.ident, W.MAGIC, W.HEARTBEAT, stamp])
+            w.sock.send_multipart([w.ident, W.MAGIC, W.HEARTBEAT, stamp])
         grace = self.config.deadline_grace_ms / 1e3
         for req in [r for r in self._reqs.values() if r.worker is not None and now > r.deadline + grace]:
             self._answer_error(req, "deadline", "no answer from the worker within the deadline")
@@ -656,7 +684,7 @@ class Broker:
                 self._answer_error(req, "shutdown", "the server stopped before this request was computed")
             self._pending.clear()
             for w in self._workers.values():
-                self.back.send_multipart([w.ident, W.MAGIC, W.STOP])
+                w.sock.send_multipart([w.ident, W.MAGIC, W.STOP])
             self._stopping_since = now
         # wait for the workers' goodbyes (bounded: a dead one never says it)
         return not self._workers or now - self._stopping_since > max(2.0, cfg.heartbeat_expiry_s)
@@ -694,7 +722,8 @@ class Broker:
             bundles.append({**s, "loaded_on": [w["name"] for w in workers if bid in w["loaded"]],
                             "available_on": [w["name"] for w in workers if bid in w["available"]],
                             "profile": self._profiles.get(bid)})
-        snap = {"front": self.front_address, "back": self.back_address, "workers": workers, "bundles": bundles,
+        snap = {"front": self.front_address, "back": self.back_address, "remote": self.remote_address,
+                "workers": workers, "bundles": bundles,
                 "load": self._load(), "draining": self._draining, "stopped": stopped, "lost": list(self._lost),
                 "ready": any(w["loaded"] for w in workers if not w["draining"]) and not self._draining,
                 "curve": bool(self._curve_secret)}
@@ -736,7 +765,7 @@ def _public(endpoint: str) -> str:
     return endpoint
 
 
-def _setup_curve(broker: Broker, sock: zmq.Socket) -> None:
+def _setup_curve(broker: Broker, sock: zmq.Socket, allow, domain: str) -> None:
     import zmq.auth
     from zmq.auth.thread import ThreadAuthenticator
 
@@ -746,18 +775,17 @@ def _setup_curve(broker: Broker, sock: zmq.Socket) -> None:
         raise ConfigError(f"cannot read the server key {broker._curve_secret}: {exc}") from None
     if secret is None:
         raise ConfigError(f"{broker._curve_secret} holds no secret key (use the *.key_secret file)")
-    allow = broker._allow_clients
     if allow is not None and not os.path.isdir(allow):
-        raise ConfigError(f"--allow-clients {allow} is not a directory")
-    auth = ThreadAuthenticator(broker.ctx, log=logging.getLogger("cloud_server.auth"))
-    auth.start()
+        raise ConfigError(f"{allow} is not a directory of public keys")
+    if broker._auth is None:
+        broker._auth = ThreadAuthenticator(broker.ctx, log=logging.getLogger("cloud_server.auth"))
+        broker._auth.start()
     if allow is None:
         log.warning("CURVE without --allow-clients: every client that knows the server key is admitted")
-        auth.configure_curve(domain=_ZAP_DOMAIN, location=zmq.auth.CURVE_ALLOW_ANY)
+        broker._auth.configure_curve(domain=domain, location=zmq.auth.CURVE_ALLOW_ANY)
     else:
-        auth.configure_curve(domain=_ZAP_DOMAIN, location=os.fspath(allow))
-    broker._auth = auth
+        broker._auth.configure_curve(domain=domain, location=os.fspath(allow))
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
-    sock.zap_domain = _ZAP_DOMAIN.encode()
+    sock.zap_domain = domain.encode()

@@ -59,14 +59,16 @@ def build_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="local CPU worker processes (default 1; with --device cuda:..., one per GPU)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda:0[,cuda:1...] for one worker per GPU")
-    p.add_argument("--worker-bind", default="tcp://127.0.0.1:0",
-                   help="address workers connect to (default: a free loopback port; bind a LAN address "
-                        "to add workers from other hosts with `edgesplit worker`)")
+    p.add_argument("--worker-bind", default=None, metavar="ADDR",
+                   help="also take workers from other hosts (`edgesplit worker`) on this address; local "
+                        "workers use a free loopback port")
     p.add_argument("--worker-mode", choices=("process", "thread"), default="process",
                    help="local workers as processes (isolated; default) or as threads of the server "
                         "(payloads never cross a process boundary: lowest overhead)")
     p.add_argument("--curve-secret", metavar="FILE", help="server key file (NAME.key_secret): CURVE on --bind")
     p.add_argument("--allow-clients", metavar="DIR", help="folder of allowed client public keys (*.key)")
+    p.add_argument("--allow-workers", metavar="DIR",
+                   help="folder of public keys of workers allowed on --worker-bind (with --curve-secret)")
     _config_args(p)
     p.set_defaults(func=run_serve)
     return p
@@ -107,7 +109,8 @@ def run_serve(args) -> int:
     http = None if str(args.http).lower() in ("off", "none", "") else args.http
     server = Server(args.repository, bind=args.bind, http=http, devices=parse_devices(args.device, args.workers),
                     config=cfg, worker_bind=args.worker_bind, curve_secret=args.curve_secret,
-                    allow_clients=args.allow_clients, worker_mode=args.worker_mode)
+                    allow_clients=args.allow_clients, worker_mode=args.worker_mode,
+                    allow_workers=args.allow_workers)
     server.install_signal_handlers()
     server.start()
     ok = server.wait_ready(cfg.startup_timeout_s)

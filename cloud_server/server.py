@@ -56,7 +56,8 @@ class Server:
         http: "HOST:PORT" for the admin endpoints, or None for none.
         devices: one entry per local worker ("cpu", "cuda:0", ...).
         config: ServerConfig.
-        worker_bind: address for workers (remote ones too); default a free loopback port.
+        worker_bind: a second worker address, for workers on other hosts (local workers always use
+            a free loopback port); with CURVE, only the keys in `allow_workers` get in.
         curve_secret / allow_clients: CURVE on the edge-facing socket.
         worker_mode: "process" (isolated: a crash or SIGKILL loses only that worker) or "thread"
             (workers are threads of this process reached over inproc: a request's payload is
@@ -65,9 +66,9 @@ class Server:
 
     def __init__(self, repository: str | os.PathLike, bind: str = "tcp://127.0.0.1:5555",
                  http: str | None = "127.0.0.1:8080", devices: Sequence[str] = ("cpu",),
-                 config: ServerConfig = ServerConfig(), worker_bind: str = "tcp://127.0.0.1:0",
+                 config: ServerConfig = ServerConfig(), worker_bind: str | None = None,
                  curve_secret: str | os.PathLike | None = None, allow_clients: str | os.PathLike | None = None,
-                 worker_mode: str = "process"):
+                 worker_mode: str = "process", allow_workers: str | os.PathLike | None = None):
         if worker_mode not in ("process", "thread"):
             raise ConfigError(f"--worker-mode is process or thread, got {worker_mode!r}")
         self.worker_mode = worker_mode
@@ -78,7 +79,8 @@ class Server:
         self.config = config
         self.devices = list(devices)
         self.http = http
-        self.broker = Broker(config, bind, worker_bind, self.repository, curve_secret, allow_clients)
+        self.broker = Broker(config, bind, "tcp://127.0.0.1:0", self.repository, curve_secret, allow_clients,
+                             remote_back=worker_bind, allow_workers=allow_workers)
         self.admin = None
         self.procs: list[subprocess.Popen | None] = [None] * len(self.devices)
         self._died_at: list[float | None] = [None] * len(self.devices)
@@ -113,7 +115,7 @@ class Server:
 
             self.admin = AdminServer(self.broker, self.http).start()
             print(f"edgesplit serve: admin on {self.admin.url} (health, readiness, metrics, models)", flush=True)
-        print(f"edgesplit serve: workers connect to {back}", flush=True)
+        print(f"edgesplit serve: workers connect to {self.broker.remote_address or back}", flush=True)
         if self.worker_mode == "thread":
             self._start_threads()
         self.broker.start()

@@ -64,3 +64,40 @@ def test_plain_server_warns_when_binding_beyond_loopback(tmp_path):
     server.cmd[server.cmd.index("tcp://127.0.0.1:0")] = "tcp://0.0.0.0:0"
     with server:
         assert any("without CURVE" in line for line in server.err)
+
+
+def test_remote_workers_need_an_allowed_key(tmp_path):
+    keys, allowed, workers_ok, repo = tmp_path / "keys", tmp_path / "allowed", tmp_path / "workers", tmp_path / "repo"
+    subprocess.run([sys.executable, "-m", "edgesplit", "keys", "generate", str(keys), "--name", "server",
+                    "--name", "robot", "--name", "gpu-box", "--name", "rogue"], check=True, capture_output=True,
+                   timeout=60)
+    allowed.mkdir()
+    workers_ok.mkdir()
+    shutil.copy(keys / "robot.key", allowed / "robot.key")
+    shutil.copy(keys / "gpu-box.key", workers_ok / "gpu-box.key")
+    bundle = mlp_bundle(repo / "mlp")
+    server_pub, _ = zmq.auth.load_certificate(str(keys / "server.key"))
+    pub, sec = zmq.auth.load_certificate(str(keys / "robot.key_secret"))
+    with ServeProc(repo, workers=0, heartbeat_ms=250,
+                   extra=["--curve-secret", str(keys / "server.key_secret"), "--allow-clients", str(allowed),
+                          "--worker-bind", "tcp://127.0.0.1:0", "--allow-workers", str(workers_ok)]) as server:
+        procs = {}
+        for name in ("rogue", "robot", "gpu-box"):  # a device key must not admit a worker either
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "edgesplit", "worker", "--connect", server.back, "--repository", str(repo),
+                 "--name", name, "--heartbeat-ms", "250", "--curve-server-key", str(keys / "server.key"),
+                 "--curve-secret", str(keys / f"{name}.key_secret")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        robot = Edge(server.address, curve=(server_pub, pub, sec))
+        try:
+            x = np.ones((2, 16), np.float32)
+            robot.send_infer("r", bundle.id, 0, {"x": x}, deadline_ms=60_000)
+            msg = robot.recv(timeout_ms=60_000)
+            assert msg is not None and msg.kind == "result" and msg.meta["worker"] == "gpu-box"
+            np.testing.assert_allclose(robot.outputs(msg)["y"], mlp_reference(x, bundle.path), rtol=1e-4, atol=1e-4)
+            assert [w["name"] for w in server.json("/v1/models")["workers"]] == ["gpu-box"]
+        finally:
+            robot.close()
+            for p in procs.values():
+                p.kill()
+                p.wait()
