@@ -129,13 +129,17 @@ class Server:
 
         from cloud_server.worker import TailWorker
 
+        gpus = {d for d in self.devices if d != "cpu"}
+        if len(gpus) > 1:
+            # CUDA_VISIBLE_DEVICES is per process, and the runtime picks device 0 of what it sees
+            raise ConfigError("--worker-mode thread runs on one GPU; use process workers for several")
+        if gpus:
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", next(iter(gpus))[5:])
         address = self.broker.add_inproc_endpoint()
         for i, device in enumerate(self.devices):
             cfg = self.config
             if cfg.intra_op_threads is None and device == "cpu":
                 cfg = cfg.replace(intra_op_threads=self._threads())
-            if device.startswith("cuda:"):
-                cfg = cfg.replace(runner="ort-cuda") if cfg.runner == "auto" else cfg
             w = TailWorker(address, self.repository, cfg, device=device, name=f"thread-{i}-{device}",
                            context=self.broker.ctx)
             t = threading.Thread(target=w.run, name=w.name, daemon=True)
