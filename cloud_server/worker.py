@@ -41,6 +41,7 @@ _ids = itertools.count()
 
 class _Job:
     __slots__ = ("rkey", "msg", "deadline", "arrived", "received", "arrays", "samples", "decode_ms", "t_start",
+                 "batch_wait_ms",
                  "load")
 
     def __init__(self, rkey: bytes, msg: P.Message | None, deadline: float | None, arrived: float, received: float,
@@ -54,6 +55,7 @@ class _Job:
         self.samples = 1
         self.decode_ms = 0.0
         self.t_start = 0.0
+        self.batch_wait_ms = 0.0
         self.load = load  # a "load this bundle" order instead of a request
 
 
@@ -129,6 +131,9 @@ class TailWorker:
             socket uses CURVE (the broker's public key; this worker's secret key).
     """
 
+    # A key that formed a batch of several requests keeps the batching window open this long.
+    CROWD_MEMORY_S = 1.0
+
     def __init__(self, connect: str, repository: str | os.PathLike, config: ServerConfig = ServerConfig(),
                  device: str = "cpu", name: str | None = None, context: zmq.Context | None = None,
                  curve_server_key: str | os.PathLike | None = None, curve_secret: str | os.PathLike | None = None):
@@ -163,6 +168,7 @@ class TailWorker:
         self._last_send = 0.0
         self._last_heard = time.monotonic()
         self._clock = W.ClockMap()
+        self._crowded: dict[tuple, float] = {}  # (bundle, cut) -> until when to wait for batch-mates
 
     # -- public -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -356,6 +362,10 @@ class TailWorker:
         batch, samples = [first], first.samples
         window_end = first.arrived + cfg.max_queue_delay_ms / 1e3
         key = (first.msg.bundle, first.msg.cut)
+        # Wait for batch-mates only while several clients are sending this key: a lone client
+        # would only wait out the window for a request that comes after its answer.
+        t_wait = time.monotonic()
+        may_wait = self._crowded.get(key, 0.0) > t_wait
         while samples < cfg.max_batch:
             job = None
             for i, j in enumerate(self._queue):
@@ -365,7 +375,7 @@ class TailWorker:
                     break
             if job is None:
                 left = window_end - time.monotonic()
-                if left <= 0 or self._stop_at is not None:
+                if left <= 0 or not may_wait or self._stop_at is not None:
                     break
                 self._receive(left)
                 continue
@@ -376,6 +386,10 @@ class TailWorker:
                 break
             batch.append(job)
             samples += job.samples
+        now = time.monotonic()
+        first.batch_wait_ms = (now - t_wait) * 1e3 if may_wait else 0.0
+        if len(batch) > 1:
+            self._crowded[key] = now + self.CROWD_MEMORY_S
         return batch
 
     def _prepare(self, job: _Job) -> bool:
@@ -494,6 +508,7 @@ class TailWorker:
             queue_ms = max(0.0, (job.t_start - self._clock.to_local(job.received)) * 1e3)
             timings = {"queue_ms": round(queue_ms, 4), "decode_ms": round(job.decode_ms, 4),
                        "compute_ms": round(compute_ms, 4), "encode_ms": round(encode_ms, 4)}
-            frames = P.encode(P.result(job.msg.id, tensors, timings=timings, worker=self.name, batch=len(live)))
+            frames = P.encode(P.result(job.msg.id, tensors, timings=timings, worker=self.name, batch=len(live),
+                                       batch_wait_ms=round(live[0].batch_wait_ms, 4)))
             stats = W.pack(("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], len(live) if i == 0 else 0))
             self._send([W.MAGIC, W.REPLY, job.rkey, stats, *frames])

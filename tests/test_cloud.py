@@ -139,13 +139,17 @@ def test_results_batching_deadline_busy_and_admin(repo, tmp_path):
         edge.send_infer("full", mlp.id, 0, {"x": x})
         msg = edge.recv()
         assert msg.kind == "result" and msg.id == "full"
+        assert msg.meta["batch_wait_ms"] == 0  # a lone client never waits for batch-mates
         np.testing.assert_allclose(edge.outputs(msg)["y"], mlp_reference(x, mlp.path), rtol=1e-4, atol=1e-4)
 
         # dynamic batching: requests that arrive together run together and are split back right
         xs = {f"b{i}": rng.standard_normal((1 + i % 2, 128)).astype(np.float32) for i in range(6)}
+        blocker = rng.standard_normal((3000, 128)).astype(np.float32)  # the others queue behind it
+        edge.send_infer("blocker", slow.id, 1, {"h": blocker})
         for rid, xi in xs.items():
             edge.send_infer(rid, slow.id, 1, {"h": xi})
-        got = {m.id: m for m in (edge.recv() for _ in xs)}
+        got = {m.id: m for m in (edge.recv() for _ in range(len(xs) + 1))}
+        assert got.pop("blocker").kind == "result"
         assert set(got) == set(xs)
         for rid, xi in xs.items():
             assert got[rid].kind == "result"
