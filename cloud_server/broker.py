@@ -139,6 +139,7 @@ class Broker:
         self._profiles: dict[str, dict] = {}  # id -> {"segment_ms": [...], "device": str}
         self._keys = itertools.count(1)
         self._last_scan = -math.inf
+        self._held_bytes = 0  # payload bytes of every request not yet answered
         self._outcomes: dict[Any, Any] = {}
         self._stage_children = [self.metrics.stage.labels(s) for s in STAGES]
         self._lost: list[dict] = []  # the last workers dropped for silence (for /v1/models)
@@ -399,10 +400,15 @@ class Broker:
         if budget <= 0:
             self._error(ident, rid, "deadline", "the request's deadline had passed when it arrived")
             return
+        if self._held_bytes + total > self.config.max_held_bytes:
+            self._error(ident, rid, "busy", f"the server holds {self._held_bytes} bytes of requests already",
+                        retry_after_ms=self._retry_after_ms())
+            return
         rkey = struct.pack("<Q", next(self._keys))
         req = _Request(rkey, ident, rid, bundle, cut, now + budget / 1e3, frames[1:], now, total)
         self._reqs[rkey] = req
         self._by_client[key] = req
+        self._held_bytes += total
         if self._pending or not self._dispatch(req, now):
             if len(self._pending) >= self.config.max_pending:
                 self._forget(req)
@@ -483,7 +489,8 @@ class Broker:
             self._dispatch_pending(now)
 
     def _forget(self, req: _Request) -> None:
-        self._reqs.pop(req.rkey, None)
+        if self._reqs.pop(req.rkey, None) is not None:
+            self._held_bytes -= req.nbytes
         if self._by_client.get((req.ident, req.rid)) is req:
             del self._by_client[(req.ident, req.rid)]
 

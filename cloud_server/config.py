@@ -36,6 +36,9 @@ class ServerConfig:
     # Requests the broker holds while every worker is at capacity. When this is full a new
     # request gets an immediate "busy" error with retry_after_ms instead of more memory.
     max_pending: int = 256
+    # Bytes of requests the broker may hold at once (waiting, or in flight and kept for a
+    # re-dispatch); beyond it new requests get "busy" too. Bounds memory whatever the sizes.
+    max_held_bytes: int = 2 << 30
     # Smallest retry_after_ms hint sent with "busy" (the estimate from the queue can be lower).
     min_retry_after_ms: float = 5.0
     # Dispatches of one request: after a worker is lost its requests are sent to another
@@ -89,7 +92,8 @@ class ServerConfig:
                      "heartbeat_liveness", "default_deadline_ms", "reconnect_initial_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("worker_capacity", "max_batch", "max_attempts", "heartbeat_liveness", "max_pending"):
+        for name in ("worker_capacity", "max_batch", "max_attempts", "heartbeat_liveness", "max_pending",
+                     "max_held_bytes"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"ServerConfig.{name} must be an int, got {getattr(self, name)!r}")
         if self.reconnect_max_s < self.reconnect_initial_s:

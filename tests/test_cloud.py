@@ -337,3 +337,34 @@ def test_cli_errors_are_one_line(tmp_path):
                            "--http", "off"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "not a directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_library_api_and_byte_bound(repo):
+    """Broker and TailWorker as a library (a worker thread over inproc); held bytes are bounded."""
+    from cloud_server import Broker, TailWorker
+
+    mlp, slow = _bundles(repo)
+    cfg = ServerConfig(heartbeat_interval_s=0.1, max_held_bytes=12 << 20, profile_on_load=False)
+    with Broker(cfg, "tcp://127.0.0.1:0", repository=repo, context=zmq.Context()) as broker:
+        worker = TailWorker(broker.add_inproc_endpoint(), repo, cfg, name="lib-worker", context=broker.ctx)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        assert broker.wait_for_workers(1, 30)
+        edge = Edge(broker.front_address)
+        rng = np.random.default_rng(5)
+        edge.send_infer("blocker", slow.id, 1, {"h": rng.standard_normal((20_000, 128)).astype(np.float32)})
+        edge.send_infer("big", slow.id, 1, {"h": rng.standard_normal((8_000, 128)).astype(np.float32)})
+        got = {m.id: m for m in (edge.recv(timeout_ms=60_000) for _ in range(2))}
+        assert got["blocker"].kind == "result"
+        assert got["big"].kind == "error" and got["big"].meta["code"] == "busy"
+        assert got["big"].meta["retry_after_ms"] > 0
+        x = rng.standard_normal((2, 128)).astype(np.float32)
+        edge.send_infer("small", slow.id, 1, {"h": x})
+        msg = edge.recv()
+        np.testing.assert_allclose(edge.outputs(msg)["y"], slow_reference(x, slow.path), rtol=1e-4, atol=1e-5)
+        assert _eventually(lambda: broker.snapshot()["load"]["inflight"] == 0)
+        edge.close()
+        broker.shutdown()
+        assert broker.join(30)
+        thread.join(10)
+        assert not thread.is_alive()
