@@ -170,6 +170,37 @@ class Serve:
         self.proc.wait(30)
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (Linux /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes: what the server spends, whatever else runs."""
+    tck = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tck
+
+
 def _roundtrips(sock, frames_fn, n: int) -> list[float]:
     out = []
     for i in range(n):
@@ -223,9 +254,15 @@ def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dic
             _roundtrips(bare, bare_frames, 50)
             _roundtrips(floor, bare_frames, 50)
             t_full, t_bare, t_floor = [], [], []
+            server_pids, echo_pids = _tree(server.proc.pid), [echo.pid]
+            cpu_full = cpu_bare = 0.0
             for _ in range(rounds):
+                c = cpu_seconds(server_pids)
                 t_full += _roundtrips(full, full_frames, n)
+                cpu_full += cpu_seconds(server_pids) - c
+                c = cpu_seconds(echo_pids)
                 t_bare += _roundtrips(bare, bare_frames, n)
+                cpu_bare += cpu_seconds(echo_pids) - c
                 t_floor += _roundtrips(floor, bare_frames, n)
             bare.send_multipart([b"quit", b""])
             mf, mb = statistics.median(t_full) * 1e6, statistics.median(t_bare) * 1e6
@@ -235,6 +272,8 @@ def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dic
                         "full_path_median_us": round(mf, 1), "bare_zmq_median_us": round(mb, 1),
                         "ratio": round(mf / mb, 3), "samples": len(t_full),
                         "c_relay_floor_median_us": round(mr, 1), "c_relay_floor_ratio": round(mr / mb, 3),
+                        "server_cpu_us_per_request": round(cpu_full / len(t_full) * 1e6, 1),
+                        "echo_cpu_us_per_request": round(cpu_bare / len(t_bare) * 1e6, 1),
                         "full_path_p90_us": round(float(np.percentile(t_full, 90)) * 1e6, 1),
                         "bare_zmq_p90_us": round(float(np.percentile(t_bare, 90)) * 1e6, 1)}
             full.close()
@@ -325,7 +364,9 @@ def main() -> int:
             for k, v in res.items():
                 print(f"   {k:30s} full path {v['full_path_median_us']:7.0f} us  bare pyzmq {v['bare_zmq_median_us']:6.0f} us"
                       f"  ratio {v['ratio']:.2f}   [C relay via another process: {v['c_relay_floor_median_us']:.0f} us,"
-                      f" x{v['c_relay_floor_ratio']:.2f}]")
+                      f" x{v['c_relay_floor_ratio']:.2f}]\n"
+                      f"   {'':30s} CPU per request: server {v['server_cpu_us_per_request']:.0f} us,"
+                      f" echo server {v['echo_cpu_us_per_request']:.0f} us")
         width = 256
         repo = tmp / "repo-mlp"
         bundle = mlp_bundle(repo / "mlp", width=width, depth=8)
