@@ -24,7 +24,7 @@ import random
 import secrets
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -274,8 +274,13 @@ class EdgeAgent:
         """The asyncio face of infer(): same arguments, same answer."""
         req = self._admit(feeds, deadline_ms, copy=True, block=False)
         if req is None:  # every slot busy: wait for one without blocking the event loop
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self._slots.acquire)
+            got = asyncio.get_running_loop().run_in_executor(None, self._slots.acquire)
+            try:
+                await asyncio.shield(got)
+            except asyncio.CancelledError:
+                # the slot will still be acquired in the executor: hand it back then
+                got.add_done_callback(lambda f: self._slots.release() if not f.cancelled() else None)
+                raise
             try:
                 req = self._admit(feeds, deadline_ms, copy=True, block=None)
             except BaseException:
@@ -399,6 +404,9 @@ class EdgeAgent:
 
     def _run_head(self, req: _Request) -> None:
         try:
+            if req.future.cancelled():
+                self._finish(req, exc=CancelledError())
+                return
             n = self.bundle.num_segments
             k = req.cut = self._choose_cut(req)
             t = time.perf_counter()
@@ -460,12 +468,15 @@ class EdgeAgent:
                 return False
             req.done = True
         req.cut_tensors = req.encoded = req.feeds = None
-        if exc is not None:
-            self._count("errors")
-            req.future.set_exception(exc)
-        else:
-            self._count(result.where)
-            req.future.set_result(result)
+        try:
+            if exc is not None:
+                self._count("errors")
+                req.future.set_exception(exc)
+            else:
+                self._count(result.where)
+                req.future.set_result(result)
+        except InvalidStateError:  # the caller cancelled the future (or its asyncio task)
+            self._count("cancelled")
         self._slots.release()
         with self._idle:
             self._outstanding -= 1

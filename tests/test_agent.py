@@ -472,3 +472,25 @@ def test_policy_wait_survives_a_server_restart(chain, x):
             res = fut.result(timeout=10)
     assert res.where == "cloud"
     np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+
+
+def test_cancelled_requests_do_not_break_the_agent(chain, x):
+    bundle, full = chain
+
+    async def main(agent):
+        task = asyncio.ensure_future(agent.infer_async({"x": x}))
+        await asyncio.sleep(0.01)
+        task.cancel()  # cancels the agent's future while the server holds the reply
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await agent.infer_async({"x": x}, deadline_ms=5000)
+
+    with MiniServer(bundle, compute_delay_s=0.2) as srv, \
+            EdgeAgent(bundle, [srv.address], cut=1, codec="raw", config=FAST.replace(max_in_flight=1)) as agent:
+        queued = [agent.submit({"x": x}) for _ in range(1)]
+        queued[0].cancel()
+        res = asyncio.run(main(agent))
+        time.sleep(0.4)  # the cancelled requests' replies arrive and are dropped
+        assert agent.is_connected()
+        assert agent.infer({"x": x}).where == "cloud"
+    np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
