@@ -362,7 +362,8 @@ def main() -> int:
             res = overhead(tmp, ctx, size, n, rounds)
             out["overhead"] = res
             for k, v in res.items():
-                print(f"   {k:30s} full path {v['full_path_median_us']:7.0f} us  bare pyzmq {v['bare_zmq_median_us']:6.0f} us"
+                print(f"   {k:30s} full path {v['full_path_median_us']:7.0f} us  "
+                      f"bare pyzmq {v['bare_zmq_median_us']:6.0f} us"
                       f"  ratio {v['ratio']:.2f}   [C relay via another process: {v['c_relay_floor_median_us']:.0f} us,"
                       f" x{v['c_relay_floor_ratio']:.2f}]\n"
                       f"   {'':30s} CPU per request: server {v['server_cpu_us_per_request']:.0f} us,"
@@ -371,7 +372,8 @@ def main() -> int:
         repo = tmp / "repo-mlp"
         bundle = mlp_bundle(repo / "mlp", width=width, depth=8)
         if "workers" in parts:
-            print(f"\n2. throughput vs workers ({bundle.name}, batch 64 per request, batching off, 1 thread per worker)")
+            print(f"\n2. throughput vs workers ({bundle.name}, batch 64 per request, batching off, "
+                  "1 thread per worker)")
             out["workers"] = {}
             for w in (1, 2):
                 server = Serve(repo, w, "--max-batch", "1", "--threads", "1")

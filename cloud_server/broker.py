@@ -29,7 +29,7 @@ import msgpack
 import zmq
 
 from edgesplit import protocol as P
-from edgesplit.errors import ConfigError, ProtocolError
+from edgesplit.errors import ConfigError
 
 from cloud_server import _wire as W
 from cloud_server.config import ServerConfig
@@ -628,7 +628,8 @@ class Broker:
         if isinstance(profiles, dict):
             for bid, prof in profiles.items():
                 if isinstance(prof, dict) and isinstance(prof.get("segment_ms"), list):
-                    self._profiles[bid] = {"segment_ms": prof["segment_ms"], "device": str(prof.get("device", w.device))}
+                    self._profiles[bid] = {"segment_ms": prof["segment_ms"],
+                                           "device": str(prof.get("device", w.device))}
         if status.get("draining"):
             w.draining = True
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 import threading
-import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
