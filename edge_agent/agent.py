@@ -755,13 +755,18 @@ class EdgeAgent:
             self._give_up_cloud(req, "deadline", DeadlineExceeded(f"request {req.id}: no time left for the cloud"))
             return
         P = self._protocol
-        msg = P.infer(req.id, self.bundle.id, req.cut, req.encoded, deadline_ms=remaining_ms,
-                      reply_codec=self.config.reply_codec)
-        if not self._send(s, P.encode(msg)):
+        try:
+            frames = P.encode(P.infer(req.id, self.bundle.id, req.cut, req.encoded, deadline_ms=remaining_ms,
+                                      reply_codec=self.config.reply_codec))
+        except ProtocolError as exc:  # nothing a server could answer: finish it here
+            log.error("request %s cannot be encoded: %s", req.id, exc)
+            self._give_up_cloud(req, "cannot encode", exc)
+            return
+        if not self._send(s, frames):
             # the send queue is full: the server is not keeping up; try another or give up
             self._count("send_full")
             other = self._pick(now, s)
-            if other is None or not self._send(other, P.encode(msg)):
+            if other is None or not self._send(other, frames):
                 self._no_server(req)
                 return
             s = other
