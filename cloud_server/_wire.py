@@ -1,19 +1,20 @@
 """The broker <-> worker conversation (internal to cloud_server; edges never see it).
 
-Frames after the ROUTER identity::
+Frames after the ROUTER identity: one small msgpack control frame, then (for requests and
+replies) the edge's message frames, forwarded as they came::
 
-    worker -> broker   [MAGIC, READY, info]                 info: msgpack map (name, device, bundles, ...)
-                       [MAGIC, HEARTBEAT, status]           status: msgpack map (queued, loaded, profiles)
-                       [MAGIC, REPLY, rkey, stats, *msg]    msg: the edge's reply frames, forwarded as-is
-                       [MAGIC, DRAINING] / [MAGIC, BYE]
-    broker -> worker   [MAGIC, REQUEST, rkey, ctl, *msg]    msg: the edge's frames, forwarded as-is;
-                                                             ctl: msgpack [deadline, received, now]
-                                                             (broker monotonic seconds)
-                       [MAGIC, HEARTBEAT, now] / [MAGIC, STOP] / [MAGIC, RECONNECT] / [MAGIC, LOAD, bundle]
+    worker -> broker   [ctl("ready", info)]                  info: name, device, bundles, ...
+                       [ctl("hb", status)]                   status: queued, loaded, profiles, ...
+                       [ctl("reply", rkey, stats), *msg]     stats: [outcome, stage ms, batch size]
+                       [ctl("draining")] / [ctl("bye")]
+    broker -> worker   [ctl("req", rkey, deadline, received, now), *msg]   (broker monotonic seconds)
+                       [ctl("hb", now)] / [ctl("stop")] / [ctl("reconnect")] / [ctl("load", bundle)]
 
-`rkey` is the broker's key of one dispatch; a reply whose key the broker no longer holds (the
-request was re-dispatched or timed out) is dropped, which is what makes replies exactly-once.
-Only the small `info`, `status`, `ctl` and `stats` frames are parsed; tensors are never copied.
+with ctl(cmd, *fields) = msgpack ["ESW1", cmd, *fields]. `rkey` is the broker's key of one
+dispatch; a reply whose key the broker no longer holds (the request was re-dispatched or timed
+out) is dropped, which is what makes replies exactly-once. One control frame (not one frame
+per field) because every frame of a multipart message is a separate send call. Tensors are
+never copied.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ from typing import Any
 
 import msgpack
 
-MAGIC = b"ESW1"
-READY = b"ready"
-HEARTBEAT = b"hb"
-REPLY = b"reply"
-DRAINING = b"draining"
-BYE = b"bye"
-REQUEST = b"req"
-STOP = b"stop"
-RECONNECT = b"reconnect"
-LOAD = b"load"
+MAGIC = "ESW1"
+READY = "ready"
+HEARTBEAT = "hb"
+REPLY = "reply"
+DRAINING = "draining"
+BYE = "bye"
+REQUEST = "req"
+STOP = "stop"
+RECONNECT = "reconnect"
+LOAD = "load"
 
 # Internal frames are small; anything larger is a bug or an impostor.
 MAX_CONTROL_BYTES = 1 << 20
@@ -62,6 +63,22 @@ class ClockMap:
 
     def to_local(self, broker_t: float) -> float:
         return broker_t - (self.offset or 0.0)
+
+
+def ctl(cmd: str, *fields: Any) -> bytes:
+    """A control frame."""
+    return msgpack.packb([MAGIC, cmd, *fields], use_bin_type=True)
+
+
+def parse(frame: Any) -> list | None:
+    """[cmd, *fields] of a control frame, or None when it is not one."""
+    try:
+        c = unpack(frame)
+    except ValueError:
+        return None
+    if type(c) is not list or len(c) < 2 or c[0] != MAGIC or type(c[1]) is not str:
+        return None
+    return c[1:]
 
 
 def pack(obj: Any) -> bytes:

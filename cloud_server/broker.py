@@ -461,8 +461,8 @@ class Broker:
             return False
         # the worker maps broker times onto its own clock (see _wire.ClockMap): time a request
         # spends in the worker's socket buffer counts against its deadline too
-        ctl = W.pack((req.deadline, req.t0, now))
-        w.sock.send_multipart([w.ident, W.MAGIC, W.REQUEST, req.rkey, ctl, *req.frames], copy=False)
+        w.sock.send_multipart([w.ident, W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now), *req.frames],
+                              copy=False)
         req.worker = w
         req.attempts += 1
         w.inflight[req.rkey] = req
@@ -519,59 +519,49 @@ class Broker:
             return
         having = [w for w in live if bundle in w.available] or live
         w = min(having, key=lambda w: len(w.inflight))
-        w.sock.send_multipart([w.ident, W.MAGIC, W.LOAD, bundle.encode()])
+        w.sock.send_multipart([w.ident, W.ctl(W.LOAD, bundle)])
 
     # -- workers ------------------------------------------------------------------------------
     def _on_back(self, frames: list, sock: zmq.Socket) -> None:
-        if len(frames) < 3 or frames[1].bytes != W.MAGIC:
+        c = W.parse(frames[1]) if len(frames) >= 2 else None
+        if c is None:
             return
         ident = frames[0].bytes
-        cmd = frames[2].bytes
+        cmd = c[0]
         now = time.monotonic()
         w = self._workers.get(ident)
-        if cmd == W.REPLY and w is not None and len(frames) >= 6:
+        if cmd == W.REPLY and w is not None and len(c) >= 3:
             w.expiry = now + self.config.heartbeat_expiry_s
-            self._on_reply(w, frames, now)
+            self._on_reply(w, c[1], c[2], frames[2:], now)
             return
         if cmd == W.READY:
-            try:
-                info = W.unpack(frames[3]) if len(frames) > 3 else {}
-            except ValueError:
-                info = {}
-            if not isinstance(info, dict):
-                info = {}
+            info = c[1] if len(c) > 1 and isinstance(c[1], dict) else {}
             if w is not None:
                 self._drop(w, "announced itself again")
             self._add_worker(ident, info, now, sock)
             return
         if w is None:
             if cmd != W.BYE:
-                sock.send_multipart([ident, W.MAGIC, W.RECONNECT])
+                sock.send_multipart([ident, W.ctl(W.RECONNECT)])
             return
         w.expiry = now + self.config.heartbeat_expiry_s
         if cmd == W.HEARTBEAT:
-            if len(frames) > 3:
-                try:
-                    status = W.unpack(frames[3])
-                except ValueError:
-                    return
-                if isinstance(status, dict):
-                    before = (w.loaded, w.available, w.draining)
-                    self._apply_status(w, status)
-                    if (w.loaded, w.available, w.draining) != before:
-                        self._update_snapshot(now)
-                    self._dispatch_pending(now)
+            if len(c) > 1 and isinstance(c[1], dict):
+                before = (w.loaded, w.available, w.draining)
+                self._apply_status(w, c[1])
+                if (w.loaded, w.available, w.draining) != before:
+                    self._update_snapshot(now)
+                self._dispatch_pending(now)
         elif cmd == W.DRAINING:
             w.draining = True
         elif cmd == W.BYE:
             self._drop(w, "said goodbye", lost=False)
 
-    def _on_reply(self, w: _Worker, frames: list, now: float) -> None:
-        req = w.inflight.pop(frames[3].bytes, None)
+    def _on_reply(self, w: _Worker, rkey: Any, stats: Any, out: list, now: float) -> None:
+        req = w.inflight.pop(rkey, None) if type(rkey) is bytes else None
         if req is None:
             return  # answered already (re-dispatched after a presumed loss, or timed out): drop
         self._forget(req)
-        out = frames[5:]
         nbytes = 0
         for f in out:
             nbytes += len(f)
@@ -580,9 +570,11 @@ class Broker:
         m.bytes_out.inc(nbytes)
         m.latency.observe(now - req.t0)
         try:
-            stats = W.unpack(frames[4])
             outcome, times, batch = stats[0], stats[1], stats[2]
-        except (ValueError, TypeError, IndexError, KeyError):
+            if times is not None and not (type(times) is list and all(type(t) is float for t in times)):
+                times = None
+            batch = batch if type(batch) is int else 0
+        except (TypeError, IndexError, KeyError):
             outcome, times, batch = "ok", None, 0
         self._outcome(outcome).inc()
         if times:
@@ -671,9 +663,9 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         self._expire_workers(now)
-        stamp = W.pack(time.monotonic())
+        stamp = W.ctl(W.HEARTBEAT, time.monotonic())
         for w in self._workers.values():
-            w.sock.send_multipart([w.ident, W.MAGIC, W.HEARTBEAT, stamp])
+            w.sock.send_multipart([w.ident, stamp])
         grace = self.config.deadline_grace_ms / 1e3
         for req in [r for r in self._reqs.values() if r.worker is not None and now > r.deadline + grace]:
             self._answer_error(req, "deadline", "no answer from the worker within the deadline")
@@ -692,7 +684,7 @@ class Broker:
                 self._answer_error(req, "shutdown", "the server stopped before this request was computed")
             self._pending.clear()
             for w in self._workers.values():
-                w.sock.send_multipart([w.ident, W.MAGIC, W.STOP])
+                w.sock.send_multipart([w.ident, W.ctl(W.STOP)])
             self._stopping_since = now
         # wait for the workers' goodbyes (bounded: a dead one never says it)
         return not self._workers or now - self._stopping_since > max(2.0, cfg.heartbeat_expiry_s)

@@ -212,7 +212,7 @@ class TailWorker:
             server_pub, pub, sec = self._curve
             s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_pub, pub, sec
         s.connect(self.connect)
-        s.send_multipart([W.MAGIC, W.READY, W.pack(self._status(full=True))])
+        s.send_multipart([W.ctl(W.READY, self._status(full=True))])
         self._last_send = self._last_heard = time.monotonic()
         return s
 
@@ -226,7 +226,7 @@ class TailWorker:
         interval = self.config.heartbeat_interval_s
         while not self._done.wait(interval / 4):
             if time.monotonic() - self._last_send >= interval:
-                self._send([W.MAGIC, W.HEARTBEAT, W.pack(self._status())])
+                self._send([W.ctl(W.HEARTBEAT, self._status())])
 
     def _status(self, full: bool = False) -> dict:
         st: dict[str, Any] = {"queued": len(self._queue), "loaded": sorted(self._loaded),
@@ -263,10 +263,10 @@ class TailWorker:
             now = time.monotonic()
             if self._stop_at is not None:
                 if not draining_sent:
-                    self._send([W.MAGIC, W.DRAINING])
+                    self._send([W.ctl(W.DRAINING)])
                     draining_sent = True
                 if not any(j.load is None for j in self._queue):
-                    self._send([W.MAGIC, W.BYE])
+                    self._send([W.ctl(W.BYE)])
                     time.sleep(0.05)  # let libzmq flush the goodbye before the socket closes
                     return
                 if now - self._stop_at > cfg.drain_timeout_s:
@@ -274,7 +274,7 @@ class TailWorker:
                     return
             if self._version != sent_version or now - self._last_send >= cfg.heartbeat_interval_s:
                 sent_version = self._version
-                self._send([W.MAGIC, W.HEARTBEAT, W.pack(self._status())])
+                self._send([W.ctl(W.HEARTBEAT, self._status())])
             if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
                 self._receive(0)  # after a long batch the broker's messages may just be waiting here
             if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
@@ -299,35 +299,32 @@ class TailWorker:
                 self._run_batch(batch)
 
     def _on_broker(self, frames: list) -> None:
-        if len(frames) < 2 or frames[0].bytes != W.MAGIC:
+        c = W.parse(frames[0]) if frames else None
+        if c is None:
             return
-        cmd = frames[1].bytes
-        if cmd == W.REQUEST and len(frames) >= 5:
-            self._on_request(frames)
+        cmd = c[0]
+        if cmd == W.REQUEST and len(c) >= 5 and len(frames) >= 2:
+            self._on_request(c, frames[1:])
         elif cmd == W.HEARTBEAT:
-            if len(frames) >= 3:
-                try:
-                    self._clock.observe(float(W.unpack(frames[2])), time.monotonic())
-                except (ValueError, TypeError):
-                    pass
+            if len(c) >= 2 and isinstance(c[1], float):
+                self._clock.observe(c[1], time.monotonic())
         elif cmd == W.STOP:
             self.stop()
         elif cmd == W.RECONNECT:
-            self._send([W.MAGIC, W.READY, W.pack(self._status(full=True))])
-        elif cmd == W.LOAD and len(frames) >= 3:
-            bid = frames[2].bytes.decode("utf-8", "replace")
-            self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bid))
+            self._send([W.ctl(W.READY, self._status(full=True))])
+        elif cmd == W.LOAD and len(c) >= 2 and isinstance(c[1], str):
+            self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=c[1]))
 
-    def _on_request(self, frames: list) -> None:
+    def _on_request(self, c: list, msg_frames: list) -> None:
         now = time.monotonic()
-        rkey = frames[2].bytes
         try:
-            deadline_b, received_b, now_b = (float(v) for v in W.unpack(frames[3]))
+            rkey = c[1]
+            deadline_b, received_b, now_b = float(c[2]), float(c[3]), float(c[4])
         except (ValueError, TypeError):
             return  # not from our broker
         self._clock.observe(now_b, now)
         try:
-            msg = P.decode(frames[4:], self.config.limits)
+            msg = P.decode(msg_frames, self.config.limits)
         except ProtocolError as exc:
             self._send_error(rkey, getattr(exc, "request_id", None) or "", P.error_code(exc), str(exc))
             return
@@ -341,7 +338,7 @@ class TailWorker:
 
     def _send_error(self, rkey: bytes, rid: str, code: str, message: str) -> None:
         frames = P.encode(P.error(rid, code, message, worker=self.name))
-        self._send([W.MAGIC, W.REPLY, rkey, W.pack((code, None, 0)), *frames])
+        self._send([W.ctl(W.REPLY, rkey, (code, None, 0)), *frames])
 
     # -- batching and computing ---------------------------------------------------------------
     def _reply_error(self, job: _Job, code: str, message: str) -> None:
@@ -510,5 +507,5 @@ class TailWorker:
                        "compute_ms": round(compute_ms, 4), "encode_ms": round(encode_ms, 4)}
             frames = P.encode(P.result(job.msg.id, tensors, timings=timings, worker=self.name, batch=len(live),
                                        batch_wait_ms=round(live[0].batch_wait_ms, 4)))
-            stats = W.pack(("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], len(live) if i == 0 else 0))
-            self._send([W.MAGIC, W.REPLY, job.rkey, stats, *frames])
+            stats = ("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], len(live) if i == 0 else 0)
+            self._send([W.ctl(W.REPLY, job.rkey, stats), *frames])
