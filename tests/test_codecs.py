@@ -210,3 +210,20 @@ def test_per_channel_needs_enough_values_per_channel():
     assert "scale" in enc.params and "scales" not in enc.params
     assert "scale" in get_codec("int4:pc").encode(np.tile(feats, (127, 1))).params
     assert "scales" in get_codec("int4:pc").encode(np.tile(feats, (128, 1))).params
+
+
+def test_a_shared_codec_is_safe_across_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    codec = get_codec("int8+zstd")
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((1, 8, 64, 64)).astype(np.float32) * (i + 1) for i in range(8)]
+    expected = [codec.decode(codec.encode(x)) for x in xs]
+
+    def work(i):
+        for _ in range(20):
+            assert np.array_equal(codec.decode(codec.encode(xs[i])), expected[i])
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(8)))

@@ -6,6 +6,7 @@ the protocol has already bounded), so a hostile payload can never make it alloca
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -78,13 +79,26 @@ class ZstdStage(ByteStage):
             raise CodecError(f"zstd: level {level} is outside -7..22")
         self.level = level
         self._zstd = zstandard
-        self._c = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        self._d = zstandard.ZstdDecompressor()
+        # zstandard's (de)compressor objects must not be used by two threads at once; codecs are
+        # shared (get_codec caches them), so each thread gets its own.
+        self._local = threading.local()
+
+    def _compressor(self):
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = self._zstd.ZstdCompressor(level=self.level, write_content_size=True)
+        return c
+
+    def _decompressor(self):
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = self._zstd.ZstdDecompressor()
+        return d
 
     def encode(self, buf, itemsize, params):
         if _nbytes(buf) == 0:
             return b""
-        return self._c.compress(buf)
+        return self._compressor().compress(buf)
 
     def validate(self, buf, size, params):
         n = _nbytes(buf)
@@ -104,7 +118,7 @@ class ZstdStage(ByteStage):
         if size == 0:
             return b""
         try:
-            out = self._d.decompress(buf, max_output_size=size)
+            out = self._decompressor().decompress(buf, max_output_size=size)
         except self._zstd.ZstdError as exc:
             raise CodecError(f"zstd: corrupt payload ({exc})") from None
         if len(out) != size:
