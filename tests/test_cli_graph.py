@@ -95,6 +95,25 @@ def test_verify_catches_a_wrong_segment(tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_verify_catches_a_cut_that_misses_a_tensor(tmp_path, capsys):
+    """A manifest whose cut forgot the skip connection (re-hashed): verify reports it, exit 1."""
+    from edgesplit.bundle import compute_id
+
+    path = tm.save(tm.residual(), tmp_path)
+    out = tmp_path / "b"
+    assert main(["partition", str(path), "--cut", "b0_r1", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cuts"][0]["tensors"] == ["b0_in", "b0_r1"]
+    manifest["cuts"][0]["tensors"] = ["b0_r1"]
+    manifest["cuts"][0]["specs"] = manifest["cuts"][0]["specs"][1:]
+    manifest["id"] = compute_id(out, manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "segment 1 reads ['b0_in']" in text and "FAILED" in text
+
+
 def test_verify_with_model_option_and_moved_source(tmp_path, capsys):
     path = tm.save(tm.chain(), tmp_path)
     out = tmp_path / "b"

@@ -66,7 +66,10 @@ def exercise(path: Path, shapes: dict, tmp: Path, every: bool = True) -> dict:
         row[f"partition_{label}_s"] = round(time.perf_counter() - t0, 3)
         bundle = Bundle.load(bundle.path)
         feeds = make_inputs(bundle.inputs, shapes, batch=2)
-        report = verify(bundle, path, feeds)
+        n = bundle.num_segments
+        # bundles of hundreds of segments: run about 30 of the cuts; every cut is checked statically
+        numeric = None if n <= 60 else set(range(0, n, max(1, n // 30)))
+        report = verify(bundle, path, feeds, numeric_cuts=numeric)
         row[f"{label}_max_rel"] = max(report.max_rel.values())
         row[f"{label}_ok"] = report.ok
         errors += report.problems
