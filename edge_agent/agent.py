@@ -136,8 +136,12 @@ class _Server:
         self.address = address
         self.index = index
         self.state = "down"
+        # Two connections per server: `sock` carries requests and replies, `ctrl` the hello and
+        # the pings. A big request on a slow link then never holds a pong back, so silence on
+        # `ctrl` means the link is gone, not that it is busy.
         self.sock: zmq.Socket | None = None
-        self.monitor: zmq.Socket | None = None
+        self.ctrl: zmq.Socket | None = None
+        self.monitors: list[zmq.Socket] = []
         self.last_seen = 0.0
         self.next_ping = 0.0
         self.probe_deadline = 0.0
@@ -527,10 +531,12 @@ class EdgeAgent:
                 if self._process_commands():
                     break
                 for s in self._srv:
-                    if s.monitor is not None and s.monitor in events:
-                        self._read_monitor(s)
-                    if s.sock is not None and s.sock in events:
-                        self._read_socket(s)
+                    for mon in s.monitors:
+                        if mon in events:
+                            self._read_monitor(s, mon)
+                    for sock in (s.ctrl, s.sock):
+                        if sock is not None and sock in events:
+                            self._read_socket(s, sock)
                 timeout = self._run_timers(time.perf_counter())
         except Exception:  # noqa: BLE001 - a bug here must not strand requests
             log.exception("edge agent I/O thread failed; finishing every request on the device")
@@ -560,47 +566,53 @@ class EdgeAgent:
 
     # --- sockets
 
-    def _open_socket(self, s: _Server) -> None:
+    def _dealer(self, s: _Server, hwm: int) -> zmq.Socket:
         cfg = self.config
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, cfg.send_hwm)
-        sock.setsockopt(zmq.RCVHWM, cfg.send_hwm)
-        ivl = max(1, int(cfg.heartbeat_interval_ms))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * cfg.heartbeat_misses)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(cfg.heartbeat_ttl_ms)))
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(cfg.heartbeat_interval_ms)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(cfg.zmq_heartbeat_timeout_ms)))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(6553599, max(100, int(cfg.heartbeat_ttl_ms))))
         sock.setsockopt(zmq.RECONNECT_IVL, max(1, int(cfg.reconnect_initial_ms)))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, int(cfg.reconnect_max_ms)))
         if cfg.curve_server_key:
             sock.curve_serverkey = _key(cfg.curve_server_key)
             sock.curve_publickey = _key(cfg.curve_public_key)
             sock.curve_secretkey = _key(cfg.curve_secret_key)
-        s.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         sock.connect(s.address)
-        s.sock = sock
+        s.monitors.append(mon)
         self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(s.monitor, zmq.POLLIN)
+        self._poller.register(mon, zmq.POLLIN)
+        return sock
+
+    def _open_socket(self, s: _Server) -> None:
+        s.sock = self._dealer(s, self.config.send_hwm)
+        s.ctrl = self._dealer(s, 64)
 
     def _close_socket(self, s: _Server) -> None:
-        if s.sock is None:
-            return
-        self._poller.unregister(s.sock)
-        self._poller.unregister(s.monitor)
-        try:
-            s.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        s.monitor.close(linger=0)
-        s.sock.close(linger=0)
-        s.sock = s.monitor = None
+        for sock in (s.sock, s.ctrl):
+            if sock is None:
+                continue
+            self._poller.unregister(sock)
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            sock.close(linger=0)
+        for mon in s.monitors:
+            self._poller.unregister(mon)
+            mon.close(linger=0)
+        s.sock = s.ctrl = None
+        s.monitors = []
         s.pings.clear()
 
-    def _send(self, s: _Server, frames) -> bool:
+    def _send(self, s: _Server, frames, sock: zmq.Socket | None = None) -> bool:
         try:
-            s.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            (sock or s.sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             return False
@@ -611,12 +623,12 @@ class EdgeAgent:
         s.state = "connecting"
         s.probe_deadline = now + self.config.probe_timeout_ms / 1e3
         P = self._protocol
-        self._send(s, P.encode(P.hello(f"h{next(self._ping_ids)}", bundle=self.bundle.id)))
+        self._send(s, P.encode(P.hello(f"h{next(self._ping_ids)}", bundle=self.bundle.id)), s.ctrl)
         self._ping(s, now, measure=False)  # its RTT includes connection setup: not a sample
 
     def _ping(self, s: _Server, now: float, measure: bool = True) -> None:
         pid = f"p{next(self._ping_ids)}"
-        if self._send(s, self._protocol.encode(self._protocol.ping(pid))) and measure:
+        if self._send(s, self._protocol.encode(self._protocol.ping(pid)), s.ctrl) and measure:
             s.pings[pid] = now
         if len(s.pings) > 64:  # pongs that never came
             for k in sorted(s.pings, key=s.pings.get)[:32]:
@@ -687,8 +699,8 @@ class EdgeAgent:
         silent_limit = ivl * cfg.heartbeat_misses * 0.95
         for s in self._srv:
             if s.state == "up":
-                if now - s.last_seen > silent_limit and s.sock.poll(0, zmq.POLLIN):
-                    self._read_socket(s)  # something came in meanwhile: read it before judging
+                if now - s.last_seen > silent_limit:
+                    self._read_waiting(s)  # something came in meanwhile: read it before judging
                 if s.state == "up" and now - s.last_seen > silent_limit:
                     self._set_down(s, now, f"no heartbeat for {(now - s.last_seen) * 1e3:.0f} ms")
                 elif s.state == "up":
@@ -701,8 +713,8 @@ class EdgeAgent:
                         s.banned_until = 0.0
                         self._update_eligible(now)
             if s.state == "connecting":
-                if now >= s.probe_deadline and s.sock.poll(0, zmq.POLLIN):
-                    self._read_socket(s)
+                if now >= s.probe_deadline:
+                    self._read_waiting(s)
                 if s.state == "connecting" and now >= s.probe_deadline:
                     self._set_down(s, now, "no answer to the reconnect probe")
                 else:
@@ -824,12 +836,12 @@ class EdgeAgent:
 
     # --- replies
 
-    def _read_monitor(self, s: _Server) -> None:
+    def _read_monitor(self, s: _Server, mon: zmq.Socket) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
-        while s.monitor is not None:
+        while mon in s.monitors:
             try:
-                ev = recv_monitor_message(s.monitor, flags=zmq.NOBLOCK)
+                ev = recv_monitor_message(mon, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             event = ev["event"]
@@ -849,13 +861,18 @@ class EdgeAgent:
                 log.debug("handshake with %s did not complete", s.address)
                 self._set_down(s, now, "handshake did not complete")
 
-    def _read_socket(self, s: _Server) -> None:
+    def _read_waiting(self, s: _Server) -> None:
+        for sock in (s.ctrl, s.sock):
+            if sock is not None and s.sock is not None and sock.poll(0, zmq.POLLIN):
+                self._read_socket(s, sock)
+
+    def _read_socket(self, s: _Server, sock: zmq.Socket) -> None:
         P = self._protocol
         for _ in range(256):
-            if s.sock is None:
+            if s.sock is None:  # closed while reading (the server went down)
                 return
             try:
-                frames = s.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             now = time.perf_counter()

@@ -44,11 +44,17 @@ class AgentConfig:
     heartbeat_interval_ms: float = 200.0
     # A server that sent nothing for this many intervals is declared down: loss is detected
     # within heartbeat_misses * heartbeat_interval_ms (the check fires 5 % early to absorb
-    # scheduling latency). ZeroMQ's own ZMQ_HEARTBEAT_IVL/TIMEOUT are set from the same two
-    # numbers, so libzmq also drops a dead TCP connection; a closed one is seen at once.
+    # scheduling latency). Pings travel on their own connection, so a big request on a slow
+    # link does not hold them back. A closed TCP connection (a killed server) is seen at
+    # once through the socket monitor.
     heartbeat_misses: int = 2
+    # libzmq's own heartbeat (ZMQ_HEARTBEAT_IVL = heartbeat_interval_ms): it closes a
+    # connection that received nothing for zmq_heartbeat_timeout_ms (ZMQ_HEARTBEAT_TIMEOUT).
+    # Longer than the application's limit on purpose: on the request connection libzmq's pongs
+    # wait behind a big request on a slow link, and it would cut a healthy link mid-transfer.
+    zmq_heartbeat_timeout_ms: float = 10000.0
     # ZMQ_HEARTBEAT_TTL sent to the server: it drops our connection after this much silence.
-    heartbeat_ttl_ms: float = 2000.0
+    heartbeat_ttl_ms: float = 10000.0
     # A reconnect attempt (a fresh socket that sends hello + ping) waits this long for the answer.
     probe_timeout_ms: float = 400.0
     # Reconnect backoff after a failed attempt: initial, multiplied each time, capped, +/- jitter.
@@ -109,7 +115,8 @@ class AgentConfig:
             if v < 0 or (v == 0 and not allow_zero):
                 raise ConfigError(f"AgentConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
-        for name in ("deadline_ms", "heartbeat_interval_ms", "heartbeat_ttl_ms", "probe_timeout_ms",
+        for name in ("deadline_ms", "heartbeat_interval_ms", "heartbeat_ttl_ms", "zmq_heartbeat_timeout_ms",
+                     "probe_timeout_ms",
                      "reconnect_initial_ms", "reconnect_max_ms", "ban_initial_ms", "ban_max_ms",
                      "assumed_bandwidth_bps", "cloud_speedup"):
             positive(name)

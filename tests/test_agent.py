@@ -494,3 +494,25 @@ def test_cancelled_requests_do_not_break_the_agent(chain, x):
         assert agent.is_connected()
         assert agent.infer({"x": x}).where == "cloud"
     np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+
+
+@pytest.mark.slow
+def test_big_payload_on_a_slow_link_is_not_taken_for_a_dead_link(tmp_path):
+    """A 125 kB request on a 4 Mbit/s link takes 250 ms, longer than the 190 ms heartbeat
+    limit: the pings travel on their own connection, so the link is never declared down,
+    whatever bandwidth the agent assumed."""
+    from edge_agent.local_cloud import demo_bundle
+    from edgesplit.netsim import LinkEmulator
+
+    bundle = demo_bundle(tmp_path / "eff", cuts=(4,))
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    for assumed in (4e6, 1e9):
+        cfg = FAST.replace(heartbeat_interval_ms=100, assumed_bandwidth_bps=assumed, deadline_ms=20000,
+                           intra_op_threads=1)
+        with MiniServer(bundle) as srv, LinkEmulator(to=srv.address.split("//")[1], rate_bps=4e6) as link, \
+                EdgeAgent(bundle, [link.address], cut=1, codec="raw", config=cfg) as agent:
+            results = [agent.infer({"input": x}) for _ in range(4)]
+            stats = agent.link_stats()
+        assert [r.where for r in results] == ["cloud"] * 4
+        assert all(r.timings["network"] > 200 for r in results)  # the link really was that slow
+        assert stats.counters.get("link_down", 0) == 0
