@@ -4,10 +4,11 @@ Threads (all named ``edgesplit-agent-*``, all joined by close()):
 
 * the caller (``infer``) or one head thread (``submit``/``infer_async``) runs segments [0, k)
   and encodes the cut tensors;
-* one I/O thread owns every ZeroMQ socket: it sends requests, reads replies, pings the servers,
-  watches deadlines and reconnects. It alone decides whether a request is still waiting for
-  the cloud, so a request is answered exactly once: when it gives up on the cloud it forgets
-  the request first, and a later cloud reply is dropped as late;
+* one I/O thread owns every ZeroMQ socket (two DEALERs per server: requests, and control =
+  hello + pings): it sends requests, reads replies, pings the servers, watches deadlines and
+  reconnects. It alone decides whether a request is still waiting for the cloud, so a request
+  is answered exactly once: when it gives up on the cloud it forgets the request first, and a
+  later cloud reply is dropped as late;
 * local worker thread(s) finish requests on the device when the cloud cannot.
 """
 
