@@ -729,6 +729,7 @@ class EdgeAgent:
         while self._timers and self._timers[0][0] <= now:
             _, _, req = heapq.heappop(self._timers)
             if req.id in self._pending and req.cloud_deadline <= now:
+                self._cancel_remote(req)
                 self._forget(req)
                 self._count("deadline_missed")
                 log.debug("request %s missed its cloud deadline", req.id)
@@ -793,6 +794,15 @@ class EdgeAgent:
         if req.id not in self._pending:
             self._pending[req.id] = req
             heapq.heappush(self._timers, (req.cloud_deadline, req.seq, req))
+
+    def _cancel_remote(self, req: _Request) -> None:
+        """Tell the server we no longer want this answer (best effort: it may be computing)."""
+        s = req.server
+        if s is not None and s.sock is not None and req.id in s.inflight:
+            try:
+                self._send(s, self._protocol.encode(self._protocol.cancel(req.id)))
+            except ProtocolError:
+                pass
 
     def _forget(self, req: _Request) -> None:
         self._pending.pop(req.id, None)

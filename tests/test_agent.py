@@ -236,6 +236,7 @@ def test_deadline_falls_back_and_drops_the_late_reply(chain, x):
             time.sleep(0.02)
         stats = agent.link_stats()
         assert stats.counters["late_replies"] == 1
+        assert srv.cancels == 1  # the agent told the server it no longer wanted the answer
         assert stats.counters.get("bad_replies", 0) == 0  # a late reply is not a bad server
         assert stats.counters["local"] == 1 and stats.counters.get("cloud", 0) == 0
 

@@ -93,6 +93,7 @@ class MiniServer:
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.requests = 0
         self.pings = 0
+        self.cancels = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mini-server", daemon=True)
         self._thread.start()
@@ -146,6 +147,9 @@ class MiniServer:
             if msg.kind == "hello":
                 protocol.send(self.sock, protocol.welcome(msg.id, held=msg.bundle == self.bundle.id,
                                                          profile={"segment_ms": None, "device": "cpu"}), [ident])
+                continue
+            if msg.kind == "cancel":
+                self.cancels += 1
                 continue
             if msg.kind != "infer":
                 continue
