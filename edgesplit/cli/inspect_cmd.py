@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="the .onnx file")
     p.add_argument("--json", action="store_true", help="print one JSON object with a 'cuts' list")
     p.add_argument("--all", action="store_true", help="every distinct closed cut, not only the narrow ones")
+    p.add_argument("--no-run", action="store_true",
+                   help="never run the model to measure sizes shape inference left unknown (they count as 1)")
     add_shape_option(p)
     p.set_defaults(func=run)
 
@@ -50,7 +52,8 @@ def _human(n: int) -> str:
 def run(args) -> int:
     from pathlib import Path
 
-    from edgesplit.graph import candidate_cuts, infer_shapes, load_model
+    from edgesplit.graph import infer_shapes, load_model
+    from edgesplit.graph._cuts import _candidates
     from edgesplit.graph._index import GraphIndex
     from edgesplit.graph._shapes import _eval_dim
 
@@ -58,7 +61,7 @@ def run(args) -> int:
     model = load_model(args.model, load_weights=False)
     index = GraphIndex(model)
     info = infer_shapes(model, shapes)
-    cuts = candidate_cuts(model, shapes=shapes, narrow=not args.all)
+    cuts = _candidates(index, info, narrow=not args.all, model_path=args.model, run=not args.no_run)
 
     def spec(name):
         t = info.symbolic.get(name)
@@ -104,8 +107,10 @@ def run(args) -> int:
         print(f"{c.index:>4}  {c.head_nodes:>4}/{c.total_nodes:<4}  {c.bytes_per_sample:>12,}{mark}"
               f"  {_human(c.bytes_per_sample):>9}  {shown}", file=out)
     if unbound:
+        ours = [d for d in unbound if d in info.input_symbols]
+        hint = (f"bind them with --shape (e.g. --shape {ours[0]}=128)" if ours else
+                "inference could not size them" + ("; drop --no-run to measure them" if args.no_run else ""))
         print(f"\n* some dims are unknown and were counted as 1 ({', '.join(unbound[:6])}"
-              f"{', ...' if len(unbound) > 6 else ''}); bind input dims with --shape "
-              f"(e.g. --shape {unbound[0]}=128)", file=out)
+              f"{', ...' if len(unbound) > 6 else ''}): {hint}", file=out)
     print(f"\npartition:  edgesplit partition {args.model} --cut TENSOR[,TENSOR...] -o BUNDLE", file=out)
     return 0

@@ -141,7 +141,7 @@ def _narrow(sizes: list[int], counts: list[int], before_weights: list[bool], fir
 
 
 def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes: dict | None = None,
-                   narrow: bool = True) -> list[CandidateCut]:
+                   narrow: bool = True, run: bool = True) -> list[CandidateCut]:
     """The closed cuts along a topological order, deduplicated.
 
     Args:
@@ -149,6 +149,8 @@ def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes:
         shapes: input name -> dims, or dim symbol -> size, to count bytes (batch is 1).
         narrow: keep only the local minima of bytes per sample (block boundaries); False
             lists every distinct closed cut.
+        run: when shape inference leaves a type or size unknown, run the model once in ONNX
+            Runtime to measure it (False: unknown dims count as 1, such cuts are marked inexact).
 
     Cuts whose tensors cannot travel (strings, sequences, bfloat16) are left out.
     """
@@ -158,7 +160,7 @@ def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes:
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model_or_path, load_weights=False)
     path = None if isinstance(model_or_path, onnx.ModelProto) else model_or_path
-    return _candidates(GraphIndex(model), infer_shapes(model, shapes), narrow, path)
+    return _candidates(GraphIndex(model), infer_shapes(model, shapes), narrow, path, run)
 
 
 def fill_unknown(index: GraphIndex, info: ShapeInfo, names, model_path) -> None:
@@ -193,12 +195,14 @@ def _weighted_nodes(index: GraphIndex) -> set[int]:
     return {n for n in index.order if any(v in big for v in index.reads[n])}
 
 
-def _candidates(index: GraphIndex, info: ShapeInfo, narrow: bool, model_path=None) -> list[CandidateCut]:
+def _candidates(index: GraphIndex, info: ShapeInfo, narrow: bool, model_path=None,
+                run: bool = True) -> list[CandidateCut]:
     namer = UnknownNamer()
     total = len(index.order)
     rows = []
     closed = all_closed_cuts(index)
-    fill_unknown(index, info, (t for _, ts in closed for t in ts), model_path)
+    if run:
+        fill_unknown(index, info, (t for _, ts in closed for t in ts), model_path)
     for head, tensors in closed:
         specs = [crossing_spec(info, t, namer) for t in tensors]
         if any(s is None or s.dtype not in WIRE_DTYPES for s in specs):
