@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import zmq
 from typing import Sequence
 
 from edgesplit.errors import ConfigError
@@ -79,7 +81,15 @@ class Server:
         self.config = config
         self.devices = list(devices)
         self.http = http
-        self.broker = Broker(config, bind, "tcp://127.0.0.1:0", self.repository, curve_secret, allow_clients,
+        self._ipc_dir = None
+        local = "tcp://127.0.0.1:0"
+        if sys.platform.startswith("linux") and zmq.has("ipc"):
+            # Unix sockets for local workers: the same copies as loopback TCP, less protocol work
+            import tempfile
+
+            self._ipc_dir = tempfile.mkdtemp(prefix="edgesplit-")
+            local = f"ipc://{self._ipc_dir}/workers"
+        self.broker = Broker(config, bind, local, self.repository, curve_secret, allow_clients,
                              remote_back=worker_bind, allow_workers=allow_workers)
         self.admin = None
         self.procs: list[subprocess.Popen | None] = [None] * len(self.devices)
@@ -201,6 +211,10 @@ class Server:
         if self.admin is not None:
             self.admin.stop()
         self.broker.close()
+        if self._ipc_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
         return 0
 
     def install_signal_handlers(self) -> None:
