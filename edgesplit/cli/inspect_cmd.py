@@ -107,7 +107,7 @@ def run(args) -> int:
         print(f"{c.index:>4}  {c.head_nodes:>4}/{c.total_nodes:<4}  {c.bytes_per_sample:>12,}{mark}"
               f"  {_human(c.bytes_per_sample):>9}  {shown}", file=out)
     if unbound:
-        ours = [d for d in unbound if d in info.input_symbols]
+        ours = sorted(d for d in info.input_symbols if d not in info.symbols)  # input dims nobody bound
         hint = (f"bind them with --shape (e.g. --shape {ours[0]}=128)" if ours else
                 "inference could not size them" + ("; drop --no-run to measure them" if args.no_run else ""))
         print(f"\n* some dims are unknown and were counted as 1 ({', '.join(unbound[:6])}"
