@@ -73,6 +73,12 @@ def test_verify_needs_sizes_for_symbolic_dims(tmp_path, capsys):
     assert main(["verify", str(out)]) == 1
     assert "--shape S=SIZE" in capsys.readouterr().err
     assert main(["verify", str(out), "--shape", "S=7", "--batch", "2"]) == 0
+    # sizes given at partition time are recorded and used by verify
+    assert main(["partition", str(path), "--cut", "res", "--shape", "S=12", "-o", str(out)]) == 0
+    assert Bundle.load(out).manifest["model"]["shapes"] == {"S": [12]}
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+    assert "x[1, 12, 8]" in capsys.readouterr().out
 
 
 def test_verify_catches_a_wrong_segment(tmp_path, capsys):

@@ -155,6 +155,13 @@ def test_batch_axis_lost_by_inference_is_found_again(tmp_path):
     check_bundle(bundle, path, tm.example_inputs(model, batch=3))
 
 
+def test_contrib_op_types_come_from_onnxruntime(tmp_path):
+    path = tm.save(tm.contrib_model(), tmp_path)
+    bundle = partition(path, [["g"]], tmp_path / "b")
+    assert bundle.cut(1).specs[0].dtype == "float32"
+    assert bundle.cut(1).specs[0].shape[0] == "N" and len(bundle.cut(1).specs[0].shape) == 2
+
+
 def test_narrow_cuts_are_block_boundaries(tmp_path):
     path = tm.save(tm.residual(), tmp_path)
     narrow = candidate_cuts(path)

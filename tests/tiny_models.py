@@ -17,7 +17,7 @@ IR_VERSION = 8
 
 __all__ = ["OPSET", "TINY_MODELS", "attention", "chain", "example_inputs", "if_model", "loop_model",
            "residual", "save", "two_in_two_out", "function_model",
-           "reshape_model"]
+           "reshape_model", "contrib_model"]
 
 
 def _w(name: str, *shape: int, seed: int = 0, scale: float = 0.5) -> onnx.TensorProto:
@@ -218,6 +218,22 @@ def reshape_model() -> onnx.ModelProto:
     return _model(nodes, [_f("x", "N", 8)], [_f("y", "N", 3)], inits, "reshape_model")
 
 
+def contrib_model() -> onnx.ModelProto:
+    """An ONNX Runtime contrib op (com.microsoft Gelu), which ONNX shape inference does not know."""
+    inits = [_w("w1", 8, 8), _w("w2", 8, 3)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+        helper.make_node("Gelu", ["a"], ["g"], domain="com.microsoft", name="gelu"),
+        helper.make_node("MatMul", ["g", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(nodes, "contrib_model", [_f("x", "N", 8)], [_f("y", "N", 3)], initializer=inits)
+    model = helper.make_model(graph, producer_name="edgesplit-tests", opset_imports=[
+        helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 TINY_MODELS = {
     "chain": chain,
     "residual": residual,
@@ -227,6 +243,7 @@ TINY_MODELS = {
     "attention": attention,
     "function_model": function_model,
     "reshape_model": reshape_model,
+    "contrib_model": contrib_model,
 }
 
 
