@@ -169,6 +169,7 @@ class TailWorker:
         self._last_heard = time.monotonic()
         self._clock = W.ClockMap()
         self._crowded: dict[tuple, float] = {}  # (bundle, cut) -> until when to wait for batch-mates
+        self._available: list[dict] = []  # summaries of the repository's bundles (announced)
 
     # -- public -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -178,7 +179,7 @@ class TailWorker:
 
     def run(self) -> int:
         """Serve until stop() (or a STOP from the broker) and the queue is drained; returns 0."""
-        self.repository.scan()
+        self._scan()
         if self.config.preload:
             for bid in self.repository.ids():
                 self._queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bid))
@@ -226,7 +227,10 @@ class TailWorker:
         interval = self.config.heartbeat_interval_s
         while not self._done.wait(interval / 4):
             if time.monotonic() - self._last_send >= interval:
-                self._send([W.ctl(W.HEARTBEAT, self._status())])
+                try:
+                    self._send([W.ctl(W.HEARTBEAT, self._status())])
+                except Exception:  # this thread must outlive any bug: it is what keeps us alive
+                    log.exception("%s: heartbeat failed", self.name)
 
     def _status(self, full: bool = False) -> dict:
         st: dict[str, Any] = {"queued": len(self._queue), "loaded": sorted(self._loaded),
@@ -235,8 +239,13 @@ class TailWorker:
         if full:
             st.update(name=self.name, device=self.device, runner=self.runner, pid=os.getpid(),
                       host=socket.gethostname(), capacity=self.config.worker_capacity)
-        st["available"] = [bundle_summary(self.repository.manifest(b)) for b in self.repository.ids()]
+        st["available"] = self._available
         return st
+
+    def _scan(self) -> None:
+        """Look at the repository again; what the worker announces is computed here, once."""
+        self.repository.scan()
+        self._available = [bundle_summary(self.repository.manifest(b)) for b in self.repository.ids()]
 
     def _receive(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for the broker, then take everything it sent."""
@@ -434,7 +443,7 @@ class TailWorker:
         if bid in self._loaded:
             return self._loaded[bid]
         if bid not in self.repository:
-            self.repository.scan()
+            self._scan()
             self._version += 1  # announce what the rescan found
             if bid not in self.repository:
                 return None
