@@ -19,7 +19,8 @@ from edgesplit.graph._load import (PROTO_LIMIT, _first_line, file_sha256, has_ex
 from edgesplit.graph._shapes import WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes, name_batch_axes
 
 
-def _names(names: Sequence[str] | str) -> list[str]:
+def _names(names) -> list[str]:
+    names = getattr(names, "tensors", names)  # a CandidateCut or a bundle Cut
     if isinstance(names, str):
         names = names.split(",")
     out = []
@@ -225,7 +226,8 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
 
     Args:
         model_path: the ONNX file (external data beside it is read too).
-        cuts: one list of tensor names per cut (or a comma-separated string). The head of a
+        cuts: one list of tensor names per cut (or a comma-separated string, or a
+            CandidateCut). The head of a
             cut is everything its tensors depend on, plus the heads of the cuts before it;
             every other tensor that crosses is added to the cut.
         out: the bundle directory; it must not exist, be empty, or be a bundle (replaced).
