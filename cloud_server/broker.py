@@ -147,6 +147,7 @@ class Broker:
         self._lock = threading.Lock()
         self._snapshot: dict = {}
         self._shutdown_at: float | None = None
+        self._abort = False
         self._draining = False
         self._stopping_since: float | None = None
         self._stopped = threading.Event()
@@ -227,6 +228,10 @@ class Broker:
         if self._shutdown_at is None:
             self._shutdown_at = time.monotonic()
 
+    def abort(self) -> None:
+        """Stop at once: no draining, no goodbyes (workers find out from the silence)."""
+        self._abort = True
+
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the loop to end; True when it did."""
         return self._stopped.wait(timeout)
@@ -289,7 +294,7 @@ class Broker:
                     if now >= next_tick:
                         next_tick = now + cfg.heartbeat_interval_s
                         self._tick(now)
-                    if self._shutdown_at is not None and self._drain_step(now):
+                    if self._abort or (self._shutdown_at is not None and self._drain_step(now)):
                         break
                 except Exception:  # same: log the bug, keep serving
                     log.exception("broker: housekeeping failed")

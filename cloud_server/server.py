@@ -219,6 +219,10 @@ class Server:
 
     def install_signal_handlers(self) -> None:
         def handler(signum, frame):
+            if self.broker._shutdown_at is not None and signum == signal.SIGINT:
+                log.warning("second interrupt: stopping now, without finishing requests in flight")
+                self.broker.abort()
+                return
             log.info("signal %d: stopping (finishing requests in flight)", signum)
             self.broker.shutdown()
 

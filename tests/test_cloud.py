@@ -368,3 +368,44 @@ def test_library_api_and_byte_bound(repo):
         assert broker.join(30)
         thread.join(10)
         assert not thread.is_alive()
+
+
+def test_worker_reconnects_to_a_restarted_broker(repo):
+    """Paranoid Pirate, worker side: the broker goes away and comes back; the worker finds it again."""
+    from cloud_server import Broker
+
+    mlp, slow = _bundles(repo)
+    cfg = ServerConfig(heartbeat_interval_s=0.1, reconnect_initial_s=0.05, reconnect_max_s=0.2)
+    port = _free_port()
+    back = f"tcp://127.0.0.1:{port}"
+    worker = subprocess.Popen([sys.executable, "-m", "edgesplit", "worker", "--connect", back, "--repository",
+                               str(repo), "--name", "pirate", "--heartbeat-ms", "100", "--config-json",
+                               '{"reconnect_initial_s": 0.05, "reconnect_max_s": 0.2}'],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for attempt in range(2):  # the first broker, then its replacement on the same address
+            ctx = zmq.Context()
+            with Broker(cfg, "tcp://127.0.0.1:0", back=back, repository=repo, context=ctx) as broker:
+                assert broker.wait_for_workers(1, 60), attempt
+                edge = Edge(broker.front_address, ctx=ctx)
+                x = np.full((1, 16), attempt + 1.0, np.float32)
+                edge.send_infer(f"a{attempt}", mlp.id, 0, {"x": x}, deadline_ms=30_000)
+                msg = edge.recv(timeout_ms=30_000)
+                assert msg is not None and msg.kind == "result" and msg.meta["worker"] == "pirate"
+                np.testing.assert_allclose(edge.outputs(msg)["y"], mlp_reference(x, mlp.path), rtol=1e-4, atol=1e-4)
+                edge.close()
+                if attempt == 0:
+                    broker.abort()  # vanish without telling the worker anything (as in a crash)
+            ctx.term()
+        assert worker.poll() is None  # it kept trying, it did not give up
+    finally:
+        worker.terminate()
+        assert worker.wait(30) == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
