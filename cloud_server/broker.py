@@ -618,6 +618,9 @@ class Broker:
         loaded = status.get("loaded")
         if isinstance(loaded, list):
             w.loaded = {b for b in loaded if isinstance(b, str)}
+        runner = status.get("runner")
+        if isinstance(runner, str):
+            w.runner = runner[:64]
         q = status.get("queued")
         if isinstance(q, int):
             w.queued = q

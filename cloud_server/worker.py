@@ -237,8 +237,10 @@ class TailWorker:
                               "profiles": {b: l.profile for b, l in list(self._loaded.items()) if l.profile},
                               "draining": self._stop_at is not None}
         if full:
-            st.update(name=self.name, device=self.device, runner=self.runner, pid=os.getpid(),
-                      host=socket.gethostname(), capacity=self.config.worker_capacity)
+            st.update(name=self.name, device=self.device, pid=os.getpid(), host=socket.gethostname(),
+                      capacity=self.config.worker_capacity)
+        # the backends actually running (e.g. "ort-cuda"), once a bundle is loaded
+        st["runner"] = ",".join(sorted({b.runner_name for b in list(self._loaded.values())})) or self.runner
         st["available"] = self._available
         return st
 
@@ -458,6 +460,9 @@ class TailWorker:
                 loaded.measure(self.device)
             except (EdgeSplitError, ValueError, TypeError) as exc:
                 log.warning("%s: could not profile %s: %s", self.name, loaded.bundle.name, exc)
+        if self.device != "cpu" and loaded.runner_name == "ort-cpu":
+            log.warning("%s: asked for %s but %s runs on the CPU (no usable GPU runner: pip install "
+                        "'edgesplit[gpu]' or '[trt]')", self.name, self.device, loaded.bundle.name)
         self._loaded[bid] = loaded
         self._version += 1
         log.info("%s: loaded %s (%s) in %.0f ms", self.name, loaded.bundle.name, loaded.runner_name,

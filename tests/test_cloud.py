@@ -409,3 +409,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.gpu
+def test_gpu_worker_uses_a_gpu_runner(repo):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    mlp, slow = _bundles(repo)
+    with ServeProc(repo, workers=None, extra=["--device", "cuda:0"]) as server:
+        workers = server.json("/v1/models")["workers"]
+        assert [w["device"] for w in workers] == ["cuda:0"]
+        assert workers[0]["runner"] in ("trt", "ort-trt", "ort-cuda")
+        edge = Edge(server.address)
+        x = np.random.default_rng(6).standard_normal((4, 128)).astype(np.float32)
+        edge.send_infer("g", slow.id, 1, {"h": x})
+        msg = edge.recv(timeout_ms=60_000)
+        assert msg.kind == "result"
+        np.testing.assert_allclose(edge.outputs(msg)["y"], slow_reference(x, slow.path), rtol=1e-3, atol=1e-3)
+        profile = next(b for b in server.json("/v1/models")["bundles"] if b["id"] == slow.id)["profile"]
+        assert profile["device"] == "cuda:0"
+        edge.close()

@@ -119,7 +119,8 @@ class ServeProc:
     def __init__(self, repository: Path, workers: int = 2, extra: list[str] = (), heartbeat_ms: float = 100,
                  timeout: float = 60):
         self.cmd = [sys.executable, "-m", "cloud_server", "--repository", str(repository),
-                    "--bind", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0", "--workers", str(workers),
+                    "--bind", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0",
+                    *(["--workers", str(workers)] if workers is not None else []),
                     "--heartbeat-ms", str(heartbeat_ms), *extra]
         self.timeout = timeout
         self.lines: list[str] = []
