@@ -8,7 +8,6 @@ against the dtypes and shapes the manifest promises.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field

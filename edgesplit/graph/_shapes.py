@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgesplit.errors import ConfigError, ModelError
+from edgesplit.errors import ConfigError
 
 # Dtypes that a bundle tensor (and so a wire tensor) may have (edgesplit.bundle.DTYPES).
 WIRE_DTYPES = frozenset(
