@@ -6,6 +6,8 @@ import argparse
 
 __all__ = ["register_serve", "register_worker", "build_serve_parser", "run_serve", "run_worker"]
 
+DEFAULT_HTTP = "127.0.0.1:8080"
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tuning (ServerConfig)")
@@ -54,8 +56,9 @@ def build_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="folder of bundle directories (or one bundle directory)")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="address edges connect to (default tcp://127.0.0.1:5555; port 0 = any free port)")
-    p.add_argument("--http", default="127.0.0.1:8080",
-                   help="HOST:PORT of /healthz /readyz /metrics /v1/models (port 0 = any; 'off' = none)")
+    p.add_argument("--http", default=None,
+                   help="HOST:PORT of /healthz /readyz /metrics /v1/models (default 127.0.0.1:8080, or a "
+                        "free port when 8080 is taken; port 0 = any; 'off' = none)")
     p.add_argument("--workers", type=int, default=None,
                    help="local CPU worker processes (default 1; with --device cuda:..., one per GPU)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda:0[,cuda:1...] for one worker per GPU")
@@ -106,11 +109,14 @@ def run_serve(args) -> int:
     if log.getEffectiveLevel() > logging.INFO and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg = _config(args)
-    http = None if str(args.http).lower() in ("off", "none", "") else args.http
+    if args.http is None:
+        http = DEFAULT_HTTP
+    else:
+        http = None if args.http.lower() in ("off", "none", "") else args.http
     server = Server(args.repository, bind=args.bind, http=http, devices=parse_devices(args.device, args.workers),
                     config=cfg, worker_bind=args.worker_bind, curve_secret=args.curve_secret,
                     allow_clients=args.allow_clients, worker_mode=args.worker_mode,
-                    allow_workers=args.allow_workers)
+                    allow_workers=args.allow_workers, http_fallback=args.http is None)
     server.install_signal_handlers()
     server.start()
     ok = server.wait_ready(cfg.startup_timeout_s)

@@ -61,6 +61,8 @@ class Server:
         worker_bind: a second worker address, for workers on other hosts (local workers always use
             a free loopback port); with CURVE, only the keys in `allow_workers` get in.
         curve_secret / allow_clients: CURVE on the edge-facing socket.
+        http_fallback: when the `http` port is taken, serve the admin on a free port (with a warning)
+            instead of failing; `edgesplit serve` does this for its default 8080 only.
         worker_mode: "process" (isolated: a crash or SIGKILL loses only that worker) or "thread"
             (workers are threads of this process reached over inproc: a request's payload is
             never copied between processes, the lowest overhead on one host).
@@ -70,7 +72,8 @@ class Server:
                  http: str | None = "127.0.0.1:8080", devices: Sequence[str] = ("cpu",),
                  config: ServerConfig = ServerConfig(), worker_bind: str | None = None,
                  curve_secret: str | os.PathLike | None = None, allow_clients: str | os.PathLike | None = None,
-                 worker_mode: str = "process", allow_workers: str | os.PathLike | None = None):
+                 worker_mode: str = "process", allow_workers: str | os.PathLike | None = None,
+                 http_fallback: bool = False):
         if worker_mode not in ("process", "thread"):
             raise ConfigError(f"--worker-mode is process or thread, got {worker_mode!r}")
         self.worker_mode = worker_mode
@@ -81,6 +84,7 @@ class Server:
         self.config = config
         self.devices = list(devices)
         self.http = http
+        self.http_fallback = http_fallback  # the default port was taken: take any free one (and say so)
         self._ipc_dir = None
         local = "tcp://127.0.0.1:0"
         if sys.platform.startswith("linux") and zmq.has("ipc"):
@@ -123,7 +127,14 @@ class Server:
         if self.http:
             from cloud_server.admin import AdminServer
 
-            self.admin = AdminServer(self.broker, self.http).start()
+            try:
+                self.admin = AdminServer(self.broker, self.http).start()
+            except ConfigError as exc:
+                if not self.http_fallback:
+                    raise
+                host = self.http.rpartition(":")[0]
+                log.warning("%s; serving the admin endpoints on a free port instead", exc)
+                self.admin = AdminServer(self.broker, f"{host}:0").start()
             print(f"edgesplit serve: admin on {self.admin.url} (health, readiness, metrics, models)", flush=True)
         print(f"edgesplit serve: workers connect to {self.broker.remote_address or back}", flush=True)
         if self.worker_mode == "thread":

@@ -430,3 +430,28 @@ def test_gpu_worker_uses_a_gpu_runner(repo):
         profile = next(b for b in server.json("/v1/models")["bundles"] if b["id"] == slow.id)["profile"]
         assert profile["device"] == "cuda:0"
         edge.close()
+
+
+def test_default_admin_port_taken_falls_back_explicit_one_fails(repo):
+    import socket
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8080))
+        holder.listen()
+    except OSError:
+        pass  # someone else holds 8080: the same situation
+    try:
+        server = ServeProc(repo, workers=0)
+        server.cmd.remove("--http")
+        server.cmd.remove("127.0.0.1:0")
+        with server:
+            assert server.http and not server.http.endswith(":8080")
+            assert server.get("/healthz")[0] == 200
+            assert any("free port" in line for line in server.err)
+        done = subprocess.run([sys.executable, "-m", "cloud_server", "--repository", str(repo), "--bind",
+                               "tcp://127.0.0.1:0", "--workers", "0", "--http", "127.0.0.1:8080"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "8080" in done.stderr and "Traceback" not in done.stderr
+    finally:
+        holder.close()
