@@ -173,7 +173,8 @@ def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, h
         for v in outs:
             if v in index.initializers:
                 used_inits.setdefault(v)
-        sg = onnx.GraphProto()
+        m = onnx.ModelProto()
+        sg = m.graph  # built in place: a segment of a large model is not copied again
         sg.name = f"{g.name or 'graph'}_segment{s}"
         sg.doc_string = g.doc_string
         sg.node.extend(index.nodes[n] for n in all_nodes)
@@ -193,7 +194,6 @@ def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, h
         sg.output.extend(_value_info(v, info, namer, original_vi) for v in outs)
         internal = {v for n in all_nodes for v in index.outputs_of(n)} - set(outs)
         sg.value_info.extend(inner_vi[v] for v in inner_vi if v in internal)
-        m = onnx.ModelProto()
         m.ir_version = model.ir_version
         m.opset_import.extend(model.opset_import)
         m.producer_name = model.producer_name
@@ -203,7 +203,6 @@ def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, h
         m.doc_string = model.doc_string
         m.metadata_props.extend(model.metadata_props)
         m.functions.extend(model.functions)
-        m.graph.CopyFrom(sg)
         if base_dir is not None and has_external_data(m):  # tensors inside If/Loop bodies, Constant attrs
             try:
                 external_data_helper.load_external_data_for_model(m, str(base_dir))
