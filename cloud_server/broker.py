@@ -272,7 +272,7 @@ class Broker:
                 wait = max(0.0, min(next_tick - now, next_expiry_check - now, 0.05))
                 if self._pending:
                     wait = min(wait, 0.002)
-                events = poller.poll(wait * 1e3)
+                events = poller.poll(math.ceil(wait * 1e3))  # whole ms: a fraction would spin
                 for sock, _ in events:
                     handler = handlers[sock]
                     for _ in range(_RECV_BATCH):

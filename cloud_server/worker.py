@@ -12,6 +12,7 @@ busy (a long batch, a bundle loading), so the broker never takes a busy worker f
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import os
 import socket
@@ -253,7 +254,7 @@ class TailWorker:
         """Wait up to `timeout_s` for the broker, then take everything it sent."""
         with self._lock:
             sock = self._sock
-            if not sock.poll(max(0, int(timeout_s * 1e3))):
+            if not sock.poll(max(0, math.ceil(timeout_s * 1e3))):  # whole ms: a fraction would spin
                 return
             got = []
             for _ in range(256):
