@@ -37,6 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_all_up(agent, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while any(s.state != "up" for s in agent.link_stats().servers) and time.monotonic() < end:
+        time.sleep(0.01)
+    assert all(s.state == "up" for s in agent.link_stats().servers)
+
+
 def agent_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("edgesplit-agent")]
 
@@ -263,8 +270,7 @@ def test_bad_server_is_avoided_when_a_good_one_exists(chain, x):
     bundle, full = chain
     with MiniServer(bundle, mode="wrong_shape") as bad, MiniServer(bundle) as good, \
             EdgeAgent(bundle, [bad.address, good.address], cut=1, codec="raw", config=FAST) as agent:
-        agent.wait_connected(3)
-        time.sleep(0.2)  # let both servers come up
+        wait_all_up(agent)
         results = [agent.infer({"x": x}) for _ in range(6)]
     assert all(r.where == "cloud" and r.server == good.address for r in results)
     for r in results:
@@ -278,7 +284,7 @@ def test_retryable_error_moves_to_another_server(chain, x):
         with EdgeAgent(bundle, [busy.address], cut=1, codec="raw", config=cfg) as agent:
             assert agent.infer({"x": x}).where == "local"  # only a busy server: local
         with EdgeAgent(bundle, [busy.address, good.address], cut=1, codec="raw", config=cfg) as agent:
-            time.sleep(0.2)
+            wait_all_up(agent)
             results = [agent.infer({"x": x}) for _ in range(4)]
         assert all(r.where == "cloud" and r.server == good.address for r in results)
 
@@ -312,8 +318,7 @@ def test_dead_server_requests_go_to_the_other_one(chain, x):
     b = MiniServer(bundle)
     try:
         with EdgeAgent(bundle, [a.address, b.address], cut=1, codec="raw", config=FAST) as agent:
-            time.sleep(0.2)
-            assert {s.state for s in agent.link_stats().servers} == {"up"}
+            wait_all_up(agent)
             a.close()
             time.sleep(0.5)  # > 2 heartbeat intervals
             states = {s.address: s.state for s in agent.link_stats().servers}
@@ -435,9 +440,7 @@ def test_requests_in_flight_on_a_dying_server_are_resent_to_another(chain, x):
     try:
         cfg = FAST.replace(deadline_ms=20000, max_in_flight=4)
         with EdgeAgent(bundle, [slow.address, good.address], cut=1, codec="raw", config=cfg) as agent:
-            end = time.monotonic() + 5
-            while sum(s.state == "up" for s in agent.link_stats().servers) < 2 and time.monotonic() < end:
-                time.sleep(0.01)
+            wait_all_up(agent)
             futs = [agent.submit({"x": x}) for _ in range(4)]
             end = time.monotonic() + 5
             while slow.requests == 0 and time.monotonic() < end:
