@@ -993,6 +993,12 @@ class EdgeAgent:
         text = str(msg.meta.get("message", ""))
         self._count(f"remote_{code}")
         err = RemoteError(code, text, msg.meta.get("retry_after_ms"))
+        if code == "busy":
+            # the server asked for a pause: route around it for that long (not a bad server)
+            pause = msg.meta.get("retry_after_ms")
+            if isinstance(pause, (int, float)) and 0 < pause < 60_000:
+                s.banned_until = max(s.banned_until, now + pause / 1e3)
+                self._update_eligible(now)
         if code == "unknown_bundle":
             log.warning("server %s does not hold bundle %s: %s", s.address, self.bundle.id[:12], text)
             s.held = False

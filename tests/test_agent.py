@@ -287,6 +287,7 @@ def test_retryable_error_moves_to_another_server(chain, x):
             wait_all_up(agent)
             results = [agent.infer({"x": x}) for _ in range(4)]
         assert all(r.where == "cloud" and r.server == good.address for r in results)
+        assert busy.requests <= 2  # after "busy, retry after 1 s" it was left alone
 
 
 def test_policy_error_raises_remote_error(chain, x):

@@ -158,7 +158,8 @@ class MiniServer:
             if mode == "silent":
                 continue
             if mode.startswith("error:"):
-                protocol.send(self.sock, protocol.error(msg.id, mode[6:], "on purpose"), [ident])
+                extra = {"retry_after_ms": 1000.0} if mode == "error:busy" else {}
+                protocol.send(self.sock, protocol.error(msg.id, mode[6:], "on purpose", **extra), [ident])
                 continue
             if mode == "garbage":
                 self.sock.send_multipart([ident, b"\xc1 this is not msgpack", b"junk"])
