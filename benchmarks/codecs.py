@@ -478,12 +478,14 @@ def plot(res: dict, out: Path) -> None:
     rows = res["rows"]
     cuts = sorted({r["cut"] for r in rows})
     labels = list(dict.fromkeys(r["codec"] for r in rows))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True)
-    for lab in labels:
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 9), sharex=True)
+    colors = plt.get_cmap("tab20").colors
+    for i, lab in enumerate(labels):
         rs = sorted((r for r in rows if r["codec"] == lab), key=lambda r: r["cut"])
         ks = [r["cut"] for r in rs]
-        ax1.plot(ks, [r["ratio"] for r in rs], marker="o", ms=3, label=lab)
-        ax2.plot(ks, [100 * r["agreement"] for r in rs], marker="o", ms=3, label=lab)
+        style = dict(marker="osd^v<>"[i % 7], ms=4, color=colors[i % 20], ls="-" if i < 10 else "--", label=lab)
+        ax1.plot(ks, [r["ratio"] for r in rs], **style)
+        ax2.plot(ks, [100 * r["agreement"] for r in rs], **style)
     ax1.set_yscale("log")
     ax1.axhline(8, color="k", lw=0.8, ls="--")
     ax1.set_ylabel("compression vs fp32 (x, log)")
@@ -494,7 +496,7 @@ def plot(res: dict, out: Path) -> None:
     ax2.set_ylabel("top-1 agreement with unsplit (%)")
     ax2.set_xlabel("cut index")
     ax2.set_xticks(cuts)
-    ax1.legend(fontsize=7, ncol=3, loc="upper left")
+    ax1.legend(fontsize=8, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "codecs.png", dpi=110)
 
@@ -545,6 +547,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--skip-extras", action="store_true", help="no 1 MiB timing, folding, protocol")
+    ap.add_argument("--report-only", action="store_true", help="rewrite codecs.md and codecs.png from codecs.json")
     ap.add_argument("--extras-only", action="store_true",
                     help="keep the codec rows of OUT/codecs.json; redo the 1 MiB timing, folding and protocol")
     args = ap.parse_args(argv)
@@ -557,6 +560,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.extras_only:
         return extras_only(out, args)
+    if args.report_only:
+        res = json.loads((out / "codecs.json").read_text())
+        write_report(res, out)
+        plot(res, out)
+        return 0
     machine_at_start = machine()
     print(machine_at_start, flush=True)
     codecs = [c for c in CODECS if (not args.quick or c[0] in QUICK)
