@@ -15,6 +15,7 @@ schema, dtypes, codecs and that every declared size matches its frame, and raise
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -145,6 +146,15 @@ def cancel(id: str, **meta: Any) -> Message:
 
 
 _ENCODE_LIMITS = Limits()
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    # Reusing a Packer saves its construction on every message; one per thread (it has a buffer).
+    p = getattr(_local, "packer", None)
+    if p is None:
+        p = _local.packer = msgpack.Packer(use_bin_type=True)
+    return p
 
 
 # -- encode ------------------------------------------------------------------------------------
@@ -184,10 +194,11 @@ def encode(msg: Message) -> list[Any]:
                           "params": enc.params, "nbytes": nbytes})
             frames.append(enc.payload)
         header["tensors"] = descs
-    _check_header_values(meta, _ENCODE_LIMITS, ("meta",))
+    if meta:
+        _check_header_values(meta, _ENCODE_LIMITS, ("meta",))
     header.update(meta)
     try:
-        frames[0] = msgpack.packb(header, use_bin_type=True)
+        frames[0] = _packer().pack(header)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"cannot encode the {msg.kind} header: {exc}") from None
     return frames

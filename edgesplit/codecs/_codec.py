@@ -171,7 +171,7 @@ class Codec:
             buf = stage.encode(buf, itemsize, params)
             names.append(stage.name)
         payload = buf if isinstance(buf, (bytes, memoryview)) else memoryview(buf)
-        return Encoded("+".join(names), dtype, tuple(int(d) for d in arr.shape), params, payload)
+        return Encoded("+".join(names), dtype, arr.shape, params, payload)
 
     # -- decode ----------------------------------------------------------------------------
     def decode(self, enc: Encoded) -> np.ndarray:

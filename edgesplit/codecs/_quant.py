@@ -72,7 +72,7 @@ class NumericStage:
 
     def out_itemsize(self, dtype: str) -> int:
         """Bytes per element of the buffer this stage makes (drives the byte shuffle)."""
-        return np.dtype(dtype).itemsize
+        return wire_dtype(dtype).itemsize
 
     def payload_size(self, dtype: str, shape: tuple[int, ...], params: dict) -> int:
         return _count(shape) * np.dtype(dtype).itemsize
