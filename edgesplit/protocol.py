@@ -270,9 +270,17 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_KNOWN_CODECS: set[str] = set()
+
+
 def _known_codec(codec: str) -> bool:
+    if codec in _KNOWN_CODECS:
+        return True
     names = codec.split("+")
-    return names[0] in NUMERIC_STAGES and all(n in BYTE_STAGES for n in names[1:]) and len(names) <= 8
+    ok = names[0] in NUMERIC_STAGES and all(n in BYTE_STAGES for n in names[1:]) and len(names) <= 8
+    if ok and len(_KNOWN_CODECS) < 512:
+        _KNOWN_CODECS.add(codec)
+    return ok
 
 
 def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
@@ -374,39 +382,39 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
 
 
 def _tensor(d: Any, view: memoryview, i: int, limits: Limits, rid: str | None) -> tuple[Encoded, int]:
-    if not isinstance(d, dict):
+    if type(d) is not dict:
         _fail(f"tensor {i}: descriptor must be a map", rid)
-    missing = _TENSOR_KEYS.difference(d)
-    if missing:
-        _fail(f"tensor {i}: descriptor lacks {sorted(missing)}", rid)
-    name = _str(d["name"], f"tensor {i} name", limits, rid, allow_empty=False)
-    dtype = d["dtype"]
+    try:
+        name, dtype, shape, codec, params, nbytes = (d["name"], d["dtype"], d["shape"], d["codec"], d["params"],
+                                                     d["nbytes"])
+    except KeyError:
+        _fail(f"tensor {i}: descriptor lacks {sorted(_TENSOR_KEYS.difference(d))}", rid)
+    if type(name) is not str or not name or len(name) > limits.max_name_length:
+        _fail(f"tensor {i}: name must be a non-empty string of at most {limits.max_name_length} chars, "
+              f"got {_short(name)}", rid)
     if type(dtype) is not str or dtype not in _DTYPES:
         _fail(f"tensor {name!r}: dtype {_short(dtype)} is not allowed (allowed: {', '.join(sorted(_DTYPES))})", rid)
-    shape = d["shape"]
-    if not isinstance(shape, list) or len(shape) > limits.max_rank:
+    if type(shape) is not list or len(shape) > limits.max_rank:
         _fail(f"tensor {name!r}: shape must be a list of at most {limits.max_rank} dims", rid)
     count = 1
+    max_dim = limits.max_dim
     for dim in shape:
-        if not _int(dim) or not 0 <= dim <= limits.max_dim:
+        if type(dim) is not int or not 0 <= dim <= max_dim:
             _fail(f"tensor {name!r}: dim {_short(dim)} must be an int in [0, {limits.max_dim}]", rid)
         count *= dim
     size = count * _ITEMSIZE[dtype]
     if size > limits.max_decoded_bytes:
         _fail(f"tensor {name!r}: {dtype}{shape} decodes to {size} bytes, over the limit of "
               f"{limits.max_decoded_bytes}", rid)
-    codec = d["codec"]
-    if not isinstance(codec, str) or len(codec) > limits.max_name_length or not _known_codec(codec):
+    if type(codec) is not str or len(codec) > limits.max_name_length or not _known_codec(codec):
         _fail(f"tensor {name!r}: unknown codec {_short(codec)}", rid)
-    params = d["params"]
-    if not isinstance(params, dict):
+    if type(params) is not dict:
         _fail(f"tensor {name!r}: params must be a map", rid)
-    nbytes = d["nbytes"]
-    if not _int(nbytes) or nbytes != view.nbytes:
+    if type(nbytes) is not int or nbytes != view.nbytes:
         _fail(f"tensor {name!r}: header declares {_short(nbytes)} bytes but its frame has {view.nbytes}", rid)
     enc = Encoded(codec, dtype, tuple(shape), params, view)
     try:
-        _validate_encoded(enc)
+        _validate_encoded(enc, True)
     except CodecError as exc:
         _fail(f"tensor {name!r}: {exc}", rid)
     return enc, size

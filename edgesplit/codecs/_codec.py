@@ -232,11 +232,22 @@ def _stages(codec: Any) -> tuple[_quant.NumericStage, list[_bytes.ByteStage]]:
     return hit
 
 
-def _plan(enc: Encoded) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], int]:
-    """Check everything about `enc` that needs no allocation; return the stages and payload size."""
+def _plan(enc: Encoded, fields_checked: bool = False) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], int]:
+    """Check everything about `enc` that needs no allocation; return the stages and payload size.
+
+    With `fields_checked` (the protocol's decoder has already checked the dtype, the shape and
+    the params' type, and wrapped the payload in a memoryview) those checks are skipped.
+    """
     if not isinstance(enc, Encoded):
         raise CodecError(f"expected an Encoded, got {type(enc).__name__}")
     numeric, stages = _stages(enc.codec)
+    if fields_checked:
+        if numeric.lossy and enc.dtype not in _quant.FLOAT_DTYPES:
+            raise CodecError(f"{numeric.name} cannot carry dtype {enc.dtype}")
+        size = numeric.payload_size(enc.dtype, enc.shape, enc.params)
+        if numeric.lossy and type(numeric) is _quant.IntStage:
+            numeric.validate(enc.dtype, enc.shape, enc.params)
+        return numeric, stages, size
     if type(enc.dtype) is not str or enc.dtype not in DTYPES:
         raise CodecError(f"dtype {enc.dtype!r} is not allowed")
     if not isinstance(enc.shape, tuple) or len(enc.shape) > MAX_RANK or any(
@@ -257,9 +268,9 @@ def _plan(enc: Encoded) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], in
     return numeric, stages, size
 
 
-def validate(enc: Encoded) -> None:
+def validate(enc: Encoded, fields_checked: bool = False) -> None:
     """Check an Encoded (codec, dtype, shape, params, payload size) without decoding it."""
-    numeric, stages, size = _plan(enc)
+    numeric, stages, size = _plan(enc, fields_checked)
     if stages:
         stages[-1].validate(enc.payload, size, enc.params)
     elif memoryview(enc.payload).nbytes != size:
