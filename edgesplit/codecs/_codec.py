@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -105,6 +104,8 @@ class Codec:
                 int(name[3:]), per_channel=pc, axis=axis, packed=pk,
                 use_calibration=use_calibration and "nocal" not in opts)
         else:
+            if opts:
+                raise CodecError(f"{name} takes no options, got {opts}")
             self.numeric = {"raw": _quant.RawStage, "fp16": _quant.Fp16Stage, "bf16": _quant.Bf16Stage}[name]()
         self.level = level
         self.byte_stages = self._byte_plan(byte_tokens, shuffle, one_byte_codes=name.startswith("int"))
@@ -323,7 +324,3 @@ def get_codec(spec: str, **params: Any) -> Codec:
         with _lock:
             _CACHE[key] = codec
     return codec
-
-
-def is_finite_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
