@@ -17,7 +17,8 @@ import onnx
 
 from edgesplit.bundle import TensorSpec
 from edgesplit.graph._index import GraphIndex
-from edgesplit.graph._shapes import WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes, probe_with_onnxruntime
+from edgesplit.graph._shapes import (WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes, name_batch_axes,
+                                     probe_with_onnxruntime)
 
 
 @dataclass(frozen=True)
@@ -220,4 +221,9 @@ def _candidates(index: GraphIndex, info: ShapeInfo, narrow: bool, model_path=Non
         picked = _narrow([r[2] for r in rows], [len(r[1]) for r in rows], before, first, float("inf"))
         if picked:  # else (a chain as wide as its input, ...) every closed cut is shown
             rows = [rows[k] for k in picked]
+    if run and len(rows) <= 200:  # name the batch axis where inference lost it, as partition does
+        if name_batch_axes(model_path, index.model, info, [t for r in rows for t in r[1]]):
+            namer = UnknownNamer()
+            rows = [(h, ts, size, tuple(crossing_spec(info, t, namer) for t in ts), ex)
+                    for h, ts, size, _, ex in rows]
     return [CandidateCut(k + 1, r[1], r[2], r[3], r[0], total, r[4]) for k, r in enumerate(rows)]
