@@ -328,3 +328,18 @@ def test_shape_option_parsing():
         infer_shapes(model, {"nothing": (1,)})
     with pytest.raises(ConfigError, match="has 2 dims"):
         infer_shapes(model, {"x": (1, 2)})
+
+
+def test_constant_model_outputs_come_from_the_last_segment(tmp_path):
+    model = tm.chain()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(3, dtype=np.float32), "const_out"))
+    model.graph.node.append(helper.make_node("Constant", [], ["node_out"],
+                                             value=onnx.numpy_helper.from_array(np.ones(2, np.float32), "v")))
+    model.graph.output.extend([helper.make_tensor_value_info("const_out", onnx.TensorProto.FLOAT, [3]),
+                               helper.make_tensor_value_info("node_out", onnx.TensorProto.FLOAT, [2])])
+    path = tmp_path / "consts.onnx"
+    onnx.save_model(model, str(path))
+    bundle = partition(path, [["h1"]], tmp_path / "b")
+    assert bundle.segments[-1].outputs == ("y", "const_out", "node_out")
+    assert bundle.cut(1).tensors == ("h1",)
+    check_bundle(bundle, path, tm.example_inputs(model))

@@ -153,7 +153,7 @@ def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, h
         outs = [v for v in wanted if v in made]
         last = s == len(bounds) - 2
         if last:  # model outputs computed from weights only are made by the last segment
-            outs += [v for v in model_outputs if v in index.const_values and v not in index.initializers]
+            outs += [v for v in model_outputs if v in index.const_values]
         ins: list[str] = []
         for n in nodes:
             for v in index.variable_reads(n):
