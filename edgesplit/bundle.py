@@ -268,7 +268,7 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Bundle.load(out)
+    return Bundle.load(out, verify=False)  # the same files were verified in tmp a moment ago
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
