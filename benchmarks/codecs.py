@@ -57,8 +57,11 @@ CODECS = [
     ("int8+zstd", "int8+zstd", False),
     ("int8+zstd cal", "int8+zstd", True),
     ("int8:pt+zstd", "int8:pt+zstd", False),
+    ("int8+pred+zstd", "int8+pred+zstd:3:mm7", False),
     ("int6:pt+zstd", "int6:pt+zstd", False),
+    ("int6:pt+pred+zstd", "int6:pt+pred+zstd:3:mm7", False),
     ("int5:pt+zstd", "int5:pt+zstd", False),
+    ("int5:pt+pred+zstd", "int5:pt+pred+zstd:3:mm7", False),
     ("int4:pt", "int4:pt", False),
     ("int4:pt+zstd", "int4:pt+zstd", False),
     ("int4+zstd", "int4+zstd", False),
@@ -425,6 +428,15 @@ def write_report(res: dict, out: Path) -> None:
             cells.append(f"{100 * r['agreement']:.1f} / {r['ratio']:.1f}x" if r else "-")
         L.append(f"| {k} | " + " | ".join(cells) + " |")
 
+    if res.get("confirm"):
+        c = res["confirm"]
+        L.append(f"\n## Confirmation on {c['samples']} fresh crops (another seed), `{c['command']}` "
+                 f"({c['elapsed_s'] / 60:.1f} min)\n")
+        L.append("| cut | codec | ratio | agreement | images that differ | wire bytes |")
+        L.append("| --- | --- | --- | --- | --- | --- |")
+        for r in c["rows"]:
+            L.append(f"| {r['cut']} | {r['codec']} | {r['ratio']:.2f}x | {100 * r['agreement']:.2f}% | "
+                     f"{r['disagree']} of {c['samples']} | {r['bytes_wire']:.0f} |")
     if res.get("extras_machine"):
         L.append(f"\nThe sections below were measured later by `{res['extras_command']}` "
                  f"({res['extras_elapsed_s'] / 60:.1f} min) on: {res['extras_machine']}.")
@@ -501,6 +513,44 @@ def plot(res: dict, out: Path) -> None:
     fig.savefig(out / "codecs.png", dpi=110)
 
 
+def confirm(out: Path, args) -> int:
+    """Re-measure a few (cut, codec) pairs on a fresh, larger set of crops (another seed)."""
+    from edgesplit.cli.calibrate_cmd import calibrate
+    from edgesplit.runtime import OnnxRuntimeRunner, SegmentChain
+
+    started = time.time()
+    res = json.loads((out / "codecs.json").read_text())
+    pairs = [(int(c), lab) for c, lab in (p.split(":", 1) for p in args.confirm.split(","))]
+    by_label = {c[0]: c for c in CODECS}
+    work = Path(tempfile.mkdtemp(prefix="codecs-confirm."))
+    bundle = build_bundle(work)
+    sources = photo_sources()
+    xs = views(sources, args.samples, seed=3)
+    in_name = bundle.inputs[0].name
+    cal = calibrate(bundle, {in_name: views(sources, res["calib_samples"], seed=2)}, percentile=res["percentile"],
+                    batch=16, runner="ort-cpu")
+    with OnnxRuntimeRunner(MODEL, intra_op_threads=args.threads) as full:
+        ref_top1 = next(iter(run_batched(full.infer, {in_name: xs}, args.batch).values())).argmax(axis=1)
+    rows = []
+    env = {in_name: xs}
+    for k in range(1, max(c for c, _ in pairs) + 1):
+        with SegmentChain(bundle, k - 1, k, runner="ort-cpu", intra_op_threads=args.threads) as seg:
+            env = run_batched(seg.run, env, args.batch)
+        labs = [lab for c, lab in pairs if c == k]
+        if labs:
+            rows += evaluate_cut(bundle, k, env, ref_top1, [by_label[lab] for lab in labs], cal, args.threads,
+                                 args.batch)
+            for r in rows[-len(labs):]:
+                print(f"cut {k}: {r['codec']} {r['ratio']:.2f}x {100 * r['agreement']:.2f}% "
+                      f"({r['disagree']} of {len(xs)})", flush=True)
+    res["confirm"] = {"rows": rows, "samples": len(xs), "seed": 3, "machine": machine(),
+                      "command": f"python benchmarks/codecs.py --confirm {args.confirm} --samples {args.samples}",
+                      "elapsed_s": time.time() - started}
+    (out / "codecs.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_report(res, out)
+    return 0
+
+
 def extras_only(out: Path, args) -> int:
     from edgesplit.cli.calibrate_cmd import calibrate
     from edgesplit.runtime import SegmentChain
@@ -531,7 +581,7 @@ def extras_only(out: Path, args) -> int:
 
 
 EXTRA_SPECS = ["int8+zstd", "int8:pt+zstd", "int8+lz4", "int8", "fp16", "fp16+lz4", "raw+zstd", "int4:pt+zstd",
-               "int5:pt+zstd", "int6:pt+zstd"]
+               "int5:pt+zstd", "int6:pt+zstd", "int6:pt+pred+zstd:3:mm7", "int8+pred+zstd:3:mm7"]
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -548,6 +598,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--skip-extras", action="store_true", help="no 1 MiB timing, folding, protocol")
     ap.add_argument("--report-only", action="store_true", help="rewrite codecs.md and codecs.png from codecs.json")
+    ap.add_argument("--confirm", default=None, metavar="CUT:LABEL,...",
+                    help="re-measure these (cut, codec) pairs on --samples fresh crops; adds to codecs.json/md")
     ap.add_argument("--extras-only", action="store_true",
                     help="keep the codec rows of OUT/codecs.json; redo the 1 MiB timing, folding and protocol")
     args = ap.parse_args(argv)
@@ -560,6 +612,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.extras_only:
         return extras_only(out, args)
+    if args.confirm:
+        return confirm(out, args)
     if args.report_only:
         res = json.loads((out / "codecs.json").read_text())
         write_report(res, out)

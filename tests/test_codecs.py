@@ -11,10 +11,11 @@ from edgesplit.codecs import DTYPES, Encoded, decode, get_codec, validate
 from edgesplit.codecs._quant import pack_bits, unpack_bits
 from edgesplit.errors import CodecError
 
-LOSSLESS = ["raw", "zstd", "lz4", "raw+shuffle+zstd", "raw+lz4", "shuffle+lz4", "zstd:3"]
+LOSSLESS = ["raw", "zstd", "lz4", "raw+shuffle+zstd", "raw+lz4", "shuffle+lz4", "zstd:3", "raw+pred+zstd",
+            "pred+lz4", "zstd:3:mm7"]
 LOSSY = ["fp16", "bf16", "int8", "int8:pc", "int6", "int5", "int4", "int4:pc", "int3", "int2",
          "int8+zstd", "int8+lz4", "fp16+lz4", "fp16+zstd", "bf16+zstd", "int4:pc+zstd", "int6:u+zstd",
-         "int4:u+lz4"]
+         "int4:u+lz4", "int6:pt+pred+zstd:3:mm7", "int8+pred+lz4", "int4:p+pred+zstd"]
 
 
 def _sample(dtype: str, shape, rng) -> np.ndarray:
@@ -227,3 +228,30 @@ def test_a_shared_codec_is_safe_across_threads():
 
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(work, range(8)))
+
+
+def test_prediction_is_lossless_on_codes_and_pays_on_smooth_maps():
+    rng = np.random.default_rng(6)
+    # Channels with different offsets and smooth 7x7 maps, like a late EfficientNet cut.
+    yy, xx = np.mgrid[0:7, 0:7].astype(np.float32)
+    x = (np.linspace(-4, 4, 64, dtype=np.float32)[None, :, None, None] + 0.3 * (yy + xx)[None, None]
+         + 0.05 * rng.standard_normal((2, 64, 7, 7)).astype(np.float32))
+    plain, pred = get_codec("int6:pt+zstd"), get_codec("int6:pt+pred+zstd")
+    e_plain, e_pred = plain.encode(x), pred.encode(x)
+    assert e_pred.codec == "int6+pred+zstd" and e_pred.params["pred"] == [7, 7]
+    assert np.array_equal(decode(e_pred), decode(e_plain))  # same codes, other bytes
+    assert e_pred.nbytes < 0.8 * e_plain.nbytes
+    # Not applicable: 1-D tensors, packed codes, multi-byte payloads.
+    assert get_codec("int6:pt+pred+zstd").encode(x.reshape(-1)).codec == "int6+zstd"
+    assert get_codec("int6:p+pred").encode(x).codec == "int6"
+    assert get_codec("fp16+pred+zstd").encode(x).codec == "fp16+shuffle+zstd"
+
+
+def test_prediction_params_are_checked():
+    x = np.random.default_rng(7).standard_normal((1, 4, 6, 5)).astype(np.float32)
+    enc = get_codec("int8+pred+zstd").encode(x)
+    for bad in [None, [6], [0, 5], [7, 5], ["6", 5], [6, 5, 1], True]:
+        with pytest.raises(CodecError):
+            decode(_tamper(enc, params={**enc.params, "pred": bad}))
+    with pytest.raises(CodecError):
+        get_codec("zstd:fast")

@@ -20,7 +20,8 @@ from edgesplit.codecs import decode as decode_tensor
 from edgesplit.codecs import get_codec
 from edgesplit.errors import CodecError, ConfigError, ProtocolError
 
-CODECS = ["raw", "fp16", "bf16", "int8", "int8:pc", "int4", "int6+zstd", "int8+zstd", "fp16+lz4", "zstd", "lz4"]
+CODECS = ["raw", "fp16", "bf16", "int8", "int8:pc", "int4", "int6+zstd", "int8+zstd", "fp16+lz4", "zstd", "lz4",
+          "int6:pt+pred+zstd"]
 
 
 def _msg(n=2, codec="int8+zstd", **meta):

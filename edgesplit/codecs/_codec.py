@@ -17,7 +17,7 @@ DTYPES = frozenset(
      "int64", "uint64", "bool"}
 )
 NUMERIC_STAGES = ("raw", "fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2")
-BYTE_STAGES = ("shuffle", "zstd", "lz4")
+BYTE_STAGES = ("shuffle", "pred", "zstd", "lz4")
 MAX_RANK = 32
 
 
@@ -130,9 +130,15 @@ class Codec:
     def _make_byte_stage(self, name: str, opts: list[str]) -> _bytes.ByteStage:
         if name == "shuffle":
             return _bytes.ShuffleStage()
+        if name == "pred":
+            return _bytes.PredictStage()
         if name == "zstd":
-            lvl = self.level if self.level is not None else (int(opts[0]) if opts and _isint(opts[0]) else 1)
-            return _bytes.ZstdStage(lvl)
+            lvl = self.level if self.level is not None else next((int(o) for o in opts if _isint(o)), 1)
+            mm = next((int(o[2:]) for o in opts if o.startswith("mm") and _isint(o[2:])), None)
+            bad = [o for o in opts if not _isint(o) and not (o.startswith("mm") and _isint(o[2:]))]
+            if bad:
+                raise CodecError(f"zstd: unknown option(s) {bad} (a level, or mmN for the minimum match)")
+            return _bytes.ZstdStage(lvl, mm)
         return _bytes.Lz4Stage()
 
     @property
@@ -167,9 +173,12 @@ class Codec:
         itemsize = numeric.out_itemsize(dtype)
         names = [numeric.name]
         for stage in (self.byte_stages if numeric is self.numeric else self._raw_byte_stages):
-            if stage.name == "shuffle" and itemsize <= 1:
-                continue  # shuffling 1-byte codes changes nothing
-            buf = stage.encode(buf, itemsize, params)
+            if not stage.applies(itemsize, arr.shape, params):
+                continue  # e.g. shuffling 1-byte codes, or predicting a 1-D tensor
+            if stage.name == "pred":
+                buf = stage.encode_shaped(buf, arr.shape, params)
+            else:
+                buf = stage.encode(buf, itemsize, params)
             names.append(stage.name)
         payload = buf if isinstance(buf, (bytes, memoryview)) else memoryview(buf)
         return Encoded("+".join(names), dtype, arr.shape, params, payload)
@@ -200,7 +209,8 @@ def _byte_decoder(name: str) -> _bytes.ByteStage:
         with _lock:
             stage = _BYTE_DECODERS.get(name)
             if stage is None:
-                stage = {"shuffle": _bytes.ShuffleStage, "zstd": _bytes.ZstdStage, "lz4": _bytes.Lz4Stage}[name]()
+                stage = {"shuffle": _bytes.ShuffleStage, "pred": _bytes.PredictStage, "zstd": _bytes.ZstdStage,
+                         "lz4": _bytes.Lz4Stage}[name]()
                 _BYTE_DECODERS[name] = stage
     return stage
 
