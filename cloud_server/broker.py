@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _FLOAT = (int, float)
 _RECV_BATCH = 64  # messages taken from one socket before looking at the other
+_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
 _ZAP_DOMAIN = "edgesplit"  # the ZeroMQ authentication domain of the edge-facing socket
 
 
@@ -284,6 +285,10 @@ class Broker:
                             handler(frames)
                         except Exception:  # a bug must not stop the pool; the request is logged
                             log.exception("broker: failed to handle a message")
+                        # Asking the socket is cheaper than a recv that raises Again (and it
+                        # keeps the GIL, which the thread workers of this process want now).
+                        if not sock.get(_EVENTS) & _POLLIN:
+                            break
                 now = time.monotonic()
                 try:
                     if self._pending:

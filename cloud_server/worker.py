@@ -38,6 +38,7 @@ __all__ = ["TailWorker"]
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
 
 
 class _Job:
@@ -166,6 +167,8 @@ class TailWorker:
         self._version = 0  # bumped when loaded bundles or profiles change: triggers a heartbeat
         self._codecs: dict[str, Any] = {}
         self._sock: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None  # polls self._sock (made again for a new socket)
+        self._poller_sock: zmq.Socket | None = None
         self._last_send = 0.0
         self._last_heard = time.monotonic()
         self._clock = W.ClockMap()
@@ -254,13 +257,23 @@ class TailWorker:
         """Wait up to `timeout_s` for the broker, then take everything it sent."""
         with self._lock:
             sock = self._sock
-            if not sock.poll(max(0, math.ceil(timeout_s * 1e3))):  # whole ms: a fraction would spin
-                return
+            # Asking the socket for its events is cheaper than a poll (and than a recv that
+            # raises Again), and it keeps the GIL, which a broker thread of this process wants.
+            if not sock.get(_EVENTS) & _POLLIN:
+                if timeout_s <= 0:
+                    return
+                if self._poller is None or self._poller_sock is not sock:
+                    self._poller, self._poller_sock = zmq.Poller(), sock
+                    self._poller.register(sock, _POLLIN)
+                if not self._poller.poll(math.ceil(timeout_s * 1e3)):  # whole ms: a fraction would spin
+                    return
             got = []
             for _ in range(256):
                 try:
                     got.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
+                    break
+                if not sock.get(_EVENTS) & _POLLIN:
                     break
         self._last_heard = time.monotonic()
         for frames in got:
