@@ -87,6 +87,22 @@ class _Worker:
         self.sock = None  # the broker socket this worker talks on (local or remote)
 
 
+class _InlineSocket:
+    """The inline worker's end of the conversation: what the broker sends it lands in a deque."""
+
+    __slots__ = ("inbox",)
+
+    def __init__(self, inbox: deque):
+        self.inbox = inbox
+
+    def send_multipart(self, frames: list, flags: int = 0, copy: bool = True, track: bool = False) -> None:
+        self.inbox.append(frames[1:])  # [identity, ctl, *frames] -> [ctl, *frames]
+
+
+def _no_receive(timeout_s: float) -> None:
+    return None
+
+
 def _is_loopback(address: str) -> bool:
     if address.startswith(("ipc://", "inproc://")):
         return True
@@ -155,6 +171,15 @@ class Broker:
         self._bound = threading.Event()
         self._thread: threading.Thread | None = None
         self.exit_reason = ""
+        # a tail worker run by this broker's own thread (Server worker_mode "inline")
+        self._inline = None
+        self._inline_in: deque[list] = deque()  # what the broker sent it: [ctl, *frames]
+        self._inline_out: deque[list] = deque()  # what it answered: [ctl, *frames]
+        self._inline_sock = _InlineSocket(self._inline_in)
+        self._inline_ident = b""
+        self._inline_beat_at = -math.inf
+        self._inline_version = -1
+        self._inline_gone = False
 
     # -- life cycle ---------------------------------------------------------------------------
     def bind(self) -> tuple[str, str]:
@@ -214,6 +239,17 @@ class Broker:
         self.back.bind(address)
         return address
 
+    def add_inline_worker(self, worker) -> None:
+        """Run `worker` (a TailWorker, not started) in this broker's own thread.
+
+        A request is then decoded, computed and answered in the wake-up that received it: no
+        hand-off to another thread or process (the lowest overhead), but the broker reads
+        nothing else while a batch computes. For short tails on one host. Call before start().
+        """
+        if self._inline is not None:
+            raise ConfigError("a broker runs at most one inline worker")
+        self._inline = worker
+
     def start(self) -> "Broker":
         """Bind and run the loop in a background thread."""
         self.bind()
@@ -266,6 +302,8 @@ class Broker:
         for sock in handlers:
             poller.register(sock, zmq.POLLIN)
         cfg = self.config
+        if self._inline is not None:
+            self._start_inline()
         next_tick = next_expiry_check = time.monotonic()
         try:
             while True:
@@ -289,6 +327,11 @@ class Broker:
                         # keeps the GIL, which the thread workers of this process want now).
                         if not sock.get(_EVENTS) & _POLLIN:
                             break
+                if self._inline is not None:
+                    try:
+                        self._run_inline()
+                    except Exception:  # same as a handler: log the bug, keep serving
+                        log.exception("broker: the inline worker failed")
                 now = time.monotonic()
                 try:
                     if self._pending:
@@ -304,6 +347,9 @@ class Broker:
                 except Exception:  # same: log the bug, keep serving
                     log.exception("broker: housekeeping failed")
         finally:
+            if self._inline is not None:
+                for b in self._inline._loaded.values():
+                    b.close()
             self._update_snapshot(time.monotonic(), stopped=True)
             self._stopped.set()
 
@@ -530,6 +576,52 @@ class Broker:
         having = [w for w in live if bundle in w.available] or live
         w = min(having, key=lambda w: len(w.inflight))
         w.sock.send_multipart([w.ident, W.ctl(W.LOAD, bundle)])
+
+    # -- the inline worker ----------------------------------------------------------------------
+    # It speaks the same conversation as any worker (_wire: ready, hb, req, reply, bye), only
+    # through two deques instead of a socket, so dispatch, exactly-once replies, deadlines and
+    # metrics are the same code as for the others.
+    def _start_inline(self) -> None:
+        w = self._inline
+        w._send = self._inline_out.append  # its replies come back to _on_back below
+        w._receive = _no_receive  # requests are handed over, never received
+        w.CROWD_MEMORY_S = 0.0  # never wait for batch-mates: this thread is the only one
+        w._scan()
+        self._inline_ident = f"inline:{w.name}".encode()[:255]
+        self._inline_back([W.ctl(W.READY, w._status(full=True))])
+        if w.config.preload:
+            for bid in w.repository.ids():
+                w._load_bundle(bid)
+        self._inline_beat(time.monotonic())
+
+    def _inline_back(self, frames: list) -> None:
+        self._on_back([zmq.Frame(self._inline_ident), *frames], self._inline_sock)
+
+    def _inline_beat(self, now: float) -> None:
+        w = self._inline
+        if self._inline_gone:
+            return
+        if w._stop_at is not None and not any(j.load is None for j in w._queue):
+            self._inline_gone = True
+            self._inline_back([W.ctl(W.BYE)])
+            return
+        if w._version != self._inline_version or now - self._inline_beat_at >= self.config.heartbeat_interval_s / 2:
+            self._inline_version, self._inline_beat_at = w._version, now
+            self._inline_back([W.ctl(W.HEARTBEAT, w._status())])
+
+    def _run_inline(self) -> None:
+        """Hand the inline worker what the broker sent it, run its queue, deliver its replies."""
+        w, inbox, out = self._inline, self._inline_in, self._inline_out
+        while inbox or w._queue or out:
+            while inbox:
+                w._on_broker(inbox.popleft())
+            if w._queue:
+                batch = w._take_batch()
+                if batch:
+                    w._run_batch(batch)
+            while out:
+                self._inline_back(out.popleft())
+        self._inline_beat(time.monotonic())
 
     # -- workers ------------------------------------------------------------------------------
     def _on_back(self, frames: list, sock: zmq.Socket) -> None:

@@ -65,9 +65,10 @@ def build_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--worker-bind", default=None, metavar="ADDR",
                    help="also take workers from other hosts (`edgesplit worker`) on this address; local "
                         "workers use a free loopback port")
-    p.add_argument("--worker-mode", choices=("process", "thread"), default="process",
-                   help="local workers as processes (isolated; default) or as threads of the server "
-                        "(payloads never cross a process boundary: lowest overhead)")
+    p.add_argument("--worker-mode", choices=("process", "thread", "inline"), default="process",
+                   help="local workers as processes (isolated; default), as threads of the server "
+                        "(payloads never cross a process boundary), or inline: one worker run by the "
+                        "broker's own thread (no hand-off: lowest overhead; for short tails)")
     p.add_argument("--curve-secret", metavar="FILE", help="server key file (NAME.key_secret): CURVE on --bind")
     p.add_argument("--allow-clients", metavar="DIR", help="folder of allowed client public keys (*.key)")
     p.add_argument("--allow-workers", metavar="DIR",

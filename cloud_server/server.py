@@ -65,7 +65,9 @@ class Server:
             instead of failing; `edgesplit serve` does this for its default 8080 only.
         worker_mode: "process" (isolated: a crash or SIGKILL loses only that worker) or "thread"
             (workers are threads of this process reached over inproc: a request's payload is
-            never copied between processes, the lowest overhead on one host).
+            never copied between processes) or "inline" (one worker run by the broker's own
+            thread: no hand-off at all, the lowest overhead, but the broker reads nothing else
+            while a batch computes; for short tails).
     """
 
     def __init__(self, repository: str | os.PathLike, bind: str = "tcp://127.0.0.1:5555",
@@ -74,8 +76,11 @@ class Server:
                  curve_secret: str | os.PathLike | None = None, allow_clients: str | os.PathLike | None = None,
                  worker_mode: str = "process", allow_workers: str | os.PathLike | None = None,
                  http_fallback: bool = False):
-        if worker_mode not in ("process", "thread"):
-            raise ConfigError(f"--worker-mode is process or thread, got {worker_mode!r}")
+        if worker_mode not in ("process", "thread", "inline"):
+            raise ConfigError(f"--worker-mode is process, thread or inline, got {worker_mode!r}")
+        if worker_mode == "inline" and len(devices) > 1:
+            raise ConfigError("--worker-mode inline runs one worker (in the broker's thread); "
+                              "use thread or process workers for several")
         self.worker_mode = worker_mode
         self.threads: list = []
         self.repository = Path(repository)
@@ -139,6 +144,8 @@ class Server:
         print(f"edgesplit serve: workers connect to {self.broker.remote_address or back}", flush=True)
         if self.worker_mode == "thread":
             self._start_threads()
+        elif self.worker_mode == "inline" and self.devices:
+            self._start_inline()
         self.broker.start()
         if self.worker_mode == "process":
             for i in range(len(self.devices)):
@@ -166,6 +173,18 @@ class Server:
             t = threading.Thread(target=w.run, name=w.name, daemon=True)
             t.start()
             self.threads.append((w, t))
+
+    def _start_inline(self) -> None:
+        from cloud_server.worker import TailWorker
+
+        device = self.devices[0]
+        if device != "cpu":
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", device[5:])
+        cfg = self.config
+        if cfg.intra_op_threads is None and device == "cpu":
+            cfg = cfg.replace(intra_op_threads=self._threads())
+        self.broker.add_inline_worker(TailWorker("inline://", self.repository, cfg, device=device,
+                                                 name=f"inline-0-{device}", context=self.broker.ctx))
 
     def wait_ready(self, timeout: float) -> bool:
         """Until every local worker announced itself and (with preload) loaded its bundles."""

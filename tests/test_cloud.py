@@ -322,6 +322,45 @@ def test_thread_workers_serve_and_stop_gracefully(repo):
         assert server.stop() == 0
 
 
+def test_inline_worker_batches_answers_once_and_stops_gracefully(repo):
+    mlp, slow = _bundles(repo)
+    rng = np.random.default_rng(5)
+    with ServeProc(repo, workers=1, heartbeat_ms=HB_MS,
+                   extra=["--worker-mode", "inline", "--max-batch", "8"]) as server:
+        models = server.json("/v1/models")
+        assert [w["name"] for w in models["workers"]] == ["inline-0-cpu"]
+        assert models["workers"][0]["pid"] == server.proc.pid  # the broker's own process
+        assert _eventually(lambda: server.get("/readyz")[0] == 200)
+        edge = Edge(server.address)
+        # everything sent at once: what the broker reads in one wake-up runs as batches
+        xs = {f"i{i}": rng.standard_normal((1, 16)).astype(np.float32) for i in range(40)}
+        for rid, x in xs.items():
+            edge.send_infer(rid, mlp.id, 0, {"x": x})
+        edge.send_infer("bad", mlp.id, 0, {"x": rng.standard_normal((1, 15)).astype(np.float32)})
+        edge.send_infer("late", mlp.id, 0, {"x": xs["i0"]}, deadline_ms=-1)
+        got = {}
+        while len(got) < len(xs) + 2:
+            msg = edge.recv()
+            assert msg is not None and msg.id not in got
+            got[msg.id] = msg
+        assert got["bad"].kind == "error" and got["bad"].meta["code"] == "bad_request"
+        assert got["late"].kind == "error" and got["late"].meta["code"] == "deadline"
+        for rid, x in xs.items():
+            assert got[rid].kind == "result" and got[rid].meta["worker"] == "inline-0-cpu", got[rid].meta
+            np.testing.assert_allclose(edge.outputs(got[rid])["y"], mlp_reference(x, mlp.path), rtol=1e-4, atol=1e-5)
+        assert max(got[rid].meta["batch"] for rid in xs) > 1
+        assert edge.recv(timeout_ms=300) is None  # nothing twice
+        # the inline worker heartbeats like any other: still there after many heartbeat intervals
+        time.sleep(6 * HB_MS / 1e3)
+        assert [w["name"] for w in server.json("/v1/models")["workers"]] == ["inline-0-cpu"]
+        assert server.metric("edgesplit_requests_total", 'outcome="ok"') == len(xs)
+        assert server.metric("edgesplit_workers_lost_total") == 0
+        edge.close()
+        t = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - t < 10
+
+
 def test_config_is_validated():
     assert ServerConfig().heartbeat_expiry_s == pytest.approx(1.5)
     for bad in ({"heartbeat_interval_s": 0}, {"max_batch": 0}, {"max_batch": 2.5}, {"max_pending": -1},
