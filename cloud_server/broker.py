@@ -248,6 +248,9 @@ class Broker:
         """
         if self._inline is not None:
             raise ConfigError("a broker runs at most one inline worker")
+        if self._remote_addr:
+            # while a batch computes nobody reads their heartbeats or sends them ours
+            raise ConfigError("an inline worker serves alone: use thread or process workers with remote workers")
         self._inline = worker
 
     def start(self) -> "Broker":

@@ -78,9 +78,9 @@ class Server:
                  http_fallback: bool = False):
         if worker_mode not in ("process", "thread", "inline"):
             raise ConfigError(f"--worker-mode is process, thread or inline, got {worker_mode!r}")
-        if worker_mode == "inline" and len(devices) > 1:
-            raise ConfigError("--worker-mode inline runs one worker (in the broker's thread); "
-                              "use thread or process workers for several")
+        if worker_mode == "inline" and (len(devices) > 1 or worker_bind):
+            raise ConfigError("--worker-mode inline runs one worker (in the broker's thread) and no "
+                              "remote ones; use thread or process workers for several")
         self.worker_mode = worker_mode
         self.threads: list = []
         self.repository = Path(repository)

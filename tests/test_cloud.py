@@ -18,9 +18,10 @@ from edgesplit import protocol as P
 from test_cloud_support import (Edge, ServeProc, mlp_bundle, mlp_reference, slow_bundle, slow_reference)
 
 from cloud_server.config import ServerConfig
-from cloud_server.server import parse_devices
+from cloud_server.server import Server, parse_devices
 from edgesplit.errors import ConfigError
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # any existing directory
 HB_MS = 100  # heartbeat of the servers under test: a lost worker is seen within 0.3 s
 
 
@@ -372,6 +373,10 @@ def test_config_is_validated():
     assert ServerConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError):
         ServerConfig.from_json({"nope": 1})
+    with pytest.raises(ConfigError):
+        Server(REPO_ROOT, http=None, devices=["cpu", "cpu"], worker_mode="inline")
+    with pytest.raises(ConfigError):
+        Server(REPO_ROOT, http=None, worker_mode="inline", worker_bind="tcp://127.0.0.1:0")
     assert parse_devices("cpu", 3) == ["cpu"] * 3
     assert parse_devices("cuda:0,cuda:1", None) == ["cuda:0", "cuda:1"]
     with pytest.raises(ConfigError):
