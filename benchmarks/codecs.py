@@ -543,9 +543,17 @@ def confirm(out: Path, args) -> int:
             for r in rows[-len(labs):]:
                 print(f"cut {k}: {r['codec']} {r['ratio']:.2f}x {100 * r['agreement']:.2f}% "
                       f"({r['disagree']} of {len(xs)})", flush=True)
-    res["confirm"] = {"rows": rows, "samples": len(xs), "seed": 3, "machine": machine(),
-                      "command": f"python benchmarks/codecs.py --confirm {args.confirm} --samples {args.samples}",
-                      "elapsed_s": time.time() - started}
+    old = res.get("confirm")
+    command = f"python benchmarks/codecs.py --confirm '{args.confirm}' --samples {args.samples}"
+    elapsed = time.time() - started
+    if old and old["samples"] == len(xs):  # same crops (same seed and count): add to the earlier rows
+        new = {(r["cut"], r["codec"]) for r in rows}
+        rows = sorted([r for r in old["rows"] if (r["cut"], r["codec"]) not in new] + rows,
+                      key=lambda r: (r["cut"], r["codec"]))
+        command = old["command"] + "; " + command
+        elapsed += old["elapsed_s"]
+    res["confirm"] = {"rows": rows, "samples": len(xs), "seed": 3, "machine": machine(), "command": command,
+                      "elapsed_s": elapsed}
     (out / "codecs.json").write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, out)
     return 0
