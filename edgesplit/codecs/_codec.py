@@ -251,6 +251,9 @@ def _plan(enc: Encoded, fields_checked: bool = False) -> tuple[_quant.NumericSta
     """
     if not isinstance(enc, Encoded):
         raise CodecError(f"expected an Encoded, got {type(enc).__name__}")
+    checked = enc.__dict__.get("_checked")
+    if checked is not None:  # validated when the protocol decoded it (fields are immutable)
+        return checked
     numeric, stages = _stages(enc.codec)
     if fields_checked:
         if numeric.lossy and enc.dtype not in _quant.FLOAT_DTYPES:
@@ -280,7 +283,11 @@ def _plan(enc: Encoded, fields_checked: bool = False) -> tuple[_quant.NumericSta
 
 
 def validate(enc: Encoded, fields_checked: bool = False) -> None:
-    """Check an Encoded (codec, dtype, shape, params, payload size) without decoding it."""
+    """Check an Encoded (codec, dtype, shape, params, payload size) without decoding it.
+
+    A valid Encoded remembers it, so decoding it later repeats none of these checks (params is
+    a dict the caller could still change: decode() re-checks what it reads from it anyway).
+    """
     numeric, stages, size = _plan(enc, fields_checked)
     if stages:
         stages[-1].validate(enc.payload, size, enc.params)
@@ -289,6 +296,7 @@ def validate(enc: Encoded, fields_checked: bool = False) -> None:
             f"{enc.codec}: payload has {memoryview(enc.payload).nbytes} bytes, "
             f"{enc.dtype}{list(enc.shape)} needs {size}"
         )
+    object.__setattr__(enc, "_checked", (numeric, stages, size))
 
 
 def decode(enc: Encoded) -> np.ndarray:
