@@ -2,11 +2,12 @@
 
 1. per-request overhead of the whole path (edge DEALER -> broker -> tail worker -> broker -> edge)
    with a near-zero-compute tail, against a bare pyzmq DEALER/ROUTER round trip of the same
-   bytes (an echo server in its own process), for 1 MB requests;
+   bytes (an echo server in its own process), for 1 MB requests, with the worker as a process
+   (the default), a thread, or inline (run by the broker's own thread);
 2. throughput against the number of workers (closed loop, batching off);
 3. the effect of dynamic batching on a batchable model (1 worker, max_batch 1 vs 16).
 
-    python benchmarks/cloud_pool.py [--quick] [--json benchmarks/results/cloud_pool.json]
+    python benchmarks/cloud_pool.py [--quick] [--json benchmarks/results/cloud_pool.json] [--baseline DIR]
 
 Prints the machine, medians and ratios; writes the numbers as JSON.
 """
@@ -44,10 +45,15 @@ port = s.bind_to_random_port("tcp://127.0.0.1")
 print(port, flush=True)
 small = sys.argv[1] == "small"
 tiny = b"\x00" * 4
+read = len(sys.argv) > 2 and sys.argv[2] == "read"
+if read:
+    import numpy as np
 while True:
     f = s.recv_multipart(copy=False)
     if f[1].bytes == b"quit":
         break
+    if read:  # what any tail must do at least once: read its input
+        np.frombuffer(f[-1].buffer, np.float32).max()
     # the reply a tail would send: a small header and the output payload (no copy)
     s.send_multipart([f[0], f[1], tiny if small else f[-1]], copy=False)
 """
@@ -151,10 +157,14 @@ def mlp_bundle(out: Path, width: int = 256, depth: int = 8):
 class Serve:
     """`python -m cloud_server` with the given options, on free loopback ports."""
 
-    def __init__(self, repo: Path, workers: int, *extra: str):
+    def __init__(self, repo: Path, workers: int, *extra: str, pythonpath: str | None = None):
         cmd = [sys.executable, "-m", "cloud_server", "--repository", str(repo), "--bind", "tcp://127.0.0.1:0",
                "--http", "off", "--workers", str(workers), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        env = None
+        if pythonpath:  # another version of the packages (its cwd must not shadow them)
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(pythonpath))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     cwd=os.path.abspath(pythonpath) if pythonpath else REPO, env=env)
         self.address = None
         for line in self.proc.stdout:
             m = re.search(r"listening on (\S+)", line)
@@ -214,17 +224,27 @@ def _roundtrips(sock, frames_fn, n: int) -> list[float]:
     return out
 
 
-def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dict:
-    """Full path vs bare round trip of `size` bytes, interleaved in `rounds` blocks of n."""
+def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int, baseline: str | None = None) -> dict:
+    """Full path vs bare round trip of `size` bytes, interleaved in `rounds` blocks of n.
+
+    With `baseline` (a directory holding another version's cloud_server and edgesplit packages),
+    that version's server runs side by side too (process and thread workers only).
+    """
     elems = size // 4
     res = {}
-    for small, mode in ((True, "process"), (True, "thread"), (False, "process"), (False, "thread")):
+    for small, mode in ((True, "process"), (True, "thread"), (True, "inline"),
+                        (False, "process"), (False, "thread"), (False, "inline")):
         repo = tmp / f"repo-echo-{'small' if small else 'full'}-{mode}"
         bundle = echo_bundle(repo / "echo", elems, small)
         server = Serve(repo, 1, "--max-batch", "1", "--threads", "1", "--worker-mode", mode)
+        before = (Serve(repo, 1, "--max-batch", "1", "--threads", "1", "--worker-mode", mode, pythonpath=baseline)
+                  if baseline and mode != "inline" else None)
         echo = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, "small" if small else "full"],
                                 stdout=subprocess.PIPE, text=True)
         port = int(echo.stdout.readline())
+        reader = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, "small" if small else "full", "read"],
+                                  stdout=subprocess.PIPE, text=True)
+        rdport = int(reader.stdout.readline())
         relay = subprocess.Popen([sys.executable, "-c", _RELAY, "small" if small else "full"],
                                  stdout=subprocess.PIPE, text=True)
         rport, rback = map(int, relay.stdout.readline().split())
@@ -234,11 +254,16 @@ def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dic
             full = ctx.socket(zmq.DEALER)
             bare = ctx.socket(zmq.DEALER)
             floor = ctx.socket(zmq.DEALER)
-            for s in (full, bare, floor):
+            bare_read = ctx.socket(zmq.DEALER)
+            old = ctx.socket(zmq.DEALER)
+            for s in (full, bare, floor, bare_read, old):
                 s.linger = 0
             full.connect(server.address)
             bare.connect(f"tcp://127.0.0.1:{port}")
             floor.connect(f"tcp://127.0.0.1:{rport}")
+            bare_read.connect(f"tcp://127.0.0.1:{rdport}")
+            if before is not None:
+                old.connect(before.address)
             x = np.random.default_rng(0).standard_normal((1, elems)).astype(np.float32)
             enc = get_codec("raw").encode(x)
 
@@ -253,9 +278,13 @@ def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dic
             _roundtrips(full, full_frames, 50)  # warm-up: sessions, TCP windows, allocators
             _roundtrips(bare, bare_frames, 50)
             _roundtrips(floor, bare_frames, 50)
-            t_full, t_bare, t_floor = [], [], []
+            _roundtrips(bare_read, bare_frames, 50)
+            if before is not None:
+                _roundtrips(old, full_frames, 50)
+            t_full, t_bare, t_floor, t_read, t_old = [], [], [], [], []
             server_pids, echo_pids = _tree(server.proc.pid), [echo.pid]
-            cpu_full = cpu_bare = 0.0
+            old_pids = _tree(before.proc.pid) if before is not None else []
+            cpu_full = cpu_bare = cpu_old = 0.0
             for _ in range(rounds):
                 c = cpu_seconds(server_pids)
                 t_full += _roundtrips(full, full_frames, n)
@@ -264,24 +293,38 @@ def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int) -> dic
                 t_bare += _roundtrips(bare, bare_frames, n)
                 cpu_bare += cpu_seconds(echo_pids) - c
                 t_floor += _roundtrips(floor, bare_frames, n)
+                t_read += _roundtrips(bare_read, bare_frames, n)
+                if before is not None:
+                    c = cpu_seconds(old_pids)
+                    t_old += _roundtrips(old, full_frames, n)
+                    cpu_old += cpu_seconds(old_pids) - c
             bare.send_multipart([b"quit", b""])
+            bare_read.send_multipart([b"quit", b""])
             mf, mb = statistics.median(t_full) * 1e6, statistics.median(t_bare) * 1e6
-            mr = statistics.median(t_floor) * 1e6
+            mr, md = statistics.median(t_floor) * 1e6, statistics.median(t_read) * 1e6
             key = ("small_reply" if small else "same_size_reply") + f"/{mode}_worker"
             res[key] = {"request_bytes": x.nbytes, "reply_bytes": 4 if small else x.nbytes,
                         "full_path_median_us": round(mf, 1), "bare_zmq_median_us": round(mb, 1),
                         "ratio": round(mf / mb, 3), "samples": len(t_full),
                         "c_relay_floor_median_us": round(mr, 1), "c_relay_floor_ratio": round(mr / mb, 3),
+                        "bare_zmq_reading_payload_median_us": round(md, 1),
+                        "bare_zmq_reading_payload_ratio": round(md / mb, 3),
                         "server_cpu_us_per_request": round(cpu_full / len(t_full) * 1e6, 1),
                         "echo_cpu_us_per_request": round(cpu_bare / len(t_bare) * 1e6, 1),
                         "full_path_p90_us": round(float(np.percentile(t_full, 90)) * 1e6, 1),
                         "bare_zmq_p90_us": round(float(np.percentile(t_bare, 90)) * 1e6, 1)}
-            full.close()
-            bare.close()
-            floor.close()
+            if t_old:
+                mo = statistics.median(t_old) * 1e6
+                res[key].update(baseline_median_us=round(mo, 1), baseline_ratio=round(mo / mb, 3),
+                                baseline_cpu_us_per_request=round(cpu_old / len(t_old) * 1e6, 1))
+            for s in (full, bare, floor, bare_read, old):
+                s.close()
         finally:
             server.close()
+            if before is not None:
+                before.close()
             echo.wait(10)
+            reader.wait(10)
             relay.kill()
             relay_worker.kill()
             relay.wait(10)
@@ -347,6 +390,9 @@ def main() -> int:
     ap.add_argument("--size-mb", type=float, default=1.0, help="request size for the overhead part")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "cloud_pool.json"))
     ap.add_argument("--parts", default="overhead,workers,batching")
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="also run another version side by side in the overhead part: a directory holding its "
+                         "cloud_server/ and edgesplit/ (e.g. git archive OLD cloud_server edgesplit | tar -x -C DIR)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     n, rounds, seconds = (50, 2, 2.0) if args.quick else (100, 6, 5.0)
@@ -359,15 +405,21 @@ def main() -> int:
         if "overhead" in parts:
             size = int(args.size_mb * (1 << 20))
             print(f"\n1. per-request overhead, {size} byte requests, {n * rounds} round trips each, interleaved")
-            res = overhead(tmp, ctx, size, n, rounds)
+            res = overhead(tmp, ctx, size, n, rounds, args.baseline)
             out["overhead"] = res
+            if args.baseline:
+                out["baseline"] = args.baseline
             for k, v in res.items():
                 print(f"   {k:30s} full path {v['full_path_median_us']:7.0f} us  "
                       f"bare pyzmq {v['bare_zmq_median_us']:6.0f} us"
                       f"  ratio {v['ratio']:.2f}   [C relay via another process: {v['c_relay_floor_median_us']:.0f} us,"
-                      f" x{v['c_relay_floor_ratio']:.2f}]\n"
+                      f" x{v['c_relay_floor_ratio']:.2f}; bare + reading the payload: "
+                      f"{v['bare_zmq_reading_payload_median_us']:.0f} us, x{v['bare_zmq_reading_payload_ratio']:.2f}]\n"
                       f"   {'':30s} CPU per request: server {v['server_cpu_us_per_request']:.0f} us,"
-                      f" echo server {v['echo_cpu_us_per_request']:.0f} us")
+                      f" echo server {v['echo_cpu_us_per_request']:.0f} us"
+                      + (f"\n   {'':30s} baseline ({args.baseline}): {v['baseline_median_us']:.0f} us,"
+                         f" ratio {v['baseline_ratio']:.2f}, CPU {v['baseline_cpu_us_per_request']:.0f} us"
+                         if "baseline_median_us" in v else ""))
         width = 256
         repo = tmp / "repo-mlp"
         bundle = mlp_bundle(repo / "mlp", width=width, depth=8)
