@@ -190,7 +190,7 @@ def verify(bundle, model_path, feeds: dict[str, np.ndarray], tolerance: float = 
 
 def _model_path(args, bundle) -> Path:
     from edgesplit.errors import ConfigError
-    from edgesplit.graph._load import file_sha256, load_model
+    from edgesplit.graph import file_sha256, load_model
 
     recorded = bundle.manifest.get("model", {}).get("source_path")
     path = Path(args.model) if args.model else (Path(recorded) if recorded else None)

@@ -9,14 +9,20 @@ Nothing here imports onnxruntime; `edgesplit verify` (edgesplit.cli.verify_cmd) 
 
 from __future__ import annotations
 
-from edgesplit.graph._cuts import CandidateCut, candidate_cuts
-from edgesplit.graph._load import load_model
+from edgesplit.graph._cuts import CandidateCut, candidate_cuts, fill_unknown
+from edgesplit.graph._index import GraphIndex
+from edgesplit.graph._load import file_sha256, has_external_data, load_model
 from edgesplit.graph._partition import partition
-from edgesplit.graph._shapes import infer_shapes, parse_shape_option
+from edgesplit.graph._shapes import infer_shapes, np_dtype_name, parse_shape_option
 
 __all__ = [
     "CandidateCut",
+    "GraphIndex",
     "candidate_cuts",
+    "file_sha256",
+    "fill_unknown",
+    "has_external_data",
+    "np_dtype_name",
     "infer_shapes",
     "load_model",
     "parse_shape_option",

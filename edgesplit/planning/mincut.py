@@ -161,8 +161,7 @@ class SplitProblem:
                  batch: int = 1, shapes: dict | None = None):
         import onnx
 
-        from edgesplit.graph import infer_shapes, load_model
-        from edgesplit.graph._index import GraphIndex
+        from edgesplit.graph import GraphIndex, infer_shapes, load_model
         from edgesplit.planning.cost import codec_ratio
         from edgesplit.planning.profile import NodeProfile
 
@@ -194,7 +193,7 @@ class SplitProblem:
                 self.readers.setdefault(v, []).append(n)
         # Sizes shape inference could not pin down (a Reshape to computed dims, ...) come from
         # one ONNX Runtime run, as the partitioner does for its candidate cuts.
-        from edgesplit.graph._cuts import fill_unknown
+        from edgesplit.graph import fill_unknown
 
         fill_unknown(index, info, sorted(set(self.readers) | set(index.outputs)), self.path)
         self.bytes: dict[str, float] = {}

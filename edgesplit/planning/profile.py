@@ -352,9 +352,7 @@ def profile_nodes(model_path: str | os.PathLike, batch: int = 1, threads: int | 
 
     from edgesplit._lazy import require
     from edgesplit.bundle import TensorSpec
-    from edgesplit.graph import load_model
-    from edgesplit.graph._load import file_sha256, has_external_data
-    from edgesplit.graph._shapes import np_dtype_name
+    from edgesplit.graph import file_sha256, has_external_data, load_model, np_dtype_name
 
     ort = require("onnxruntime", "profiling")
     model_path = Path(model_path)
