@@ -305,10 +305,10 @@ class Broker:
         for sock in handlers:
             poller.register(sock, zmq.POLLIN)
         cfg = self.config
-        if self._inline is not None:
-            self._start_inline()
-        next_tick = next_expiry_check = time.monotonic()
         try:
+            if self._inline is not None:
+                self._start_inline()
+            next_tick = next_expiry_check = time.monotonic()
             while True:
                 now = time.monotonic()
                 wait = max(0.0, min(next_tick - now, next_expiry_check - now, 0.05))
