@@ -87,22 +87,30 @@ class Codec:
 
     def __init__(self, spec: str, *, per_channel: bool | None = None, axis: int = 1,
                  level: int | None = None, packed: bool | None = None, shuffle: bool | None = None,
-                 use_calibration: bool = True):
+                 use_calibration: bool = True, block: int | str | None = None):
         (name, opts), byte_tokens = parse_spec(spec)
         if name.startswith("int"):
-            unknown = set(opts) - {"pc", "pt", "u", "p", "nocal"}
-            if unknown:
-                raise CodecError(f"unknown option(s) {sorted(unknown)} for {name} (pc, pt, u, p, nocal)")
+            blocks = [o for o in opts if o.startswith("b") and o[1:].isdigit()]
+            unknown = set(opts) - {"pc", "pt", "u", "p", "nocal"} - set(blocks)
+            modes = [o for o in opts if o in ("pc", "pt")] + blocks
+            if unknown or len(modes) > 1:
+                raise CodecError(f"bad option(s) {opts} for {name}: at most one of pc, pt, bN (N rows "
+                                 f"per block); and u, p, nocal")
             # Per channel by default: per-tensor int8 loses top-1 agreement at early cuts where a few
-            # channels hold the outliers (benchmarks/results/codecs.md).
+            # channels hold the outliers; on large early maps ("auto") per block of 8 rows too:
+            # per channel alone lost agreement there on near-tie images (benchmarks/results/codecs.md).
             pc = per_channel if per_channel is not None else ("pt" not in opts)
+            if block is None and per_channel is None and not modes:
+                block = "auto"
+            elif block is None and blocks:
+                block = int(blocks[0][1:])
             # Dense bit packing, unless a compressor follows: zstd's Huffman stage codes one code per
             # byte better than it codes packed ones.
             compressed = any(n in ("zstd", "lz4") for n, _ in byte_tokens)
             pk = packed if packed is not None else ("p" in opts or ("u" not in opts and not compressed))
             self.numeric: _quant.NumericStage = _quant.IntStage(
                 int(name[3:]), per_channel=pc, axis=axis, packed=pk,
-                use_calibration=use_calibration and "nocal" not in opts)
+                use_calibration=use_calibration and "nocal" not in opts, block=block)
         else:
             if opts:
                 raise CodecError(f"{name} takes no options, got {opts}")
@@ -325,12 +333,14 @@ def get_codec(spec: str, **params: Any) -> Codec:
     """The codec named by `spec`, e.g. "raw", "fp16+lz4", "int8+zstd", "int4:pc+zstd:3".
 
     Stages are joined by "+": one numeric stage first (raw, fp16, bf16, int8..int2; default raw),
-    then byte stages (shuffle, zstd, lz4). Stage options follow colons: ``int8:pt`` per tensor
-    (default: per channel along axis 1 when each channel has >= 16 values), ``int4:p`` / ``int4:u``
+    then byte stages (shuffle, zstd, lz4). Stage options follow colons: ``int8:pt`` per tensor,
+    ``int8:pc`` per channel along axis 1 (when each channel has >= 128 values), ``int8:b8`` per
+    channel per block of 8 rows (of a [..., C, H, W] tensor); default: b8 where H >= 56, else per
+    channel (see _quant.IntStage). ``int4:p`` / ``int4:u``
     packed densely / one code per byte (default: packed unless a compressor follows),
     ``int8:nocal`` ignore calibration, ``zstd:3`` level 3 (default 1). Keyword params override
     them: per_channel, axis, level, packed, shuffle (False: no implicit byte shuffle before a
-    compressor), use_calibration.
+    compressor), use_calibration, block (rows per block, or "auto").
     """
     key = (spec, tuple(sorted(params.items())))
     codec = _CACHE.get(key)

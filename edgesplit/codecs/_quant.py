@@ -17,6 +17,14 @@ from edgesplit.errors import CodecError
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 # Fewest values per channel (per message) for which per-channel quantisation is used.
 MIN_PER_CHANNEL = 128
+# Row blocks ("int8:b8"): one scale and zero point per channel per BLOCK rows of H. The default
+# int8 uses them on large early feature maps (H >= AUTO_BLOCK_MIN_ROWS), where per-channel ranges
+# lost top-1 agreement on near-tie images (benchmarks/results/codecs.md); elsewhere per channel.
+AUTO_BLOCK = 8
+AUTO_BLOCK_MIN_ROWS = 56
+MAX_BLOCK = 1 << 16
+_F16_MIN_NORMAL = np.float32(2.0 ** -14)
+_F16_MAX = np.float32(65504.0)
 
 
 _WIRE_DTYPES: dict[str, np.dtype] = {}
@@ -149,15 +157,43 @@ class IntStage(NumericStage):
     lossy = True
 
     def __init__(self, bits: int, per_channel: bool = False, axis: int = 1, packed: bool = True,
-                 use_calibration: bool = True):
+                 use_calibration: bool = True, block: int | str | None = None):
         if not 2 <= bits <= 8:
             raise CodecError(f"int{bits}: bit width must be 2..8")
+        if block is not None and block != "auto" and (
+                isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_BLOCK):
+            raise CodecError(f"int{bits}: block must be 'auto' or an int in [1, {MAX_BLOCK}], got {block!r}")
         self.bits = bits
         self.name = f"int{bits}"
         self.per_channel = per_channel
         self.axis = axis
         self.packed = packed and bits < 8
         self.use_calibration = use_calibration
+        # None: per channel / per tensor only; an int: rows per block; "auto": AUTO_BLOCK rows on
+        # large early maps (see _block_rows).
+        self.block = block
+
+    @property
+    def mode(self) -> str:
+        """'pt', 'pc', 'bN' or 'auto': what decides the ranges (benchmarks key results by it)."""
+        if self.block is not None:
+            return "auto" if self.block == "auto" else f"b{self.block}"
+        return "pc" if self.per_channel else "pt"
+
+    def _block_rows(self, x: np.ndarray, calibration: Any) -> int | None:
+        """Rows per block for this tensor, or None for per-channel / per-tensor ranges."""
+        if self.block is None or x.ndim < 3 or x.size == 0:
+            return None
+        if self.use_calibration and isinstance(calibration, dict):
+            return None  # a calibration holds per-channel ranges: use them
+        if self.axis % x.ndim >= x.ndim - 2:
+            return None  # blocks split H; the channel axis must lie before H and W
+        if self.block == "auto":
+            h, w = x.shape[-2], x.shape[-1]
+            # Only where the maps are large: a block then holds >= 8 * 56 values, so its 3-5 header
+            # bytes cost ~1% of its codes; at 28x28 and below per channel kept agreement.
+            return AUTO_BLOCK if h >= AUTO_BLOCK_MIN_ROWS and AUTO_BLOCK * w >= MIN_PER_CHANNEL else None
+        return self.block
 
     def out_itemsize(self, dtype):
         return 1
@@ -203,6 +239,9 @@ class IntStage(NumericStage):
             x = x.astype(np.float32)
         if x.ndim == 0:
             x = x.reshape(1)  # ufuncs return scalars for 0-d arrays; the payload is flat anyway
+        b = self._block_rows(x, calibration)
+        if b is not None:
+            return self._encode_blocks(x, b)
         lo, hi, axis = self._ranges(x, calibration)
         scale, zero = self._scale_zero(lo, hi)
         qmax = (1 << self.bits) - 1
@@ -228,6 +267,35 @@ class IntStage(NumericStage):
             q = pack_bits(q, self.bits)
         return q, params
 
+    def _encode_blocks(self, x: np.ndarray, b: int) -> tuple[np.ndarray, dict]:
+        """One scale and zero point per (leading index, block of b rows): x as [L, H, W]."""
+        h, w = x.shape[-2], x.shape[-1]
+        x3 = x.reshape(-1, h, w)
+        starts = np.arange(0, h, b)
+        # Row minima/maxima (contiguous reductions), then per block of rows.
+        lo = np.minimum.reduceat(x3.min(axis=2), starts, axis=1)
+        hi = np.maximum.reduceat(x3.max(axis=2), starts, axis=1)
+        scale, zero = self._scale_zero(lo, hi)
+        scale, scale_bytes = _compact_scales(scale)
+        if scale_bytes is not None:  # scales were rounded up to float16: zero points follow them
+            qmax = (1 << self.bits) - 1
+            zero = np.clip(np.rint(-np.minimum(lo, 0) / scale), 0, qmax).astype(np.uint8)
+        else:
+            scale_bytes = scale.astype("<f4").tobytes()
+        qmax = (1 << self.bits) - 1
+        # Per row: repeat each block's scale over its rows, broadcast over W.
+        inv = np.repeat(np.float32(1.0) / scale, b, axis=1)[:, :h, None]
+        off = np.repeat(zero.astype(np.float32) + np.float32(0.5), b, axis=1)[:, :h, None]
+        tmp = np.multiply(x3, inv, dtype=np.float32)
+        np.add(tmp, off, out=tmp)
+        np.clip(tmp, 0, np.float32(qmax) + np.float32(0.5), out=tmp)
+        q = tmp.astype(np.uint8).reshape(-1)
+        params = {"bits": self.bits, "block": b, "scales": scale_bytes, "zeros": zero.tobytes(),
+                  "packed": self.packed}
+        if self.packed:
+            q = pack_bits(q, self.bits)
+        return q, params
+
     # -- decode -----------------------------------------------------------------------------
     def _check(self, dtype, shape, params):
         if dtype not in FLOAT_DTYPES:
@@ -247,6 +315,8 @@ class IntStage(NumericStage):
 
     def _scale_zero_from(self, shape, params):
         qmax = (1 << self.bits) - 1
+        if "block" in params:
+            return self._block_scale_zero_from(shape, params, qmax)
         if "axis" in params:
             if not shape:
                 raise CodecError(f"{self.name}: per-channel params on a scalar")
@@ -272,6 +342,36 @@ class IntStage(NumericStage):
         zero = _int_param(params, "zero", 0, qmax)
         return np.float32(scale), np.float32(zero)
 
+    def _block_scale_zero_from(self, shape, params, qmax):
+        """Per-row scales and zero points [L, H, 1] from block params, sizes checked before use."""
+        if len(shape) < 3:
+            raise CodecError(f"{self.name}: block params need a tensor of rank >= 3")
+        if "axis" in params or "scale" in params:
+            raise CodecError(f"{self.name}: block params mix with per-channel/per-tensor ones")
+        b = _int_param(params, "block", 1, MAX_BLOCK)
+        h, w = shape[-2], shape[-1]
+        lead = _count(shape[:-2])
+        groups = lead * (-(-h // b))
+        scales, zeros = params.get("scales"), params.get("zeros")
+        # Compare lengths first: `groups` comes from the declared shape, never allocated from.
+        if not isinstance(scales, bytes) or len(scales) not in (2 * groups, 4 * groups):
+            raise CodecError(f"{self.name}: 'scales' must be {2 * groups} or {4 * groups} bytes "
+                             f"(float16 or float32 per block)")
+        if not isinstance(zeros, bytes) or len(zeros) != groups:
+            raise CodecError(f"{self.name}: 'zeros' must be {groups} bytes (uint8 per block)")
+        scale = np.frombuffer(scales, "<f2" if len(scales) == 2 * groups else "<f4").astype(np.float32)
+        zero = np.frombuffer(zeros, np.uint8)
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            raise CodecError(f"{self.name}: block scales must be finite and positive")
+        if np.any(zero > qmax):
+            raise CodecError(f"{self.name}: a zero point exceeds {qmax}")
+        if groups == 0:
+            return np.float32(1), np.float32(0)
+        nb = groups // lead
+        scale_rows = np.repeat(scale.reshape(lead, nb), b, axis=1)[:, :h, None]
+        zero_rows = np.repeat(zero.reshape(lead, nb).astype(np.float32), b, axis=1)[:, :h, None]
+        return scale_rows, zero_rows
+
     def validate(self, dtype, shape, params):
         self._check(dtype, shape, params)
         self._scale_zero_from(shape, params)
@@ -282,13 +382,29 @@ class IntStage(NumericStage):
         n = _count(shape)
         raw = np.frombuffer(buf, np.uint8)
         q = unpack_bits(raw, self.bits, n) if packed else raw
-        out = np.subtract(q.reshape(shape if shape else (1,)), zero, dtype=np.float32)
+        if "block" in params:
+            q = q.reshape(-1, shape[-2], shape[-1])  # [L, H, W]; scale and zero are [L, H, 1]
+        else:
+            q = q.reshape(shape if shape else (1,))
+        out = np.subtract(q, zero, dtype=np.float32)
         np.multiply(out, scale, out=out)
         out = out.reshape(shape)
         if dtype == "float32":
             return out
         with np.errstate(over="ignore"):  # a hostile scale may overflow float16: inf, not a warning
             return out.astype(dtype)
+
+
+def _compact_scales(scale: np.ndarray) -> tuple[np.ndarray, bytes | None]:
+    """Scales as float16 bytes when all are normal float16 numbers (rounded up, so the range still
+    fits in the codes); else (scale, None) and the caller sends float32."""
+    if scale.size == 0 or scale.min() < _F16_MIN_NORMAL or scale.max() > np.float32(60000.0):
+        return scale, None
+    s16 = scale.astype(np.float16)
+    low = s16.astype(np.float32) < scale
+    if low.any():
+        s16[low] = np.nextafter(s16[low], np.float16(np.inf))
+    return s16.astype(np.float32), s16.astype("<f2").tobytes()
 
 
 # -- dense bit packing ----------------------------------------------------------------------
