@@ -275,17 +275,17 @@ class IntStage(NumericStage):
         # Row minima/maxima (contiguous reductions), then per block of rows.
         lo = np.minimum.reduceat(x3.min(axis=2), starts, axis=1)
         hi = np.maximum.reduceat(x3.max(axis=2), starts, axis=1)
+        qmax = (1 << self.bits) - 1
         scale, zero = self._scale_zero(lo, hi)
         scale, scale_bytes = _compact_scales(scale)
         if scale_bytes is not None:  # scales were rounded up to float16: zero points follow them
-            qmax = (1 << self.bits) - 1
             zero = np.clip(np.rint(-np.minimum(lo, 0) / scale), 0, qmax).astype(np.uint8)
         else:
             scale_bytes = scale.astype("<f4").tobytes()
-        qmax = (1 << self.bits) - 1
-        # Per row: repeat each block's scale over its rows, broadcast over W.
-        inv = np.repeat(np.float32(1.0) / scale, b, axis=1)[:, :h, None]
-        off = np.repeat(zero.astype(np.float32) + np.float32(0.5), b, axis=1)[:, :h, None]
+        # Per row (each row's block), broadcast over W.
+        rows = np.arange(h) // b
+        inv = (np.float32(1.0) / scale)[:, rows, None]
+        off = (zero.astype(np.float32) + np.float32(0.5))[:, rows, None]
         tmp = np.multiply(x3, inv, dtype=np.float32)
         np.add(tmp, off, out=tmp)
         np.clip(tmp, 0, np.float32(qmax) + np.float32(0.5), out=tmp)
@@ -365,12 +365,13 @@ class IntStage(NumericStage):
             raise CodecError(f"{self.name}: block scales must be finite and positive")
         if np.any(zero > qmax):
             raise CodecError(f"{self.name}: a zero point exceeds {qmax}")
-        if groups == 0:
-            return np.float32(1), np.float32(0)
+        if groups == 0 or w == 0:
+            return np.float32(1), np.float32(0)  # nothing to decode (and lead * h may be huge)
+        # [L, H, 1]: lead * h <= the element count, which the caller has bounded.
+        rows = np.arange(h) // b
         nb = groups // lead
-        scale_rows = np.repeat(scale.reshape(lead, nb), b, axis=1)[:, :h, None]
-        zero_rows = np.repeat(zero.reshape(lead, nb).astype(np.float32), b, axis=1)[:, :h, None]
-        return scale_rows, zero_rows
+        return (scale.reshape(lead, nb)[:, rows, None],
+                zero.reshape(lead, nb).astype(np.float32)[:, rows, None])
 
     def validate(self, dtype, shape, params):
         self._check(dtype, shape, params)
@@ -382,7 +383,7 @@ class IntStage(NumericStage):
         n = _count(shape)
         raw = np.frombuffer(buf, np.uint8)
         q = unpack_bits(raw, self.bits, n) if packed else raw
-        if "block" in params:
+        if "block" in params and n:
             q = q.reshape(-1, shape[-2], shape[-1])  # [L, H, W]; scale and zero are [L, H, 1]
         else:
             q = q.reshape(shape if shape else (1,))
