@@ -171,7 +171,7 @@ def test_results_batching_deadline_busy_and_admin(repo, tmp_path):
 
         # deadlines: a request whose budget is spent is answered "deadline", not computed
         edge.send_infer("late", slow.id, 1, {"h": big}, deadline_ms=0)
-        huge = rng.standard_normal((2000, 128)).astype(np.float32)  # tens of ms: the others wait
+        huge = rng.standard_normal((20000, 128)).astype(np.float32)  # ~100 ms or more: the others wait
         edge.send_infer("huge", slow.id, 1, {"h": huge})
         for i in range(3):
             edge.send_infer(f"q{i}", slow.id, 1, {"h": big}, deadline_ms=2)
