@@ -271,10 +271,16 @@ class IntStage(NumericStage):
         """One scale and zero point per (leading index, block of b rows): x as [L, H, W]."""
         h, w = x.shape[-2], x.shape[-1]
         x3 = x.reshape(-1, h, w)
-        starts = np.arange(0, h, b)
-        # Row minima/maxima (contiguous reductions), then per block of rows.
-        lo = np.minimum.reduceat(x3.min(axis=2), starts, axis=1)
-        hi = np.maximum.reduceat(x3.max(axis=2), starts, axis=1)
+        if h % b == 0:
+            # Whole blocks: [L, blocks, b * W], so every reduction and broadcast runs over a long
+            # contiguous inner axis (3x faster than per row at 112x112).
+            x3 = x3.reshape(x3.shape[0], h // b, b * w)
+            lo, hi = x3.min(axis=2), x3.max(axis=2)
+        else:
+            starts = np.arange(0, h, b)
+            # Row minima/maxima (contiguous reductions), then per block of rows.
+            lo = np.minimum.reduceat(x3.min(axis=2), starts, axis=1)
+            hi = np.maximum.reduceat(x3.max(axis=2), starts, axis=1)
         qmax = (1 << self.bits) - 1
         scale, zero = self._scale_zero(lo, hi)
         scale, scale_bytes = _compact_scales(scale)
@@ -282,8 +288,8 @@ class IntStage(NumericStage):
             zero = np.clip(np.rint(-np.minimum(lo, 0) / scale), 0, qmax).astype(np.uint8)
         else:
             scale_bytes = scale.astype("<f4").tobytes()
-        # Per row (each row's block), broadcast over W.
-        rows = np.arange(h) // b
+        # Per block (whole blocks) or per row (each row's block), broadcast over the inner axis.
+        rows = slice(None) if h % b == 0 else np.arange(h) // b
         inv = (np.float32(1.0) / scale)[:, rows, None]
         off = (zero.astype(np.float32) + np.float32(0.5))[:, rows, None]
         tmp = np.multiply(x3, inv, dtype=np.float32)
@@ -367,8 +373,9 @@ class IntStage(NumericStage):
             raise CodecError(f"{self.name}: a zero point exceeds {qmax}")
         if groups == 0 or w == 0:
             return np.float32(1), np.float32(0)  # nothing to decode (and lead * h may be huge)
+        # [L, blocks, 1] for whole blocks (the codes are viewed as [L, blocks, b * W]), else
         # [L, H, 1]: lead * h <= the element count, which the caller has bounded.
-        rows = np.arange(h) // b
+        rows = slice(None) if h % b == 0 else np.arange(h) // b
         nb = groups // lead
         return (scale.reshape(lead, nb)[:, rows, None],
                 zero.reshape(lead, nb).astype(np.float32)[:, rows, None])
@@ -384,7 +391,9 @@ class IntStage(NumericStage):
         raw = np.frombuffer(buf, np.uint8)
         q = unpack_bits(raw, self.bits, n) if packed else raw
         if "block" in params and n:
-            q = q.reshape(-1, shape[-2], shape[-1])  # [L, H, W]; scale and zero are [L, H, 1]
+            h, w, b = shape[-2], shape[-1], params["block"]
+            # [L, blocks, b * W] or [L, H, W], matching _block_scale_zero_from.
+            q = q.reshape(-1, h // b, b * w) if h % b == 0 else q.reshape(-1, h, w)
         else:
             q = q.reshape(shape if shape else (1,))
         out = np.subtract(q, zero, dtype=np.float32)
