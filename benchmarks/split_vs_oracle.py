@@ -33,17 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ["models/efficientnet_lite0.onnx", "models/resnet_branching.onnx", "models/vit_mini.onnx"]
@@ -103,45 +100,17 @@ def install_edge_slowdown(factor: float) -> None:
 
 # -- servers -------------------------------------------------------------------------------------
 class Server:
-    """The real cloud server over a repository of bundles (or, for development only, the agent
-    tests' MiniServer, one process per bundle)."""
+    """The real cloud server (`python -m cloud_server`) over a repository of bundles."""
 
-    def __init__(self, repository: Path, bundles: dict[str, Path], kind: str):
-        self.kind = kind
-        self.procs = []
-        self.address_of: dict[str, str] = {}
-        if kind == "real":
-            from edge_agent.local_cloud import LocalCloud
+    def __init__(self, repository: Path, bundles: dict[str, Path]):
+        from edge_agent.local_cloud import LocalCloud
 
-            cloud = LocalCloud(repository, workers=1).start()
-            self.procs.append(cloud)
-            for bid in bundles:
-                self.address_of[bid] = cloud.address
-        else:
-            sys.path.insert(0, str(REPO / "tests"))
-            from test_agent_support import start_server  # development stand-in only
-
-            import socket
-
-            for bid, path in bundles.items():
-                s = socket.socket()
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-                s.close()
-                proc, _ = start_server(path, f"tcp://127.0.0.1:{port}", use_mini=True)
-                self.procs.append(proc)
-                self.address_of[bid] = f"tcp://127.0.0.1:{port}"
+        self.procs = [LocalCloud(repository, workers=1).start()]
+        self.address_of: dict[str, str] = {bid: self.procs[0].address for bid in bundles}
 
     def close(self):
         for p in self.procs:
-            if hasattr(p, "stop"):
-                p.stop()
-            else:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except Exception:
-                    p.kill()
+            p.stop()
 
 
 # -- preparing a model ---------------------------------------------------------------------------
@@ -438,7 +407,7 @@ def write_outputs(out_json: Path, doc: dict) -> None:
     out_json.write_text(json.dumps(doc, indent=2) + "\n")
     md = out_json.with_suffix(".md")
     res = doc["results"]
-    lines = [f"# Split vs oracle: measured p50 latency (ms)", "",
+    lines = ["# Split vs oracle: measured p50 latency (ms)", "",
              f"Machine: {doc['machine']}.  ",
              f"Edge: this CPU, 1 thread, **slowed down x{doc['edge_slowdown']:g}** (each segment takes {doc['edge_slowdown']:g} x its fastest time here); cloud: `{doc['server']}` "
              f"server on the same machine, reached through `edgesplit.netsim` (rate per direction, "
@@ -545,8 +514,6 @@ def main(argv=None) -> int:
     p.add_argument("--trace-rates", default="30,3", help="HI,LO Mbit/s of the trace ('' = no trace)")
     p.add_argument("--trace-drop-s", type=float, default=6.0)
     p.add_argument("--trace-total-s", type=float, default=14.0)
-    p.add_argument("--server", choices=("real", "mini"), default="real",
-                   help="real: python -m cloud_server (for published numbers); mini: a development stand-in")
     p.add_argument("--work", default=None, help="directory for bundles (default: a temporary one)")
     p.add_argument("--json", default="benchmarks/results/split_vs_oracle.json", help="output JSON (.md and .png beside)")
     p.add_argument("--resummarize", metavar="OUT.json",
@@ -577,10 +544,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.monotonic() - t_begin:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    log(f"machine: {machine}; edge slowdown x{args.edge_slowdown:g}, 1 thread; server {args.server}")
+    log(f"machine: {machine}; edge slowdown x{args.edge_slowdown:g}, 1 thread")
     install_edge_slowdown(args.edge_slowdown)
-    tmp = None
-    work = Path(args.work) if args.work else Path(tmp := tempfile.mkdtemp(prefix="split-vs-oracle-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="split-vs-oracle-"))
     results, notes, trace = [], [], None
     for m in models:
         prep = prepare(m, work, args, log)
@@ -589,7 +555,7 @@ def main(argv=None) -> int:
         bundles = {prep.chain.id: prep.chain.path}
         if not prep.auto_is_chain:
             bundles[prep.auto.id] = prep.auto.path
-        server = Server(repo, bundles, args.server)
+        server = Server(repo, bundles)
         try:
             for rtt in args.rtt_ms:
                 for rate in args.rates:
@@ -602,7 +568,7 @@ def main(argv=None) -> int:
     doc = {
         "machine": machine, "python": platform.python_version(), "edge_slowdown": args.edge_slowdown,
         "edge_threads": 1, "codec": args.codec, "requests": args.requests, "warmup": args.warmup, "auto_warmup": args.auto_warmup,
-        "server": "python -m cloud_server" if args.server == "real" else "tests/test_agent_support.py MiniServer",
+        "server": "python -m cloud_server",
         "rates_mbit": args.rates, "rtt_ms": args.rtt_ms,
         "command": "python benchmarks/split_vs_oracle.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": results, "summary": summary, "trace": trace, "notes": notes,

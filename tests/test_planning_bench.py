@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,12 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_split_vs_oracle_runs_on_a_user_model(tmp_path):
     model = tiny_models.save(tiny_models.chain(width=256, depth=6), tmp_path)
-    server = "real" if importlib.util.find_spec("cloud_server.__main__") else "mini"
     out = tmp_path / "out.json"
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "split_vs_oracle.py"), "--model", str(model), "--rates", "2,50",
          "--rtt-ms", "10", "--requests", "3", "--warmup", "1", "--edge-slowdown", "5", "--trace-rates", "",
-         "--server", server, "--work", str(tmp_path / "work"), "--json", str(out)],
+         "--work", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
