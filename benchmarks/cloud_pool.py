@@ -349,7 +349,6 @@ def throughput(address: str, bundle_id: str, ctx: zmq.Context, seconds: float, c
         sent = {}
         i = 0
         while True:
-            now = time.perf_counter()
             if time.monotonic() < stop:
                 while len(sent) < window:
                     rid = f"{c}-{i}"

@@ -14,7 +14,6 @@ import time
 import pytest
 
 import tiny_models
-from edgesplit.bundle import Bundle
 from edgesplit.errors import ConfigError
 from edgesplit.netsim import LinkEmulator
 from edgesplit.planning import (

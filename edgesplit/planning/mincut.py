@@ -22,7 +22,6 @@ that win somewhere and nest (a bundle's cuts form a chain), as tensor lists for
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
