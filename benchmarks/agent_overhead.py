@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -70,18 +68,11 @@ def serve(bundle_dir: str) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
 
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python "
-            f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}")
+    from edgesplit.planning import device_description
+
+    return f"{device_description()}, onnxruntime {onnxruntime.__version__}"
 
 
 def make_bundle(model: Path, out: Path, cut_index: int):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -89,14 +88,9 @@ while True:
 
 
 def machine() -> str:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{platform.machine()}, {ncpu} cores ({cpu or 'unknown CPU'}), Python {platform.python_version()}, "
-            f"libzmq {zmq.zmq_version()}, pyzmq {zmq.__version__}")
+    from edgesplit.planning import device_description
+
+    return f"{device_description()}, libzmq {zmq.zmq_version()}, pyzmq {zmq.__version__}"
 
 
 def load_average() -> str:
