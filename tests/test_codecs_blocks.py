@@ -10,7 +10,7 @@ import pytest
 
 from edgesplit import protocol as P
 from edgesplit.codecs import Encoded, decode, get_codec, validate
-from edgesplit.codecs._quant import AUTO_BLOCK, AUTO_BLOCK_MIN_ROWS
+from edgesplit.codecs._quant import AUTO_BLOCK, AUTO_BLOCK_MIN_ROWS, AUTO_FEATURE_GROUP
 from edgesplit.errors import CodecError, ProtocolError
 
 
@@ -76,8 +76,24 @@ def test_default_int8_uses_blocks_on_large_maps_only():
     cal = {"min": -9.0, "max": 9.0, "axis": 1, "min_c": [-9.0] * 4, "max_c": [9.0] * 4}
     assert "block" not in get_codec("int8").encode(big, calibration=cal).params
     assert "block" in get_codec("int8:nocal").encode(big, calibration=cal).params
-    # Rank < 3 (a feature vector) falls back to per channel / per tensor.
-    assert "block" not in get_codec("int8:b8").encode(np.ones((4, 300), np.float32)).params
+    # 7x7 maps: one block per channel (per channel with compact scales, not per tensor).
+    enc = get_codec("int8").encode(_rows_scaled((1, 6, 7, 7)))
+    assert enc.params["block"] == AUTO_BLOCK and len(enc.params["zeros"]) == 6
+    # Feature vectors [N, F]: groups of AUTO_FEATURE_GROUP consecutive features.
+    enc = get_codec("int8").encode(np.ones((2, 4 * AUTO_FEATURE_GROUP), np.float32))
+    assert enc.params["block"] == AUTO_FEATURE_GROUP and len(enc.params["zeros"]) == 2 * 4
+
+
+@pytest.mark.parametrize("shape", [(3, 100), (100,), (2, 3, 1, 1), (1, 2, 40, 3)])
+def test_blocks_on_low_rank_tensors_group_the_last_axis(shape):
+    x = _rows_scaled(shape if len(shape) > 1 else (1, 100)).reshape(shape)
+    enc = get_codec("int8:b16").encode(x)
+    y = decode(enc)
+    flat = x.reshape(-1, shape[-1]) if len(shape) < 3 else x.reshape(-1, shape[-2], shape[-1])
+    groups = flat.shape[0] * -(-(shape[-1] if len(shape) < 3 else shape[-2]) // 16)
+    assert len(enc.params["zeros"]) == groups
+    bound = 0.5 * _block_steps(x.reshape(-1, shape[-1], 1) if len(shape) < 3 else x, 16, 8) * (1 + 2**-10)
+    assert np.all(np.abs(y - x).reshape(bound.shape) <= bound + 1e-6)
 
 
 def test_tiny_or_huge_scales_travel_as_float32():
@@ -133,7 +149,8 @@ def test_hostile_block_params_are_refused():
         _tamper(enc, axis=1),  # block and per-channel params mixed
         _tamper(enc, scale=1.0),
         _tamper(zenc, zeros=b"\x10" * groups),  # zero point 16 > int4's 15
-        Encoded(enc.codec, enc.dtype, (4, 128), dict(enc.params), enc.payload),  # rank 2
+        Encoded(enc.codec, enc.dtype, (4, 128), dict(enc.params), enc.payload),  # 32 groups, not 8
+        Encoded(enc.codec, enc.dtype, (), dict(enc.params), enc.payload),  # a scalar
         # A huge declared map with no elements: the group count (from the shape) cannot match the
         # header's bytes, and nothing is allocated from it.
         Encoded(enc.codec, enc.dtype, (1 << 20, 1 << 20, 0), dict(enc.params), b""),

@@ -22,6 +22,10 @@ MIN_PER_CHANNEL = 128
 # lost top-1 agreement on near-tie images (benchmarks/results/codecs.md); elsewhere per channel.
 AUTO_BLOCK = 8
 AUTO_BLOCK_MIN_ROWS = 56
+# ... and on small maps (H <= AUTO_BLOCK: one block per channel, i.e. per channel with compact
+# scales, where per-tensor ranges lost agreement at 7x7); feature vectors [N, F] get one scale per
+# AUTO_FEATURE_GROUP consecutive features.
+AUTO_FEATURE_GROUP = 64
 MAX_BLOCK = 1 << 16
 _F16_MIN_NORMAL = np.float32(2.0 ** -14)
 _F16_MAX = np.float32(65504.0)
@@ -181,18 +185,29 @@ class IntStage(NumericStage):
         return "pc" if self.per_channel else "pt"
 
     def _block_rows(self, x: np.ndarray, calibration: Any) -> int | None:
-        """Rows per block for this tensor, or None for per-channel / per-tensor ranges."""
-        if self.block is None or x.ndim < 3 or x.size == 0:
+        """Rows per block for this tensor, or None for per-channel / per-tensor ranges.
+
+        Rank >= 3: blocks of rows of H (axis -2) in each [..., H, W] plane. Rank 1-2: blocks of
+        consecutive elements of the last axis (the tensor seen as [..., F, 1]).
+        """
+        if self.block is None or x.ndim < 1 or x.size == 0:
             return None
         if self.use_calibration and isinstance(calibration, dict):
             return None  # a calibration holds per-channel ranges: use them
-        if self.axis % x.ndim >= x.ndim - 2:
+        if x.ndim >= 3 and self.axis % x.ndim >= x.ndim - 2:
             return None  # blocks split H; the channel axis must lie before H and W
         if self.block == "auto":
+            if x.ndim == 2:
+                return AUTO_FEATURE_GROUP if x.shape[-1] > AUTO_FEATURE_GROUP else None
+            if x.ndim < 3:
+                return None
             h, w = x.shape[-2], x.shape[-1]
-            # Only where the maps are large: a block then holds >= 8 * 56 values, so its 3-5 header
-            # bytes cost ~1% of its codes; at 28x28 and below per channel kept agreement.
-            return AUTO_BLOCK if h >= AUTO_BLOCK_MIN_ROWS and AUTO_BLOCK * w >= MIN_PER_CHANNEL else None
+            # Large maps: a block holds >= 8 * 56 values, so its 3 header bytes cost < 1% of its
+            # codes. Small maps (7x7): one block per channel. In between (28x28, 14x14) per
+            # channel kept agreement at fewer bytes (benchmarks/results/codecs.md).
+            if h >= AUTO_BLOCK_MIN_ROWS and AUTO_BLOCK * w >= MIN_PER_CHANNEL:
+                return AUTO_BLOCK
+            return AUTO_BLOCK if h <= AUTO_BLOCK else None
         return self.block
 
     def out_itemsize(self, dtype):
@@ -237,9 +252,9 @@ class IntStage(NumericStage):
         x = np.asarray(arr)
         if x.dtype != np.float32:
             x = x.astype(np.float32)
+        b = self._block_rows(x, calibration)  # None for a scalar
         if x.ndim == 0:
             x = x.reshape(1)  # ufuncs return scalars for 0-d arrays; the payload is flat anyway
-        b = self._block_rows(x, calibration)
         if b is not None:
             return self._encode_blocks(x, b)
         lo, hi, axis = self._ranges(x, calibration)
@@ -269,7 +284,7 @@ class IntStage(NumericStage):
 
     def _encode_blocks(self, x: np.ndarray, b: int) -> tuple[np.ndarray, dict]:
         """One scale and zero point per (leading index, block of b rows): x as [L, H, W]."""
-        h, w = x.shape[-2], x.shape[-1]
+        h, w = _plane(x.shape)
         x3 = x.reshape(-1, h, w)
         if h % b == 0:
             # Whole blocks: [L, blocks, b * W], so every reduction and broadcast runs over a long
@@ -350,13 +365,13 @@ class IntStage(NumericStage):
 
     def _block_scale_zero_from(self, shape, params, qmax):
         """Per-row scales and zero points [L, H, 1] from block params, sizes checked before use."""
-        if len(shape) < 3:
-            raise CodecError(f"{self.name}: block params need a tensor of rank >= 3")
+        if len(shape) < 1:
+            raise CodecError(f"{self.name}: block params need a tensor of rank >= 1")
         if "axis" in params or "scale" in params:
             raise CodecError(f"{self.name}: block params mix with per-channel/per-tensor ones")
         b = _int_param(params, "block", 1, MAX_BLOCK)
-        h, w = shape[-2], shape[-1]
-        lead = _count(shape[:-2])
+        h, w = _plane(shape)
+        lead = _count(shape[:-2] if len(shape) >= 3 else shape[:-1])
         groups = lead * (-(-h // b))
         scales, zeros = params.get("scales"), params.get("zeros")
         # Compare lengths first: `groups` comes from the declared shape, never allocated from.
@@ -391,7 +406,7 @@ class IntStage(NumericStage):
         raw = np.frombuffer(buf, np.uint8)
         q = unpack_bits(raw, self.bits, n) if packed else raw
         if "block" in params and n:
-            h, w, b = shape[-2], shape[-1], params["block"]
+            (h, w), b = _plane(shape), params["block"]
             # [L, blocks, b * W] or [L, H, W], matching _block_scale_zero_from.
             q = q.reshape(-1, h // b, b * w) if h % b == 0 else q.reshape(-1, h, w)
         else:
@@ -403,6 +418,11 @@ class IntStage(NumericStage):
             return out
         with np.errstate(over="ignore"):  # a hostile scale may overflow float16: inf, not a warning
             return out.astype(dtype)
+
+
+def _plane(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, row length) that blocks split: (H, W) for rank >= 3, else (last dim, 1)."""
+    return (shape[-2], shape[-1]) if len(shape) >= 3 else (shape[-1], 1)
 
 
 def _compact_scales(scale: np.ndarray) -> tuple[np.ndarray, bytes | None]:
