@@ -151,7 +151,13 @@ class Bf16Stage(NumericStage):
 
 
 class IntStage(NumericStage):
-    """Affine integer quantisation to `bits` (2..8), per tensor or per channel.
+    """Affine integer quantisation to `bits` (2..8), per tensor, per channel or per block.
+
+    Blocks (`block=b`): one scale and zero point per b rows of every [H, W] plane of a rank >= 3
+    tensor (per image and channel), or per b consecutive elements of the last axis of a rank 1-2
+    one. Params: "block", "scales" (float16 bytes when every scale is a normal float16, rounded
+    up; else float32), "zeros" (uint8). `block="auto"` (plain "int8") picks blocks or per channel
+    from the shape (_block_rows).
 
     x ~= (q - zero) * scale with q in [0, 2**bits - 1]; the range always includes 0, so exact zeros
     (ReLU/ReLU6 outputs) stay exact and compress well. Below 8 bits the codes are packed densely
