@@ -1,8 +1,12 @@
-"""Helpers for the agent tests: a tiny chain bundle and a tiny real ROUTER server.
+"""Helpers for the agent tests: tiny bundles, the real cloud server in-process, and a faulty peer.
 
-The server is real (a ZeroMQ ROUTER on a random loopback port, the tail run by ONNX Runtime
-through edgesplit.runtime.SegmentChain); its `mode` makes it misbehave on purpose.
-Run as a script it serves a bundle in its own process:  python tests/test_agent_support.py BUNDLE
+- `RealCloud` is the project's own cloud server (cloud_server.Server: the broker and its tail
+  workers as threads of this process) on a random loopback port: every test that wants a
+  correctly behaving cloud uses it.
+- `MiniServer` is a deliberately faulty peer for fault injection: a ZeroMQ ROUTER that speaks
+  the wire protocol but answers with wrong shapes, dtypes or ids, garbage, error codes, or not
+  at all. The real server never does that, so those tests need a peer that does.
+  Run as a script it serves a bundle in its own process:  python tests/test_agent_support.py BUNDLE
 """
 
 from __future__ import annotations
@@ -62,6 +66,43 @@ def chain_bundle(out: Path) -> tuple[Bundle, Path]:
     return write_bundle(out / "chain.bundle", model, segments, cuts), full_path
 
 
+SLOW_WIDTH = 512
+
+
+def slow_bundle(out: Path, depth: int = 24) -> tuple[Bundle, Path]:
+    """A 2-segment bundle with a heavy tail: its time grows with the batch, its cut stays small.
+
+    x[N,16] -> tanh(Gemm) = h[N,32] | tanh(Gemm) to 512 wide, `depth` x tanh(MatMul 512x512),
+    Gemm -> y[N,8]. The tail's MatMuls share one weight (stored once): a few thousand rows take
+    a few hundred ms on one CPU core (128 bytes a row on the wire), 2 rows well under a
+    millisecond. Also writes the unsplit model as slow_full.onnx beside it.
+    """
+    cut_w = 32
+    head_nodes, head_w = _layer("s_in", "x", "h", DIM, cut_w, seed=10, act="Tanh")
+    up_nodes, up_w = _layer("s_up", "h", "s_t", cut_w, SLOW_WIDTH, seed=11, act="Tanh")
+    rng = np.random.default_rng(12)
+    w = numpy_helper.from_array((rng.standard_normal((SLOW_WIDTH, SLOW_WIDTH)) / np.sqrt(SLOW_WIDTH))
+                                .astype(np.float32), "s_w")
+    tail_nodes, prev = list(up_nodes), "s_t"
+    for i in range(depth):
+        tail_nodes += [helper.make_node("MatMul", [prev, "s_w"], [f"s_m{i}"], name=f"s_mm{i}"),
+                       helper.make_node("Tanh", [f"s_m{i}"], [f"s_t{i}"], name=f"s_tanh{i}")]
+        prev = f"s_t{i}"
+    out_nodes, out_w = _layer("s_out", prev, "y", SLOW_WIDTH, WIDTHS[-1], seed=13, act=None)
+    tail_w = [*up_w, w, *out_w]
+    tail = _model(tail_nodes + out_nodes, tail_w, "h", cut_w, "y", WIDTHS[-1])
+    head = _model(head_nodes, head_w, "x", DIM, "h", cut_w)
+    full = _model(head_nodes + tail_nodes + out_nodes, [*head_w, *tail_w], "x", DIM, "y", WIDTHS[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    full_path = out / "slow_full.onnx"
+    onnx.save(full, str(full_path))
+    x, h, y = (TensorSpec("x", "float32", ("N", DIM)), TensorSpec("h", "float32", ("N", cut_w)),
+               TensorSpec("y", "float32", ("N", WIDTHS[-1])))
+    model = {"name": "slow", "source_sha256": "0" * 64, "inputs": [x.to_json()], "outputs": [y.to_json()]}
+    cuts = [Cut(1, ("h",), h.bytes_per_sample(), (h,))]
+    return write_bundle(out / "slow.bundle", model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])], cuts), full_path
+
+
 def reference(full_path: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -69,10 +110,86 @@ def reference(full_path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"x": x})[0]
 
 
-class MiniServer:
-    """A ROUTER that answers like a cloud broker, or misbehaves per `mode`.
+class RealCloud:
+    """The project's cloud server in this process: `cloud_server.Server` (broker + tail worker threads).
 
-    Modes: "good", "wrong_shape", "wrong_dtype", "wrong_id", "garbage", "silent" (answers pings,
+    The same broker, workers, batching, deadlines and backpressure as `python -m cloud_server`
+    (edge_agent.local_cloud.LocalCloud runs that as a child), without a second interpreter to
+    start: tests that want a correctly behaving cloud share one per module.
+
+    Args:
+        repository: the folder of bundles to serve.
+        bind: the edge-facing address (default: a random loopback port).
+        workers: tail worker threads (0: a broker with no live worker).
+        **config: ServerConfig fields (the defaults here: fast heartbeats, one ORT thread).
+    """
+
+    def __init__(self, repository: Path, bind: str = "tcp://127.0.0.1:0", workers: int = 1, **config):
+        from cloud_server import Server, ServerConfig
+
+        cfg = ServerConfig(**{"heartbeat_interval_s": 0.1, "intra_op_threads": 1, "drain_timeout_s": 5.0, **config})
+        self.server = Server(repository, bind=bind, http=None, devices=["cpu"] * workers, config=cfg,
+                             worker_mode="thread")
+        self.server.start()
+        if not self.server.wait_ready(60):
+            self.server.stop()
+            raise RuntimeError(f"the cloud server on {bind} did not become ready")
+        self.broker = self.server.broker
+        self.address = self.broker.front_address
+        self._closed = False
+
+    def answered(self, outcome: str | None = None) -> int:
+        """Infer requests the broker answered so far: with `outcome` ("ok", "busy", ...), or all."""
+        registry = self.broker.metrics.registry
+        if outcome is not None:
+            return int(registry.get_sample_value("edgesplit_requests_total", {"outcome": outcome}) or 0)
+        return int(sum(s.value for m in registry.collect() if m.name == "edgesplit_requests"
+                       for s in m.samples if s.name == "edgesplit_requests_total"))
+
+    def requests(self) -> int:
+        """Infer requests that reached the broker: answered, or held there now (queued or computing)."""
+        return self.answered() + len(self.broker._reqs)  # read from another thread: a dict's len is atomic
+
+    def add_worker(self) -> None:
+        """A tail worker joins the running broker: a thread on the address local worker processes use."""
+        from cloud_server import TailWorker
+
+        srv = self.server
+        w = TailWorker(self.broker.back_address, srv.repository, srv.config,
+                       name=f"joined-{len(srv.threads)}", context=self.broker.ctx)
+        t = threading.Thread(target=w.run, name=w.name, daemon=True)
+        t.start()
+        srv.threads.append((w, t))
+
+    def crash(self) -> None:
+        """Vanish at once, as a killed process does: no drain, no error replies, connections dropped."""
+        self.broker.abort()
+        self.broker.join(10)
+        self.broker.front.close(0)  # the loop has ended: the edges' connections drop now
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.server.stop()
+
+    def __enter__(self) -> "RealCloud":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MiniServer:
+    """A deliberately faulty cloud peer, for fault injection: a ROUTER that misbehaves per `mode`.
+
+    The real cloud server (RealCloud) never sends wrong shapes, dtypes or ids, garbage, error
+    codes the agent cannot provoke, or nothing at all; these tests need a peer that does, to
+    show that the agent never returns wrong outputs and never hangs. It answers pings and
+    hello like a broker and runs the tail with ONNX Runtime, then spoils the answer.
+
+    Modes: "good" (kept for tests/test_agent_cli.py and the kill test's EDGESPLIT_TEST_MINI_SERVER
+    switch), "wrong_shape", "wrong_dtype", "wrong_id", "garbage", "silent" (answers pings,
     never results), "error:<code>".
     """
 
