@@ -146,9 +146,13 @@ class RealCloud:
         return int(sum(s.value for m in registry.collect() if m.name == "edgesplit_requests"
                        for s in m.samples if s.name == "edgesplit_requests_total"))
 
+    def held(self) -> int:
+        """Infer requests the broker holds now: waiting for a worker, or computing."""
+        return len(self.broker._reqs)  # read from another thread: a dict's len is atomic
+
     def requests(self) -> int:
-        """Infer requests that reached the broker: answered, or held there now (queued or computing)."""
-        return self.answered() + len(self.broker._reqs)  # read from another thread: a dict's len is atomic
+        """Infer requests that reached the broker: answered, or held there now."""
+        return self.answered() + self.held()
 
     def add_worker(self) -> None:
         """A tail worker joins the running broker: a thread on the address local worker processes use."""
