@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import heapq
 import sys
 import threading
 import time
@@ -177,7 +176,7 @@ class RealCloud:
             self._closed = True
             self.server.stop()
 
-    def __enter__(self) -> "RealCloud":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -197,14 +196,11 @@ class MiniServer:
     never results), "error:<code>".
     """
 
-    def __init__(self, bundle: Bundle, mode: str = "good", address: str = "tcp://127.0.0.1:0",
-                 compute_delay_s: float = 0.0, workers: int = 1):
+    def __init__(self, bundle: Bundle, mode: str = "good", address: str = "tcp://127.0.0.1:0"):
         from edgesplit.runtime import SegmentChain
 
-        self.workers = workers  # what its pongs report
         self.bundle = bundle
         self.mode = mode
-        self.compute_delay_s = compute_delay_s
         self.chains = {k: SegmentChain(bundle, k, bundle.num_segments, runner="ort-cpu")
                        for k in range(bundle.num_segments)}
         self.ctx = zmq.Context()
@@ -228,9 +224,7 @@ class MiniServer:
         poller.register(self.sock, zmq.POLLIN)
         # The tail runs on a worker thread, so pings are answered while it computes (as a broker does).
         worker = ThreadPoolExecutor(1)
-        done: queue.SimpleQueue = queue.SimpleQueue()   # (due, frames) from the worker
-        delayed: list = []  # (due, seq, frames): replies held back without blocking pings
-        seq = 0
+        done: queue.SimpleQueue = queue.SimpleQueue()   # reply frames from the worker thread
 
         def compute(ident, msg, mode):
             tensors = {n: codecs.decode(e) for n, e in msg.tensors.items()}
@@ -245,24 +239,18 @@ class MiniServer:
             reply = protocol.result(rid, {n: raw.encode(a) for n, a in out.items()},
                                     timings={"queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.1, "encode_ms": 0.0},
                                     worker="mini")
-            done.put((time.monotonic() + self.compute_delay_s, [ident, *protocol.encode(reply)]))
+            done.put([ident, *protocol.encode(reply)])
 
         while not self._stop.is_set():
             while not done.empty():
-                seq += 1
-                due, frames = done.get()
-                heapq.heappush(delayed, (due, seq, frames))
-            now = time.monotonic()
-            while delayed and delayed[0][0] <= now:
-                self.sock.send_multipart(heapq.heappop(delayed)[2], copy=False)
-            wait = 2 if not delayed else max(0, min(2, (delayed[0][0] - now) * 1e3))
-            if not poller.poll(wait):
+                self.sock.send_multipart(done.get(), copy=False)
+            if not poller.poll(2):
                 continue
             ident, *frames = self.sock.recv_multipart(copy=False)
             msg = protocol.decode(frames)
             if msg.kind == "ping":
                 self.pings += 1
-                protocol.send(self.sock, protocol.pong(msg.id, load={"workers": self.workers, "queued": 0, "inflight": 0,
+                protocol.send(self.sock, protocol.pong(msg.id, load={"workers": 1, "queued": 0, "inflight": 0,
                                                                      "est_wait_ms": 0.0}), [ident])
                 continue
             if msg.kind == "hello":
