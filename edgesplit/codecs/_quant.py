@@ -25,7 +25,7 @@ AUTO_BLOCK_MIN_ROWS = 56
 # ... and on small maps (H <= AUTO_BLOCK: one block per channel, i.e. per channel with compact
 # scales, where per-tensor ranges lost agreement at 7x7); feature vectors [N, F] get one scale per
 # AUTO_FEATURE_GROUP consecutive features.
-AUTO_FEATURE_GROUP = 64
+AUTO_FEATURE_GROUP = 128
 MAX_BLOCK = 1 << 16
 _F16_MIN_NORMAL = np.float32(2.0 ** -14)
 _F16_MAX = np.float32(65504.0)
