@@ -335,8 +335,9 @@ def get_codec(spec: str, **params: Any) -> Codec:
     Stages are joined by "+": one numeric stage first (raw, fp16, bf16, int8..int2; default raw),
     then byte stages (shuffle, zstd, lz4). Stage options follow colons: ``int8:pt`` per tensor,
     ``int8:pc`` per channel along axis 1 (when each channel has >= 128 values), ``int8:b8`` per
-    channel per block of 8 rows (of a [..., C, H, W] tensor); default: b8 where H >= 56, else per
-    channel (see _quant.IntStage). ``int4:p`` / ``int4:u``
+    channel per block of 8 rows (of a [..., C, H, W] tensor); default: b8 where H >= 56 or H <= 8,
+    per channel in between, groups of 128 features on [N, F] (see _quant.IntStage._block_rows).
+    ``int4:p`` / ``int4:u``
     packed densely / one code per byte (default: packed unless a compressor follows),
     ``int8:nocal`` ignore calibration, ``zstd:3`` level 3 (default 1). Keyword params override
     them: per_channel, axis, level, packed, shuffle (False: no implicit byte shuffle before a
