@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -80,22 +79,15 @@ QUICK = {"raw+zstd", "fp16", "int8", "int8+zstd", "int8:pt+zstd", "int5:pt+zstd"
 
 # -- machine -----------------------------------------------------------------------------------
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
     import zmq
     import zstandard
 
+    from edgesplit.planning import device_description
+
     load = "/".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"{cpu}, {os.cpu_count()} cores (load average {load}), {platform.system()} {platform.machine()}, Python "
-            f"{platform.python_version()}, numpy {np.__version__}, onnxruntime {onnxruntime.__version__}, "
-            f"zstandard {zstandard.__version__}, pyzmq {zmq.__version__}")
+    return (f"{device_description()} (load average {load}), numpy {np.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}, zstandard {zstandard.__version__}, pyzmq {zmq.__version__}")
 
 
 def pin_one_core():
