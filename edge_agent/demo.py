@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"done in {time.monotonic() - t_start:.1f} s: {where.count('cloud')} answers from the cloud, "
                   f"{where.count('local')} on the device, none lost; "
                   f"rtt {f'{stats.rtt_ms:.2f} ms' if stats.rtt_ms is not None else 'n/a'}; "
-                  f"counters {dict(sorted(stats.counters.items()))}")
+                  f"agent counters (with the warm-up request) {dict(sorted(stats.counters.items()))}")
             ok = (all(r.where == "cloud" for r in phase1) and all(r.where == "local" for r in phase2[1:])
                   and phase3[-1].where == "cloud")
             if not ok:
