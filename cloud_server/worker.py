@@ -301,7 +301,9 @@ class TailWorker:
                 sent_version = self._version
                 self._send([W.ctl(W.HEARTBEAT, self._status())])
             if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
-                self._receive(0)  # after a long batch the broker's messages may just be waiting here
+                # After a long batch the broker's messages may be waiting here, or still on their
+                # way through ZeroMQ's I/O thread: give them one interval before calling it silent.
+                self._receive(cfg.heartbeat_interval_s)
             if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
                 log.warning("%s: broker silent for %.1f s; reconnecting in %.2f s", self.name,
                             now - self._last_heard, backoff)
