@@ -159,12 +159,15 @@ def test_results_batching_deadline_busy_and_admin(repo, tmp_path):
         assert max(m.meta["batch"] for m in got.values()) > 1
 
         # backpressure: capacity 8 + 4 pending, then an immediate "busy" with a retry hint
+        # (behind a long request, so a fast box cannot drain the queue as fast as it fills)
         big = rng.standard_normal((8, 128)).astype(np.float32)
+        edge.send_infer("hold", slow.id, 1, {"h": rng.standard_normal((20000, 128)).astype(np.float32)})
         for i in range(40):
             edge.send_infer(f"p{i}", slow.id, 1, {"h": big})
-        replies = [edge.recv() for _ in range(40)]
+        replies = [edge.recv() for _ in range(41)]
         assert all(r is not None for r in replies)
-        assert sorted(r.id for r in replies) == sorted(f"p{i}" for i in range(40))
+        assert sorted(r.id for r in replies) == sorted([f"p{i}" for i in range(40)] + ["hold"])
+        replies = [r for r in replies if r.id != "hold"]
         busy = [r for r in replies if r.kind == "error" and r.meta["code"] == "busy"]
         assert busy and all(r.meta["retry_after_ms"] > 0 for r in busy)
         assert any(r.kind == "result" for r in replies)
