@@ -22,6 +22,7 @@ import os
 import struct
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -169,6 +170,7 @@ class Broker:
         self._stopping_since: float | None = None
         self._stopped = threading.Event()
         self._bound = threading.Event()
+        self._inproc_address: str | None = None  # set by add_inproc_endpoint
         self._thread: threading.Thread | None = None
         self.exit_reason = ""
         # a tail worker run by this broker's own thread (Server worker_mode "inline")
@@ -235,9 +237,12 @@ class Broker:
         A request then reaches its worker by pointer: the payload lands once in this process.
         """
         self.bind()
-        address = f"inproc://edgesplit-broker-{id(self)}"
-        self.back.bind(address)
-        return address
+        if self._inproc_address is None:
+            # A fresh name each time: id(self) can be reused by a later broker in this process
+            # while the old one's inproc endpoint is still being torn down.
+            self._inproc_address = f"inproc://edgesplit-broker-{uuid.uuid4().hex}"
+            self.back.bind(self._inproc_address)
+        return self._inproc_address
 
     def add_inline_worker(self, worker) -> None:
         """Run `worker` (a TailWorker, not started) in this broker's own thread.
