@@ -100,10 +100,9 @@ class RawStage(NumericStage):
     """The array's own bytes (little-endian, C order); zero copy both ways."""
 
 
-class Fp16Stage(NumericStage):
-    """IEEE half precision."""
+class _TwoByteStage(NumericStage):
+    """A lossy stage that writes every float as two bytes (fp16, bf16)."""
 
-    name = "fp16"
     lossy = True
 
     def out_itemsize(self, dtype: str) -> int:
@@ -111,6 +110,12 @@ class Fp16Stage(NumericStage):
 
     def payload_size(self, dtype, shape, params):
         return _count(shape) * 2
+
+
+class Fp16Stage(_TwoByteStage):
+    """IEEE half precision."""
+
+    name = "fp16"
 
     def encode(self, arr, calibration):
         return as_bytes(np.asarray(arr, dtype=np.float16)), {}
@@ -120,17 +125,10 @@ class Fp16Stage(NumericStage):
         return half.astype(dtype)
 
 
-class Bf16Stage(NumericStage):
+class Bf16Stage(_TwoByteStage):
     """bfloat16: the top 16 bits of float32, rounded to nearest even (float32's range, 8-bit mantissa)."""
 
     name = "bf16"
-    lossy = True
-
-    def out_itemsize(self, dtype: str) -> int:
-        return 2
-
-    def payload_size(self, dtype, shape, params):
-        return _count(shape) * 2
 
     def encode(self, arr, calibration):
         f = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)

@@ -56,6 +56,15 @@ def _axis_attr(axis: int | None) -> dict[str, Any]:
     return {} if axis is None else {"axis": int(axis)}
 
 
+def _replace_with_codes(values, i: int, qname: str) -> None:
+    """Replace graph input/output `values[i]` by a uint8 value `qname` of the same shape."""
+    old = values[i]
+    new = helper.make_tensor_value_info(qname, TensorProto.UINT8, None)
+    new.type.tensor_type.shape.CopyFrom(old.type.tensor_type.shape)
+    values.remove(old)
+    values.insert(i, new)
+
+
 def fold_quantize(head: onnx.ModelProto, tensor: str, scale, zero, axis: int | None = None) -> onnx.ModelProto:
     """A copy of `head` whose output `tensor` is replaced by uint8 codes named tensor + "__q"."""
     model = onnx.ModelProto()
@@ -63,17 +72,12 @@ def fold_quantize(head: onnx.ModelProto, tensor: str, scale, zero, axis: int | N
     outs = [o.name for o in model.graph.output]
     if tensor not in outs:
         raise CutError(f"{tensor!r} is not an output of this segment (outputs: {outs})")
-    i = outs.index(tensor)
-    old = model.graph.output[i]
     qname = tensor + QSUFFIX
     model.graph.initializer.extend(_qparams(tensor, scale, zero))
     model.graph.node.append(helper.make_node(
         "QuantizeLinear", [tensor, f"{tensor}{QSUFFIX}_scale", f"{tensor}{QSUFFIX}_zero"], [qname],
         name=f"{tensor}{QSUFFIX}_quantize", **_axis_attr(axis)))
-    new = helper.make_tensor_value_info(qname, TensorProto.UINT8, None)
-    new.type.tensor_type.shape.CopyFrom(old.type.tensor_type.shape)
-    model.graph.output.remove(old)
-    model.graph.output.insert(i, new)
+    _replace_with_codes(model.graph.output, outs.index(tensor), qname)
     _need_opset(model, 13 if axis is not None else 10)
     return model
 
@@ -85,13 +89,8 @@ def fold_dequantize(tail: onnx.ModelProto, tensor: str, scale, zero, axis: int |
     ins = [x.name for x in model.graph.input]
     if tensor not in ins:
         raise CutError(f"{tensor!r} is not an input of this segment (inputs: {ins})")
-    i = ins.index(tensor)
-    old = model.graph.input[i]
     qname = tensor + QSUFFIX
-    new = helper.make_tensor_value_info(qname, TensorProto.UINT8, None)
-    new.type.tensor_type.shape.CopyFrom(old.type.tensor_type.shape)
-    model.graph.input.remove(old)
-    model.graph.input.insert(i, new)
+    _replace_with_codes(model.graph.input, ins.index(tensor), qname)
     model.graph.initializer.extend(_qparams(tensor, scale, zero))
     node = helper.make_node(
         "DequantizeLinear", [qname, f"{tensor}{QSUFFIX}_scale", f"{tensor}{QSUFFIX}_zero"], [tensor],
