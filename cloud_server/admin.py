@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 
-from edgesplit._lazy import require
+from edgesplit.deps import require
 from edgesplit.errors import ConfigError
 
 __all__ = ["AdminServer"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgesplit._lazy import require
+from edgesplit.deps import require
 
 __all__ = ["Metrics", "STAGES"]
 

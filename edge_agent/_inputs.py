@@ -18,7 +18,7 @@ def preprocess_image(path: str | Path, size: int = 224) -> np.ndarray:
 
     Shorter side resized to size * 256/224, central crop, (pixel - 127) / 128, channels first.
     """
-    from edgesplit._lazy import require
+    from edgesplit.deps import require
 
     Image = require("PIL.Image", "image inputs")
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edgesplit.cli.options import add_runner_option
+
 HELP = """\
 Run the bundle on sample inputs and store, for every tensor at every cut, its value range
 (per tensor, and per channel along --axis) in the manifest field "calibration". Int codecs
@@ -37,7 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=8, help="samples per run (default 8)")
     p.add_argument("--mean", type=float, default=127.0, help="image preprocessing mean (default 127)")
     p.add_argument("--std", type=float, default=128.0, help="image preprocessing std (default 128)")
-    p.add_argument("--runner", default="auto", help="runner kind (default auto)")
+    add_runner_option(p, "auto")
     p.set_defaults(func=run)
 
 
@@ -45,7 +47,7 @@ def load_image(path: Path, size: tuple[int, int], mean: float, std: float):
     """Image file -> float32 [3, H, W]: resize the shorter side, centre crop, normalise."""
     import numpy as np
 
-    from edgesplit._lazy import require
+    from edgesplit.deps import require
 
     Image = require("PIL.Image", "image inputs")
     h, w = size
@@ -116,11 +118,11 @@ def calibrate(bundle, samples: dict, percentile: float = 99.99, axis: int = 1, b
               runner: str = "auto") -> dict:
     """Run every segment over `samples` and return the manifest's "calibration" object."""
     from edgesplit.codecs.calibration import RangeCollector
-    from edgesplit.runtime import SegmentChain
+    from edgesplit.runtime import SegmentRunner
 
     collector = RangeCollector(percentile=percentile, axis=axis)
     n = bundle.num_segments
-    chains = [SegmentChain(bundle, k, k + 1, runner=runner) for k in range(n)]
+    segments = SegmentRunner(bundle, runner)
     total = len(next(iter(samples.values())))
     try:
         for start in range(0, total, batch):
@@ -128,12 +130,11 @@ def calibrate(bundle, samples: dict, percentile: float = 99.99, axis: int = 1, b
             for name, value in env.items():
                 collector.update(name, value)
             for k in range(n):
-                env = chains[k].run(env)  # exactly the tensors of cut k+1
+                env = segments.run(env, k, k + 1)  # exactly the tensors of cut k+1
                 for name, value in env.items():
                     collector.update(name, value)
     finally:
-        for c in chains:
-            c.close()
+        segments.close()
     return collector.result(samples=total)
 
 

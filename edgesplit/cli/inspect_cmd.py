@@ -6,22 +6,7 @@ import argparse
 import json
 import sys
 
-
-def add_shape_option(p: argparse.ArgumentParser) -> None:
-    """The --shape option shared by inspect, partition and verify."""
-    p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
-                   help="bind symbolic dims: an input (input=1x3x512x512) or a dim symbol (seq=128); "
-                        "repeatable. A dynamic batch is 1 unless given")
-
-
-def shapes_from_args(args) -> dict:
-    from edgesplit.graph import parse_shape_option
-
-    shapes: dict = {}
-    for text in getattr(args, "shape", None) or []:
-        name, dims = parse_shape_option(text)
-        shapes[name] = dims
-    return shapes
+from edgesplit.cli.options import add_shape_option, shapes_from_args
 
 
 def register(subparsers) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgesplit.cli.inspect_cmd import add_shape_option, shapes_from_args
+from edgesplit.cli.options import add_shape_option, shapes_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -82,7 +82,7 @@ def auto_cuts(args, out=None) -> list[list[str]]:
     rtt = parse_duration(args.rtt)
     shapes = None
     try:
-        from edgesplit.cli.inspect_cmd import shapes_from_args
+        from edgesplit.cli.options import shapes_from_args
 
         shapes = shapes_from_args(args) or None
     except (ImportError, AttributeError):
@@ -211,7 +211,7 @@ def run(args) -> int:
 
 
 def plot(rows, names, n, title, rtt, path) -> None:
-    from edgesplit._lazy import require
+    from edgesplit.deps import require
 
     matplotlib = require("matplotlib", "--plot")
     matplotlib.use("Agg")

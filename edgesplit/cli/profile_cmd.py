@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from edgesplit.cli.options import add_runner_option
+
 DESCRIPTION = """\
 Time every segment of BUNDLE on this device (median and p90 after warm-up) and, for each
 --codec, the size and encode/decode time of every cut. The JSON profile feeds
@@ -19,8 +21,7 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="BUNDLE|MODEL.onnx", help="a bundle directory, or an ONNX model")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
-    p.add_argument("--runner", default="auto", help="runner kind: auto, ort-cpu, ort-cuda, ort-trt, trt "
-                   "(a model's per-node profile uses ONNX Runtime: ort-cpu or ort-cuda)")
+    add_runner_option(p, "auto", note=" (a model's per-node profile uses ONNX Runtime: ort-cpu or ort-cuda)")
     p.add_argument("--batch", type=int, default=1, help="samples per request (default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: the runtime's; 1 = one core, like a small device)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesplit.cli.inspect_cmd import add_shape_option, shapes_from_args
+from edgesplit.cli.options import add_runner_option, add_shape_option, shapes_from_args
 
 
 def register(subparsers) -> None:
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size of the generated inputs (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for the generated inputs")
     p.add_argument("--inputs", default=None, metavar="FILE.npz", help="use these inputs instead of random ones")
-    p.add_argument("--runner", default="ort-cpu", help="runner kind for segments and model (default ort-cpu)")
+    add_runner_option(p, "ort-cpu", "runner kind for segments and model")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_shape_option(p)
     p.set_defaults(func=run)

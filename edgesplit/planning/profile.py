@@ -187,7 +187,7 @@ def profile_bundle(bundle, runner: str = "auto", batch: int = 1, threads: int | 
     """
     from edgesplit.bundle import Bundle
     from edgesplit.codecs import decode, get_codec
-    from edgesplit.runtime import make_runner
+    from edgesplit.runtime import SegmentRunner
 
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
@@ -197,22 +197,21 @@ def profile_bundle(bundle, runner: str = "auto", batch: int = 1, threads: int | 
     codec_objs = {spec: get_codec(spec) for spec in codecs}
     feeds = inputs if inputs is not None else sample_inputs(bundle.inputs, batch)
     bar = ProgressBar(n + (warmup + repeats) * (1 + len(codec_objs)), f"profile {bundle.name}", progress)
-    runners = []
+    segments = SegmentRunner(bundle, runner, intra_op_threads=threads)
     try:
-        for seg in bundle.segments:
-            runners.append(make_runner(seg.path, runner, intra_op_threads=threads))
-            bar.step(note=f"loaded segment {seg.index}")
+        for i in range(n):
+            segments.activate(i, i + 1)
+            bar.step(note=f"loaded segment {i}")
         times: list[list[float]] = [[] for _ in range(n)]
-        envs = None
+        envs = dict(feeds)
         for p in range(warmup + repeats):
-            env = dict(feeds)
-            for i, r in enumerate(runners):
-                t0 = time.perf_counter()
-                env.update(r.infer(env))
-                dt = (time.perf_counter() - t0) * 1e3
-                if p >= warmup:
+            envs = dict(feeds)
+            t: list[float] = []
+            for i in range(n):  # segment by segment, keeping every cut's tensors for the codecs
+                envs.update(segments.run(envs, i, i + 1, times=t))
+            if p >= warmup:
+                for i, dt in enumerate(t):
                     times[i].append(dt)
-            envs = env
             bar.step(note="warm-up" if p < warmup else "timing")
         codec_stats: dict[str, dict[str, list[float]]] = {}
         for spec, codec in codec_objs.items():
@@ -238,14 +237,13 @@ def profile_bundle(bundle, runner: str = "auto", batch: int = 1, threads: int | 
                 "encode_ms": [statistics.median(t) for t in enc_t],
                 "decode_ms": [statistics.median(t) for t in dec_t],
             }
-        names = sorted({r.name for r in runners})
+        runner_name = segments.runner_name
     finally:
-        for r in runners:
-            r.deactivate()
+        segments.close()
         bar.close()
     return Profile(
         bundle_id=bundle.id, bundle_name=bundle.name, device=device_description(),
-        runner=",".join(names), batch=batch, threads=threads,
+        runner=runner_name, batch=batch, threads=threads,
         segment_ms=[statistics.median(t) for t in times],
         segment_p90_ms=[_percentile(t, 90) for t in times],
         warmup=warmup, repeats=repeats, codecs=codec_stats,
@@ -350,7 +348,7 @@ def profile_nodes(model_path: str | os.PathLike, batch: int = 1, threads: int | 
     """
     import onnx
 
-    from edgesplit._lazy import require
+    from edgesplit.deps import require
     from edgesplit.bundle import TensorSpec
     from edgesplit.graph import file_sha256, has_external_data, load_model, np_dtype_name
 

@@ -1,65 +1,48 @@
 """Runners that execute bundle segments: ONNX Runtime (CPU / CUDA EP / TensorRT EP) and native TensorRT.
 
-`make_runner(path, "auto")` tries the fastest backend this machine has and falls back in order;
-`SegmentChain` runs a range of a bundle's segments over one dict of named tensors, which is what
-both the edge (head, local fallback) and the cloud (tail) do.
+`make_runner(path, "auto")` tries the fastest backend this machine has and falls back in order
+(the kinds are a table, `edgesplit.runtime.kinds`). `SegmentRunner` runs any range [start, stop)
+of a bundle's segments over one dict of named tensors: the edge's head and local fallback, the
+cloud's tail and profiling all go through it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from edgesplit._lazy import available
 from edgesplit.bundle import Bundle
 from edgesplit.errors import BackendError, ConfigError
 from edgesplit.runtime.base import Runner
+from edgesplit.runtime.kinds import RunnerKind, runner_choices, runner_kind, runner_kinds
 from edgesplit.runtime.onnxrt import PROVIDERS, OnnxRuntimeRunner
 from edgesplit.runtime.tensorrt import TensorRTRunner
 
-__all__ = ["Runner", "OnnxRuntimeRunner", "TensorRTRunner", "RUNNER_KINDS", "available_runners",
-           "make_runner", "SegmentChain"]
+__all__ = ["Runner", "OnnxRuntimeRunner", "TensorRTRunner", "RunnerKind", "runner_kinds", "runner_choices",
+           "available_runners", "make_runner", "SegmentRunner", "SegmentChain", "PROVIDERS"]
 
 log = logging.getLogger(__name__)
 
-# Fastest first: "auto" takes the first one that activates on this machine.
-RUNNER_KINDS = ("trt", "ort-trt", "ort-cuda", "ort-cpu")
-
 
 def available_runners() -> list[str]:
-    """Runner kinds whose libraries are installed (the GPU itself is checked on activation)."""
-    kinds = []
-    if available("tensorrt") and (available("cuda.bindings") or available("cuda.cudart")):
-        kinds.append("trt")
-    if available("onnxruntime"):
-        import onnxruntime as ort
-
-        have = set(ort.get_available_providers())
-        kinds += [k for k in ("ort-trt", "ort-cuda", "ort-cpu") if PROVIDERS[k][0] in have]
-    return kinds
-
-
-def _new_runner(path: str | Path, kind: str, intra_op_threads: int | None, cache_dir) -> Runner:
-    if kind == "trt":
-        return TensorRTRunner(path, cache_dir=cache_dir)
-    return OnnxRuntimeRunner(path, kind, intra_op_threads=intra_op_threads, cache_dir=cache_dir)
+    """Runner kinds whose libraries are installed, fastest first (the GPU is checked on activation)."""
+    return [k.name for k in runner_kinds() if k.installed()]
 
 
 def make_runner(path: str | Path, kind: str = "auto", intra_op_threads: int | None = None,
                 cache_dir: str | Path | None = None) -> Runner:
-    """An activated runner for `path`. With "auto", the first kind of RUNNER_KINDS that works."""
+    """An activated runner for `path`. With "auto", the first installed kind that activates."""
     if kind != "auto":
-        if kind not in RUNNER_KINDS:
-            raise ConfigError(f"unknown runner {kind!r}; choose auto or one of {', '.join(RUNNER_KINDS)}")
-        return _new_runner(path, kind, intra_op_threads, cache_dir).activate()
+        return runner_kind(kind).create(path, intra_op_threads, cache_dir).activate()
     tried = []
     for k in available_runners():
         try:
-            runner = _new_runner(path, k, intra_op_threads, cache_dir).activate()
+            runner = runner_kind(k).create(path, intra_op_threads, cache_dir).activate()
         except BackendError as exc:
             tried.append(f"{k}: {exc}")
             continue
@@ -69,26 +52,44 @@ def make_runner(path: str | Path, kind: str = "auto", intra_op_threads: int | No
     raise BackendError(f"no runner can load {Path(path).name}: {'; '.join(tried) or 'onnxruntime missing'}")
 
 
-class SegmentChain:
-    """Runs segments [start, stop) of a bundle and returns the tensors of cut `stop`.
+def _zeros(specs, batch: int) -> dict[str, np.ndarray]:
+    return {s.name: np.zeros([d if isinstance(d, int) and d >= 0 else batch for d in s.shape], s.dtype)
+            for s in specs}
 
-    Runners are created on first use and kept; `close()` releases them. Thread-safe for
-    concurrent `run` calls (ONNX Runtime sessions are).
+
+class SegmentRunner:
+    """Runs any range [start, stop) of a bundle's segments and returns the tensors of cut `stop`.
+
+    One runner per segment, created on first use and shared by every range, so a head, a tail
+    and a full pass never load a segment twice. Thread-safe for concurrent `run` calls (ONNX
+    Runtime sessions are).
+
+    Args:
+        bundle: a Bundle or its directory.
+        runner: a runner kind, or "auto".
+        intra_op_threads: ONNX Runtime's thread pool size (None: its default).
+        cache_dir: engine cache directory (TensorRT kinds).
     """
 
-    def __init__(self, bundle: Bundle | str | Path, start: int, stop: int, runner: str = "auto",
-                 intra_op_threads: int | None = None, cache_dir: str | Path | None = None):
+    def __init__(self, bundle: Bundle | str | Path, runner: str = "auto", intra_op_threads: int | None = None,
+                 cache_dir: str | Path | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        n = self.bundle.num_segments
-        if not 0 <= start <= stop <= n:
-            raise ConfigError(f"segment range [{start}, {stop}) is outside 0..{n}")
-        self.start, self.stop = start, stop
+        if runner != "auto":
+            runner_kind(runner)  # an unknown kind is an error now, not on the first request
         self.kind = runner
         self.intra_op_threads = intra_op_threads
         self.cache_dir = cache_dir
-        self.wanted = self.bundle.cut(stop).tensors
         self._runners: dict[int, Runner] = {}
         self._lock = threading.Lock()
+
+    @property
+    def num_segments(self) -> int:
+        return self.bundle.num_segments
+
+    def _check_range(self, start: int, stop: int) -> None:
+        n = self.bundle.num_segments
+        if not 0 <= start <= stop <= n:
+            raise ConfigError(f"segment range [{start}, {stop}) is outside 0..{n} of {self.bundle.name}")
 
     def _runner(self, i: int) -> Runner:
         r = self._runners.get(i)
@@ -100,9 +101,11 @@ class SegmentChain:
                     self._runners[i] = r
         return r
 
-    def activate(self) -> "SegmentChain":
-        """Load every runner now rather than on the first request."""
-        for i in range(self.start, self.stop):
+    def activate(self, start: int = 0, stop: int | None = None) -> "SegmentRunner":
+        """Load the runners of [start, stop) now rather than on the first request."""
+        stop = self.bundle.num_segments if stop is None else stop
+        self._check_range(start, stop)
+        for i in range(start, stop):
             self._runner(i)
         return self
 
@@ -112,20 +115,89 @@ class SegmentChain:
         names = sorted({r.name for r in self._runners.values()})
         return ",".join(names) if names else self.kind
 
-    def run(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, tensors: Mapping[str, np.ndarray], start: int, stop: int,
+            times: list[float] | None = None) -> dict[str, np.ndarray]:
+        """Run segments [start, stop) over `tensors`; the tensors of cut `stop` (the outputs at n).
+
+        Args:
+            times: if a list, the milliseconds of each segment are appended to it.
+        """
+        self._check_range(start, stop)
         env = dict(tensors)
-        for i in range(self.start, self.stop):
-            env.update(self._runner(i).infer(env))
-        missing = [t for t in self.wanted if t not in env]
+        for i in range(start, stop):
+            r = self._runner(i)
+            t = time.perf_counter()
+            env.update(r.infer(env))
+            if times is not None:
+                times.append((time.perf_counter() - t) * 1e3)
+        wanted = self.bundle.cut(stop).tensors
+        missing = [t for t in wanted if t not in env]
         if missing:
-            raise BackendError(f"segments [{self.start}, {self.stop}) did not produce {missing}")
-        return {t: env[t] for t in self.wanted}
+            raise BackendError(f"segments [{start}, {stop}) of {self.bundle.name} did not produce {missing}")
+        return {t: env[t] for t in wanted}
+
+    def profile(self, runs: int, feeds: Mapping[str, np.ndarray] | None = None) -> list[float]:
+        """Median ms of each segment over `runs` passes of the whole chain, after one warm-up pass.
+
+        Args:
+            feeds: the model inputs to time with (default: zeros, every symbolic dim set to 1).
+        """
+        if runs < 1:
+            raise ConfigError(f"profile runs must be >= 1, got {runs}")
+        n = self.bundle.num_segments
+        feeds = _zeros(self.bundle.inputs, 1) if feeds is None else feeds
+        passes = []
+        for rep in range(runs + 1):
+            t: list[float] = []
+            self.run(feeds, 0, n, times=t)
+            if rep:
+                passes.append(t)
+        return [float(x) for x in np.median(np.asarray(passes), axis=0)] if n else []
 
     def close(self) -> None:
         with self._lock:
             for r in self._runners.values():
                 r.deactivate()
             self._runners.clear()
+
+    def __enter__(self) -> "SegmentRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SegmentChain:
+    """A fixed range [start, stop) of a bundle over a SegmentRunner: ``run(tensors)``.
+
+    A convenience for code that always runs the same range (a test's head and tail, a
+    calibration pass); it owns its SegmentRunner unless one is passed in.
+    """
+
+    def __init__(self, bundle: Bundle | str | Path, start: int, stop: int, runner: str = "auto",
+                 intra_op_threads: int | None = None, cache_dir: str | Path | None = None,
+                 segments: SegmentRunner | None = None):
+        self._own = segments is None
+        self.segments = segments or SegmentRunner(bundle, runner, intra_op_threads, cache_dir)
+        self.bundle = self.segments.bundle
+        self.segments._check_range(start, stop)
+        self.start, self.stop = start, stop
+        self.wanted = self.bundle.cut(stop).tensors
+
+    def activate(self) -> "SegmentChain":
+        self.segments.activate(self.start, self.stop)
+        return self
+
+    @property
+    def runner_name(self) -> str:
+        return self.segments.runner_name
+
+    def run(self, tensors: Mapping[str, np.ndarray], times: list[float] | None = None) -> dict[str, np.ndarray]:
+        return self.segments.run(tensors, self.start, self.stop, times)
+
+    def close(self) -> None:
+        if self._own:
+            self.segments.close()
 
     def __enter__(self) -> "SegmentChain":
         return self

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesplit._lazy import require
+from edgesplit.deps import available, require
 from edgesplit.errors import BackendError
 from edgesplit.runtime.base import Runner
+from edgesplit.runtime.kinds import RunnerKind
 
 # runner name -> execution providers, most preferred first
 PROVIDERS = {
@@ -76,3 +77,23 @@ class OnnxRuntimeRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.session = None
+
+
+def _ort_kind(kind: str, rank: int, summary: str) -> RunnerKind:
+    def installed() -> bool:
+        if not available("onnxruntime"):
+            return False
+        import onnxruntime as ort
+
+        return PROVIDERS[kind][0] in ort.get_available_providers()
+
+    def create(path, intra_op_threads=None, cache_dir=None) -> OnnxRuntimeRunner:
+        return OnnxRuntimeRunner(path, kind, intra_op_threads=intra_op_threads, cache_dir=cache_dir)
+
+    return RunnerKind(kind, rank, summary, create, installed)
+
+
+# The entries of the runner table (pyproject.toml, edgesplit.runners).
+ORT_TRT = _ort_kind("ort-trt", 10, "ONNX Runtime, TensorRT execution provider (onnxruntime-gpu)")
+ORT_CUDA = _ort_kind("ort-cuda", 20, "ONNX Runtime, CUDA execution provider (onnxruntime-gpu)")
+ORT_CPU = _ort_kind("ort-cpu", 90, "ONNX Runtime on the CPU")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesplit._lazy import require
+from edgesplit.deps import require
 from edgesplit.errors import BackendError
 from edgesplit.runtime.base import Runner
+from edgesplit.runtime.kinds import RunnerKind
 
 DEFAULT_CACHE = Path.home() / ".cache" / "edgesplit" / "trt"
 
@@ -144,3 +145,17 @@ class TensorRTRunner(Runner):
         if self.stream is not None:
             self._cudart.cudaStreamDestroy(self.stream)
         self.engine = self.context = self.stream = None
+
+
+def _trt_installed() -> bool:
+    from edgesplit.deps import available
+
+    return available("tensorrt") and (available("cuda.bindings") or available("cuda.cudart"))
+
+
+def _trt_create(path, intra_op_threads=None, cache_dir=None) -> TensorRTRunner:
+    return TensorRTRunner(path, cache_dir=cache_dir)  # TensorRT has no intra-op thread setting
+
+
+# The entry of the runner table (pyproject.toml, edgesplit.runners).
+TRT = RunnerKind("trt", 0, "native TensorRT engine (tensorrt + cuda-python)", _trt_create, _trt_installed)

@@ -1,4 +1,8 @@
-"""One place that imports optional heavy dependencies, so `import edgesplit` needs none of them."""
+"""Optional heavy dependencies, imported on first use: `import edgesplit` needs none of them.
+
+Public: `require(module, purpose)` imports a module or raises MissingDependencyError naming the
+extra to install; `available(module)` says whether it imports.
+"""
 
 from __future__ import annotations
 
