@@ -20,16 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import msgpack
+import numpy as np
 import zmq
 
-from edgesplit.codecs import BYTE_STAGES, NUMERIC_STAGES, Encoded
+from edgesplit.codecs import BYTE_STAGES, DTYPES, NUMERIC_STAGES, Encoded
 from edgesplit.codecs import validate as _validate_encoded
 from edgesplit.errors import CodecError, ConfigError, ProtocolError
 
 __all__ = [
     "VERSION", "KINDS", "ERROR_CODES", "Limits", "Message", "MessageError",
     "infer", "result", "error", "ping", "pong", "hello", "welcome", "cancel",
-    "encode", "decode", "check_tensors", "send", "recv", "error_code",
+    "encode", "decode", "decode_header", "check_tensors", "send", "recv", "send_frames", "recv_frames",
+    "error_code",
 ]
 
 VERSION = 1
@@ -42,12 +44,9 @@ ERROR_CODES = frozenset(
 )
 RESERVED = frozenset({"v", "kind", "id", "bundle", "cut", "deadline_ms", "tensors"})
 _TENSOR_KEYS = frozenset({"name", "dtype", "shape", "codec", "params", "nbytes"})
-_DTYPES = frozenset(
-    {"float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
-     "int64", "uint64", "bool"}
-)
-_ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2,
-             "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "bool": 1}
+# The codecs' dtype table is the one list of what may cross the wire.
+_DTYPES = DTYPES
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -298,7 +297,20 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
         raise MessageError("header nested too deeply") from None
 
 
-def _decode(frames: Sequence[Any], limits: Limits) -> Message:
+def decode_header(frames: Sequence[Any], limits: Limits = Limits()) -> dict:
+    """Check a message's frame count and sizes, then read and check its header's envelope.
+
+    The envelope is what any reader needs before looking further: a msgpack map, a readable
+    request id, and this protocol's version. The broker routes on this alone (the tensors are
+    checked by the worker that decodes them); `decode` goes on from here. Raises MessageError.
+    """
+    try:
+        return _read_header(_views(frames, limits), limits)
+    except RecursionError:
+        raise MessageError("header nested too deeply") from None
+
+
+def _views(frames: Sequence[Any], limits: Limits) -> list[memoryview]:
     if not isinstance(frames, (list, tuple)):
         _fail(f"a message is a list of frames, got {type(frames).__name__}")
     if not frames:
@@ -309,6 +321,10 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
     total = sum(v.nbytes for v in views)
     if total > limits.max_message_bytes:
         _fail(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
+    return views
+
+
+def _read_header(views: list[memoryview], limits: Limits) -> dict:
     head = views[0]
     if head.nbytes > limits.max_header_bytes:
         _fail(f"header of {head.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
@@ -324,7 +340,7 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
         _fail(f"header is not valid msgpack ({type(exc).__name__}: {_short(str(exc))})")
     if not isinstance(header, dict):
         _fail(f"header must be a msgpack map, got {type(header).__name__}")
-    rid = header.get("id") if isinstance(header.get("id"), str) and len(header.get("id")) <= limits.max_name_length else None
+    rid = _request_id(header, limits)
     v = header.get("v")
     if not _int(v):
         _fail(f"header lacks an integer protocol version 'v' (got {_short(v)}); this peer speaks "
@@ -332,6 +348,18 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
     if v != VERSION:
         _fail(f"protocol version {_short(v)} is not supported: this peer speaks version {VERSION}",
               rid, code="version")
+    return header
+
+
+def _request_id(header: dict, limits: Limits) -> str | None:
+    rid = header.get("id")
+    return rid if type(rid) is str and len(rid) <= limits.max_name_length else None
+
+
+def _decode(frames: Sequence[Any], limits: Limits) -> Message:
+    views = _views(frames, limits)
+    header = _read_header(views, limits)
+    rid = _request_id(header, limits)
     # Tensor descriptors are checked field by field below (their params by the codec); the
     # generic walk covers everything else.
     meta = {k: val for k, val in header.items() if k not in RESERVED}
@@ -473,15 +501,21 @@ _SNDMORE, _RCVMORE = zmq.SNDMORE, zmq.RCVMORE
 
 
 # -- sockets -----------------------------------------------------------------------------------
+# Every product hop (edge, broker, worker) and the protocol benchmark go through these four.
 def send(socket: Any, msg: Message, envelope: Iterable[bytes] = (), flags: int = 0) -> None:
-    """Send `msg` on a ZeroMQ socket without copying payloads (ROUTER: pass the identity as envelope).
-
-    The envelope and the header are small and sent as plain copies, which costs less than
-    setting up a zero-copy frame (and less than send_multipart's per-part dispatch); the
-    payloads go without a copy.
-    """
+    """Send `msg` on a ZeroMQ socket without copying payloads (ROUTER: pass the identity as envelope)."""
     frames = [*envelope, *encode(msg)]
-    small, last = len(frames) - len(msg.tensors), len(frames) - 1
+    send_frames(socket, frames, len(frames) - len(msg.tensors), flags)
+
+
+def send_frames(socket: Any, frames: Sequence[Any], small: int, flags: int = 0) -> None:
+    """Send one multipart message: the first `small` frames as plain copies, the rest without a copy.
+
+    The small frames (envelope, control, header) cost less as copies than as zero-copy frames
+    (and less than send_multipart's per-part dispatch); payloads, and frames received with
+    recv_frames, are passed on without a copy.
+    """
+    last = len(frames) - 1
     for i, frame in enumerate(frames):
         more = _SNDMORE if i < last else 0
         if i < small:
@@ -491,16 +525,22 @@ def send(socket: Any, msg: Message, envelope: Iterable[bytes] = (), flags: int =
 
 
 def recv(socket: Any, limits: Limits = Limits(), envelope: int = 0, flags: int = 0) -> tuple[list[Any], Message]:
-    """Receive one message; returns (envelope frames, Message). ROUTER: envelope=1 (the identity).
-
-    The envelope and the header frame arrive as bytes (cheaper than zmq.Frame objects for small
-    frames; the socket's ZMQ_MAXMSGSIZE bounds what a peer can make us copy), payload frames as
-    zero-copy zmq.Frames. `flags` (e.g. zmq.NOBLOCK) applies to the first frame: the rest of a
-    multipart message is delivered with it.
-    """
-    frames: list[Any] = [socket.recv(flags)]
-    while socket.get(_RCVMORE):
-        frames.append(socket.recv(copy=len(frames) <= envelope))
+    """Receive one message; returns (envelope frames, Message). ROUTER: envelope=1 (the identity)."""
+    frames = recv_frames(socket, envelope + 1, flags)
     if len(frames) < envelope:
         raise MessageError("message shorter than its envelope")
     return frames[:envelope], decode(frames[envelope:], limits)
+
+
+def recv_frames(socket: Any, small: int = 1, flags: int = 0) -> list[Any]:
+    """Receive one multipart message: the first `small` frames as bytes, the rest as zmq.Frames.
+
+    Small frames (envelope, control, header) are cheaper as bytes than as zmq.Frame objects
+    (the socket's ZMQ_MAXMSGSIZE bounds what a peer can make us copy); payload frames stay
+    zero-copy in ZeroMQ's buffers. `flags` (e.g. zmq.NOBLOCK) applies to the first frame: the
+    rest of a multipart message is delivered with it.
+    """
+    frames: list[Any] = [socket.recv(flags)]
+    while socket.get(_RCVMORE):
+        frames.append(socket.recv(copy=len(frames) < small))
+    return frames
