@@ -8,7 +8,7 @@ import pytest
 
 from edgesplit.bundle import DTYPES as BUNDLE_DTYPES
 from edgesplit.codecs import DTYPES, Encoded, decode, get_codec, validate
-from edgesplit.codecs._quant import pack_bits, unpack_bits
+from edgesplit.codecs import pack_bits, unpack_bits
 from edgesplit.errors import CodecError
 
 LOSSLESS = ["raw", "zstd", "lz4", "raw+shuffle+zstd", "raw+lz4", "shuffle+lz4", "zstd:3", "raw+pred+zstd",
@@ -256,3 +256,40 @@ def test_prediction_params_are_checked():
             decode(_tamper(enc, params={**enc.params, "pred": bad}))
     with pytest.raises(CodecError):
         get_codec("zstd:fast")
+
+
+def test_a_new_stage_is_one_registry_entry():
+    """The worked example of docs/architecture.md: a byte stage added by one register_stage call
+    is parsed, encoded, decoded by name, accepted by the protocol's name check and sized."""
+    from edgesplit.codecs import StageSpec, is_codec_name, nominal_ratio, register_stage
+    from edgesplit.codecs.stages import find_stage
+
+    class XorStage:
+        name = "xor"
+        compresses = False
+
+        def applies(self, itemsize, shape, params):
+            return True
+
+        def encode(self, buf, itemsize, params):
+            return (np.frombuffer(buf, np.uint8) ^ 0x5A).tobytes()
+
+        def decode(self, buf, size, params):
+            return (np.frombuffer(buf, np.uint8) ^ 0x5A).tobytes()
+
+        def validate(self, buf, size, params):
+            if memoryview(buf).nbytes != size:
+                raise CodecError("xor: wrong size")
+
+    if find_stage("xor") is None:
+        register_stage(StageSpec("xor", False, lambda opts, params: XorStage(), XorStage))
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    enc = get_codec("fp16+xor").encode(a)
+    assert enc.codec == "fp16+xor" and bytes(enc.payload) != a.astype(np.float16).tobytes()
+    np.testing.assert_array_equal(decode(enc), a)
+    assert is_codec_name("fp16+xor") and not is_codec_name("fp16+xxor")
+    assert nominal_ratio("fp16+xor", "float32") == 0.5
+    with pytest.raises(CodecError, match="xxor"):
+        get_codec("fp16+xxor")
+    with pytest.raises(CodecError, match="registered already"):
+        register_stage(StageSpec("xor", False, lambda opts, params: XorStage(), XorStage))

@@ -10,7 +10,7 @@ import pytest
 
 from edgesplit import protocol as P
 from edgesplit.codecs import Encoded, decode, get_codec, validate
-from edgesplit.codecs._quant import AUTO_BLOCK, AUTO_BLOCK_MIN_ROWS, AUTO_FEATURE_GROUP
+from edgesplit.codecs import AUTO_BLOCK, AUTO_BLOCK_MIN_ROWS, AUTO_FEATURE_GROUP
 from edgesplit.errors import CodecError, ProtocolError
 
 

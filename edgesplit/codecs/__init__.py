@@ -10,6 +10,8 @@ before anything is allocated, and every failure is a CodecError.
 
 from __future__ import annotations
 
+from edgesplit.codecs.stages import StageSpec, register_stage, stage_spec
+from edgesplit.codecs._quant import AUTO_BLOCK, AUTO_BLOCK_MIN_ROWS, AUTO_FEATURE_GROUP, pack_bits, unpack_bits
 from edgesplit.codecs._codec import (
     BYTE_STAGES,
     DTYPES,
@@ -18,11 +20,15 @@ from edgesplit.codecs._codec import (
     Encoded,
     decode,
     get_codec,
+    is_codec_name,
     parse_spec,
+    nominal_ratio,
     validate,
 )
 
 __all__ = [
     "Codec", "Encoded", "get_codec", "decode", "validate", "parse_spec",
-    "NUMERIC_STAGES", "BYTE_STAGES", "DTYPES",
+    "NUMERIC_STAGES", "BYTE_STAGES", "DTYPES", "is_codec_name",
+    "StageSpec", "register_stage", "stage_spec", "nominal_ratio",
+    "pack_bits", "unpack_bits", "AUTO_BLOCK", "AUTO_BLOCK_MIN_ROWS", "AUTO_FEATURE_GROUP",
 ]

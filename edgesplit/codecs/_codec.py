@@ -10,6 +10,7 @@ import numpy as np
 
 from edgesplit.errors import CodecError
 from edgesplit.codecs import _bytes, _quant
+from edgesplit.codecs.stages import byte_stage_names, decoder_for, find_stage, numeric_stage_names, stage_spec
 
 # The dtypes a codec accepts (the bundle's; kept in sync by a test).
 DTYPES = frozenset(
@@ -18,8 +19,9 @@ DTYPES = frozenset(
 )
 # numpy's dtype.name is a slow property (~4 us); encode() runs once per tensor per message.
 _DTYPE_NAMES = {np.dtype(name): name for name in DTYPES}
-NUMERIC_STAGES = ("raw", "fp16", "bf16", "int8", "int7", "int6", "int5", "int4", "int3", "int2")
-BYTE_STAGES = ("shuffle", "pred", "zstd", "lz4")
+# The built-in stage names (the table itself is edgesplit.codecs.stages).
+NUMERIC_STAGES = numeric_stage_names()
+BYTE_STAGES = byte_stage_names()
 MAX_RANK = 32
 
 
@@ -66,21 +68,20 @@ def parse_spec(spec: str) -> tuple[tuple[str, list[str]], list[tuple[str, list[s
     if not isinstance(spec, str) or not spec.strip() or len(spec) > 200:
         raise CodecError(f"codec spec must be a non-empty string, got {spec!r}")
     tokens = [_parse_stage(t) for t in spec.split("+")]
+    try:
+        entries = [stage_spec(name) for name, _ in tokens]
+    except CodecError as exc:
+        raise CodecError(f"codec {spec!r}: {exc}") from None
     numeric: tuple[str, list[str]] = ("raw", [])
-    if tokens[0][0] in NUMERIC_STAGES:
+    if entries[0].numeric:
         numeric = tokens.pop(0)
-    for name, _ in tokens:
-        if name not in BYTE_STAGES:
-            where = "first" if name in NUMERIC_STAGES else ""
-            hint = f" (a numeric stage must come {where})" if where else ""
-            raise CodecError(
-                f"unknown codec stage {name!r} in {spec!r}{hint}; numeric stages: "
-                f"{', '.join(NUMERIC_STAGES)}; byte stages: {', '.join(BYTE_STAGES)}"
-            )
-    names = [n for n, _ in tokens]
-    compressors = [i for i, n in enumerate(names) if n in ("zstd", "lz4")]
-    if len(compressors) > 1 or (compressors and compressors[0] != len(names) - 1):
-        raise CodecError(f"codec {spec!r}: at most one compressor (zstd or lz4), and it comes last")
+        entries.pop(0)
+    for (name, _), entry in zip(tokens, entries):
+        if entry.numeric:
+            raise CodecError(f"codec {spec!r}: numeric stage {name!r} must come first")
+    compressors = [i for i, e in enumerate(entries) if e.compresses]
+    if len(compressors) > 1 or (compressors and compressors[0] != len(entries) - 1):
+        raise CodecError(f"codec {spec!r}: at most one compressor, and it comes last")
     return numeric, tokens
 
 
@@ -91,34 +92,14 @@ class Codec:
                  level: int | None = None, packed: bool | None = None, shuffle: bool | None = None,
                  use_calibration: bool = True, block: int | str | None = None):
         (name, opts), byte_tokens = parse_spec(spec)
-        if name.startswith("int"):
-            blocks = [o for o in opts if o.startswith("b") and o[1:].isdigit()]
-            unknown = set(opts) - {"pc", "pt", "u", "p", "nocal"} - set(blocks)
-            modes = [o for o in opts if o in ("pc", "pt")] + blocks
-            if unknown or len(modes) > 1:
-                raise CodecError(f"bad option(s) {opts} for {name}: at most one of pc, pt, bN (N rows "
-                                 f"per block); and u, p, nocal")
-            # Per channel by default: per-tensor int8 loses top-1 agreement at early cuts where a few
-            # channels hold the outliers; on large early maps ("auto") per block of 8 rows too:
-            # per channel alone lost agreement there on near-tie images (benchmarks/results/codecs.md).
-            pc = per_channel if per_channel is not None else ("pt" not in opts)
-            if block is None and per_channel is None and not modes:
-                block = "auto"
-            elif block is None and blocks:
-                block = int(blocks[0][1:])
-            # Dense bit packing, unless a compressor follows: zstd's Huffman stage codes one code per
-            # byte better than it codes packed ones.
-            compressed = any(n in ("zstd", "lz4") for n, _ in byte_tokens)
-            pk = packed if packed is not None else ("p" in opts or ("u" not in opts and not compressed))
-            self.numeric: _quant.NumericStage = _quant.IntStage(
-                int(name[3:]), per_channel=pc, axis=axis, packed=pk,
-                use_calibration=use_calibration and "nocal" not in opts, block=block)
-        else:
-            if opts:
-                raise CodecError(f"{name} takes no options, got {opts}")
-            self.numeric = {"raw": _quant.RawStage, "fp16": _quant.Fp16Stage, "bf16": _quant.Bf16Stage}[name]()
+        # What the stages' builders may read besides their own options (StageSpec.make).
+        self._params = {"per_channel": per_channel, "axis": axis, "level": level, "packed": packed,
+                        "use_calibration": use_calibration, "block": block,
+                        "compressed": any(stage_spec(n).compresses for n, _ in byte_tokens)}
+        self.numeric: _quant.NumericStage = stage_spec(name).make(opts, self._params)
         self.level = level
-        self.byte_stages = self._byte_plan(byte_tokens, shuffle, one_byte_codes=name.startswith("int"))
+        self.byte_stages = self._byte_plan(byte_tokens, shuffle,
+                                           one_byte_codes=self.numeric.out_itemsize("float32") == 1)
         # Integer tensors pass a lossy codec untouched (raw), so they get the raw byte plan.
         self._raw_byte_stages = self._byte_plan(byte_tokens, shuffle, one_byte_codes=False)
         # The spec as the wire names it: stage names only, options live in params.
@@ -131,25 +112,14 @@ class Codec:
         # (benchmarks/results/codecs.md).
         have_shuffle = one_byte_codes or any(n == "shuffle" for n, _ in tokens) or shuffle is False
         for bname, bopts in tokens:
-            if bname in ("zstd", "lz4") and not have_shuffle:
+            if stage_spec(bname).compresses and not have_shuffle:
                 plan.append(("shuffle", []))
                 have_shuffle = True
             plan.append((bname, bopts))
         return [self._make_byte_stage(n, o) for n, o in plan]
 
     def _make_byte_stage(self, name: str, opts: list[str]) -> _bytes.ByteStage:
-        if name == "shuffle":
-            return _bytes.ShuffleStage()
-        if name == "pred":
-            return _bytes.PredictStage()
-        if name == "zstd":
-            lvl = self.level if self.level is not None else next((int(o) for o in opts if _isint(o)), 1)
-            mm = next((int(o[2:]) for o in opts if o.startswith("mm") and _isint(o[2:])), None)
-            bad = [o for o in opts if not _isint(o) and not (o.startswith("mm") and _isint(o[2:]))]
-            if bad:
-                raise CodecError(f"zstd: unknown option(s) {bad} (a level, or mmN for the minimum match)")
-            return _bytes.ZstdStage(lvl, mm)
-        return _bytes.Lz4Stage()
+        return stage_spec(name).make(opts, self._params)
 
     @property
     def lossy(self) -> bool:
@@ -200,36 +170,7 @@ class Codec:
 
 
 _RAW = _quant.RawStage()
-_NUMERIC = {"raw": _RAW, "fp16": _quant.Fp16Stage(), "bf16": _quant.Bf16Stage()}
-_BYTE_DECODERS: dict[str, _bytes.ByteStage] = {}
 _lock = threading.Lock()
-
-
-def _isint(s: str) -> bool:
-    try:
-        int(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _byte_decoder(name: str) -> _bytes.ByteStage:
-    stage = _BYTE_DECODERS.get(name)
-    if stage is None:
-        with _lock:
-            stage = _BYTE_DECODERS.get(name)
-            if stage is None:
-                stage = {"shuffle": _bytes.ShuffleStage, "pred": _bytes.PredictStage, "zstd": _bytes.ZstdStage,
-                         "lz4": _bytes.Lz4Stage}[name]()
-                _BYTE_DECODERS[name] = stage
-    return stage
-
-
-def _numeric_decoder(name: str) -> _quant.NumericStage:
-    stage = _NUMERIC.get(name)
-    if stage is None:
-        stage = _NUMERIC.setdefault(name, _quant.IntStage(int(name[3:])))
-    return stage
 
 
 _STAGES_CACHE: dict[str, tuple[_quant.NumericStage, list[_bytes.ByteStage]]] = {}
@@ -243,14 +184,34 @@ def _stages(codec: Any) -> tuple[_quant.NumericStage, list[_bytes.ByteStage]]:
     if type(codec) is not str or len(codec) > 200:
         raise CodecError("codec name must be a short string")
     names = codec.split("+")
-    if names[0] not in NUMERIC_STAGES or any(n not in BYTE_STAGES for n in names[1:]) or len(names) > 8:
+    if not is_codec_name(codec):
         raise CodecError(f"unknown codec {codec!r}")
-    if any(n in ("zstd", "lz4") for n in names[1:-1]):
-        raise CodecError(f"codec {codec!r}: a compressor must be the last stage")
-    hit = (_numeric_decoder(names[0]), [_byte_decoder(n) for n in names[1:]])
+    hit = (decoder_for(names[0]), [decoder_for(n) for n in names[1:]])
     if len(_STAGES_CACHE) < 512:
         _STAGES_CACHE[codec] = hit
     return hit
+
+
+def is_codec_name(codec: Any) -> bool:
+    """Whether `codec` names stages as the wire carries them: a numeric stage, then byte stages
+    with any compressor last (no options: those travel in params)."""
+    if type(codec) is not str or len(codec) > 200:
+        return False
+    entries = [find_stage(n) for n in codec.split("+")]
+    if len(entries) > 8 or None in entries or not entries[0].numeric or any(e.numeric for e in entries[1:]):
+        return False
+    return not any(e.compresses for e in entries[1:-1])
+
+
+def nominal_ratio(spec: str, dtype: str) -> float:
+    """Encoded/raw size of a `dtype` tensor under codec `spec`, as far as it follows from the
+    stages alone (each stage's StageSpec.ratio; compressors, which depend on the data, count 1)."""
+    (name, opts), byte_tokens = parse_spec(spec)
+    dt = np.dtype(dtype)
+    ratio = stage_spec(name).ratio(opts, dt)
+    for bname, bopts in byte_tokens:
+        ratio *= stage_spec(bname).ratio(bopts, dt)
+    return ratio
 
 
 def _plan(enc: Encoded, fields_checked: bool = False) -> tuple[_quant.NumericStage, list[_bytes.ByteStage], int]:

@@ -85,24 +85,12 @@ class CutCost:
 
 
 def codec_ratio(spec: str, dtype: str) -> float:
-    """Nominal encoded/raw size of a `dtype` tensor under codec `spec`.
+    """Nominal encoded/raw size of a `dtype` tensor under codec `spec` (the codec stage table's own
+    figure: fp16 halves a float32, int8 quarters it; compressors count as 1, since they depend on
+    the data — a profile with measured codec sizes replaces this guess)."""
+    from edgesplit.codecs import nominal_ratio
 
-    Numeric stages are exact (fp16 halves a float32; int8 quarters it; packed int4 is 1/8).
-    Compressors (zstd, lz4) depend on the data, so they count as 1 here; a profile with
-    measured codec sizes replaces this guess.
-    """
-    from edgesplit.codecs import parse_spec
-
-    (numeric, opts), _ = parse_spec(spec)
-    dt = np.dtype(dtype)
-    if numeric == "raw" or dt.kind != "f":
-        return 1.0
-    if numeric in ("fp16", "bf16"):
-        return min(1.0, 2.0 / dt.itemsize)
-    bits = int(numeric[3:])
-    packed = "u" not in opts
-    per_value = bits / 8.0 if packed else 1.0
-    return min(1.0, per_value / dt.itemsize)
+    return nominal_ratio(spec, dtype)
 
 
 def _floats(values: Iterable[float] | None, n: int, what: str, default: float = 0.0) -> list[float]:
