@@ -22,6 +22,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per worker")
     g.add_argument("--runner", default=None, help="runner kind: auto, ort-cpu, ort-cuda, ort-trt, trt")
     g.add_argument("--no-preload", action="store_true", help="load bundles on first use instead of at start")
+    g.add_argument("--config", metavar="FILE.toml", default=None,
+                   help="settings file: its [server] table sets any ServerConfig field (docs/configuration.md); "
+                        "EDGESPLIT_SERVER_* variables override it, and these flags override both")
     g.add_argument("--config-json", default=None, help=argparse.SUPPRESS)
 
 
@@ -29,15 +32,9 @@ def _config(args):
     import json
 
     from cloud_server.config import ServerConfig
+    from edgesplit import settings
     from edgesplit.errors import ConfigError
 
-    base = {}
-    if args.config_json:
-        try:
-            base = json.loads(args.config_json)
-        except ValueError as exc:
-            raise ConfigError(f"--config-json: {exc}") from None
-    cfg = ServerConfig.from_json(base)
     changes = {}
     for arg, field, scale in (("max_batch", "max_batch", 1), ("max_queue_delay_ms", "max_queue_delay_ms", 1),
                               ("heartbeat_ms", "heartbeat_interval_s", 1e-3), ("capacity", "worker_capacity", 1),
@@ -48,7 +45,14 @@ def _config(args):
             changes[field] = v * scale if scale != 1 else v
     if getattr(args, "no_preload", False):
         changes["preload"] = False
-    return cfg.replace(**changes) if changes else cfg
+    if args.config_json:  # a worker process started by `serve`: the parent's settings, already resolved
+        try:
+            base = ServerConfig.from_json(json.loads(args.config_json))
+        except ValueError as exc:
+            raise ConfigError(f"--config-json: {exc}") from None
+        return settings.load(ServerConfig, section="server", env={}, overrides=changes, base=base)
+    # defaults < --config FILE [server] < EDGESPLIT_SERVER_* < the flags above
+    return settings.load(ServerConfig, getattr(args, "config", None), section="server", overrides=changes)
 
 
 def build_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

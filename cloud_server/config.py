@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from edgesplit.errors import ConfigError
 from edgesplit.protocol import Limits
@@ -115,14 +115,23 @@ class ServerConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
-    # The settings a worker process needs travel on its command line as JSON.
+    # The settings a worker process needs travel on its command line as JSON (limits too: the
+    # worker checks every request against them, and a config file may have changed them).
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "limits"}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["limits"] = asdict(self.limits)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "ServerConfig":
-        known = {f.name for f in fields(cls)} - {"limits"}
+        known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown ServerConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        if isinstance(d.get("limits"), dict):
+            try:
+                d["limits"] = Limits(**d["limits"])
+            except TypeError as exc:
+                raise ConfigError(f"ServerConfig.limits: {exc}") from None
         return cls(**d)

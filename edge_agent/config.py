@@ -186,3 +186,22 @@ class AgentConfig:
         if unknown:
             raise ConfigError(f"AgentConfig has no field(s) {sorted(unknown)}")
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None = None, env: "dict[str, str] | None" = None,
+                  **overrides) -> "AgentConfig":
+        """Settings from the ``[agent]`` table of a TOML file, then ``EDGESPLIT_AGENT_*`` variables,
+        then `overrides` (docs/configuration.md lists every field, key and variable).
+
+        Args:
+            path: the TOML file, or None for the environment alone.
+            env: variables to read (default ``os.environ``; ``{}`` reads none).
+        """
+        from edgesplit import settings
+
+        return settings.load(cls, path, section="agent", env=env, overrides=overrides)
+
+    @classmethod
+    def from_env(cls, env: "dict[str, str] | None" = None, **overrides) -> "AgentConfig":
+        """The defaults with ``EDGESPLIT_AGENT_*`` variables applied (then `overrides`)."""
+        return cls.from_file(None, env=env, **overrides)
