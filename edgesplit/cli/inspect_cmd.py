@@ -37,16 +37,13 @@ def _human(n: int) -> str:
 def run(args) -> int:
     from pathlib import Path
 
-    from edgesplit.graph import infer_shapes, load_model
-    from edgesplit.graph._cuts import _candidates
-    from edgesplit.graph._index import GraphIndex
-    from edgesplit.graph._shapes import _eval_dim
+    from edgesplit.graph import GraphIndex, cuts_from_index, eval_dim, infer_shapes, load_model
 
     shapes = shapes_from_args(args)
     model = load_model(args.model, load_weights=False)
     index = GraphIndex(model)
     info = infer_shapes(model, shapes)
-    cuts = _candidates(index, info, narrow=not args.all, model_path=args.model, run=not args.no_run)
+    cuts = cuts_from_index(index, info, narrow=not args.all, model_path=args.model, run=not args.no_run)
 
     def spec(name):
         t = info.symbolic.get(name)
@@ -56,7 +53,7 @@ def run(args) -> int:
     inputs = [spec(v) for v in index.inputs]
     outputs = [spec(v) for v in index.outputs]
     unbound = sorted({d for c in cuts if not c.exact for s in c.specs for d in s.shape
-                      if isinstance(d, str) and _eval_dim(d, info.symbols) is None})
+                      if isinstance(d, str) and eval_dim(d, info.symbols) is None})
     if args.json:
         doc = {
             "model": str(args.model),

@@ -9,16 +9,19 @@ Nothing here imports onnxruntime; `edgesplit verify` (edgesplit.cli.verify_cmd) 
 
 from __future__ import annotations
 
-from edgesplit.graph._cuts import CandidateCut, candidate_cuts, fill_unknown
+from edgesplit.graph._cuts import CandidateCut, candidate_cuts, cuts_from_index, fill_unknown
 from edgesplit.graph._index import GraphIndex
-from edgesplit.graph._load import file_sha256, has_external_data, load_model
+from edgesplit.graph._load import file_sha256, has_external_data, load_model, weightless
 from edgesplit.graph._partition import partition
-from edgesplit.graph._shapes import infer_shapes, np_dtype_name, parse_shape_option
+from edgesplit.graph._shapes import ShapeInfo, eval_dim, infer_shapes, np_dtype_name, parse_shape_option
 
 __all__ = [
     "CandidateCut",
     "GraphIndex",
+    "ShapeInfo",
     "candidate_cuts",
+    "cuts_from_index",
+    "eval_dim",
     "file_sha256",
     "fill_unknown",
     "has_external_data",
@@ -27,4 +30,5 @@ __all__ = [
     "load_model",
     "parse_shape_option",
     "partition",
+    "weightless",
 ]

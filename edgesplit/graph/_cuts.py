@@ -161,7 +161,7 @@ def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes:
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model_or_path, load_weights=False)
     path = None if isinstance(model_or_path, onnx.ModelProto) else model_or_path
-    return _candidates(GraphIndex(model), infer_shapes(model, shapes), narrow, path, run)
+    return cuts_from_index(GraphIndex(model), infer_shapes(model, shapes), narrow, path, run)
 
 
 def fill_unknown(index: GraphIndex, info: ShapeInfo, names, model_path) -> None:
@@ -196,8 +196,10 @@ def _weighted_nodes(index: GraphIndex) -> set[int]:
     return {n for n in index.order if any(v in big for v in index.reads[n])}
 
 
-def _candidates(index: GraphIndex, info: ShapeInfo, narrow: bool, model_path=None,
-                run: bool = True) -> list[CandidateCut]:
+def cuts_from_index(index: GraphIndex, info: ShapeInfo, narrow: bool = True, model_path=None,
+                    run: bool = True) -> list[CandidateCut]:
+    """candidate_cuts() over an already built GraphIndex and ShapeInfo (what `inspect` needs to
+    describe the model beside its cuts)."""
     namer = UnknownNamer()
     total = len(index.order)
     rows = []

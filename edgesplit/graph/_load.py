@@ -6,6 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
@@ -103,10 +104,8 @@ def load_model(path: str | os.PathLike, load_weights: bool = True, check: bool =
         _check_external_files(model, p)
     if check:
         _check_initializer_sizes(model, p)
-        from edgesplit.graph._shapes import _weightless
-
         try:  # the graph's structure; weights stay out of the (serializing) checker
-            onnx.checker.check_model(_weightless(model))
+            onnx.checker.check_model(weightless(model))
         except Exception as exc:
             raise ModelError(f"{p}: fails the ONNX checker, truncated or invalid ({_first_line(exc)})") from exc
     if load_weights and external:
@@ -143,3 +142,34 @@ def file_sha256(path: str | os.PathLike, model: onnx.ModelProto | None = None) -
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+# Initializers with at most this many elements keep their values in a weightless copy (Reshape
+# shapes, axes); bigger ones become typed inputs so inference does not copy the weights.
+KEEP_VALUES = 4096
+
+
+def weightless(model: onnx.ModelProto, value_info: bool = True) -> onnx.ModelProto:
+    """A copy of `model` without its large weights (they become graph inputs of the same type),
+    for the checker and shape inference, which serialise the model."""
+    m = onnx.ModelProto()
+    m.ir_version = max(model.ir_version, 4)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g, src = m.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    if value_info:
+        g.value_info.extend(src.value_info)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        numel = int(np.prod(t.dims)) if len(t.dims) else 1
+        small = numel <= KEEP_VALUES and t.data_location != onnx.TensorProto.EXTERNAL
+        if small:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    g.sparse_initializer.extend(src.sparse_initializer)
+    return m

@@ -15,16 +15,13 @@ import onnx
 from onnx import helper
 
 from edgesplit.errors import ConfigError
+from edgesplit.graph._load import load_model, weightless
 
 # Dtypes that a bundle tensor (and so a wire tensor) may have (edgesplit.bundle.DTYPES).
 WIRE_DTYPES = frozenset(
     {"float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
      "int64", "uint64", "bool"}
 )
-
-# Initializers with at most this many elements keep their values for inference (Reshape
-# shapes, axes); bigger ones become typed inputs so inference does not copy the weights.
-_KEEP_VALUES = 4096
 
 Dim = "int | str | None"
 
@@ -79,7 +76,7 @@ def parse_shape_option(text: str) -> tuple[str, tuple[int | str, ...]]:
     return name, tuple(out)
 
 
-def _eval_dim(expr: str, symbols: dict[str, int]) -> int | None:
+def eval_dim(expr: str, symbols: dict[str, int]) -> int | None:
     """The value of a symbolic dim such as "4*N" or "N*T" (exporters write these), or None."""
     if expr in symbols:
         return symbols[expr]
@@ -114,28 +111,6 @@ def _eval_dim(expr: str, symbols: dict[str, int]) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
-def _weightless(model: onnx.ModelProto, value_info: bool = True) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.ir_version = max(model.ir_version, 4)
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
-    g, src = m.graph, model.graph
-    g.name = src.name
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    if value_info:
-        g.value_info.extend(src.value_info)
-    inputs = {i.name for i in src.input}
-    for t in src.initializer:
-        numel = int(np.prod(t.dims)) if len(t.dims) else 1
-        small = numel <= _KEEP_VALUES and t.data_location != onnx.TensorProto.EXTERNAL
-        if small:
-            g.initializer.append(t)
-        elif t.name not in inputs:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    g.sparse_initializer.extend(src.sparse_initializer)
-    return m
 
 
 def _bind_inputs(m: onnx.ModelProto, bindings: dict[str, tuple], symbols: dict[str, int]) -> None:
@@ -224,7 +199,7 @@ class ShapeInfo:
         other = bound.dims if bound is not None and bound.dims is not None and len(bound.dims) == len(dims) else None
         n, exact = 1, True
         for axis, d in enumerate(dims):
-            v = d if isinstance(d, int) else (_eval_dim(d, self.symbols) if isinstance(d, str) else None)
+            v = d if isinstance(d, int) else (eval_dim(d, self.symbols) if isinstance(d, str) else None)
             if v is None and other is not None and isinstance(other[axis], int):
                 v = other[axis]
             if v is None:
@@ -266,7 +241,7 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None)
         shapes: input name -> dims, or dim symbol -> size (``{"seq": 128}``) to bind symbolic
             dims for bytes per sample. A dynamic batch (symbolic axis 0 of an input) is 1.
     """
-    base = _weightless(model)
+    base = weightless(model)
     _name_input_dims(base)
     symbolic = _infer(base)
     graph_inputs = {vi.name: _type_of(vi.type) for vi in model.graph.input}
@@ -300,7 +275,7 @@ def infer_shapes(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None)
                 bindings[name] = (1,) + tuple(t.dims[1:])
     if symbols or bindings:
         # without the file's value_info, which may hold symbolic dims that would stay unbound
-        bound_model = _weightless(model, value_info=False)
+        bound_model = weightless(model, value_info=False)
         _bind_inputs(bound_model, bindings, symbols)
         bound = _infer(bound_model)
     else:
@@ -320,7 +295,6 @@ def _probe_runs(model_path, model: onnx.ModelProto, info: ShapeInfo, names: list
         import onnxruntime as ort
     except ImportError:
         return None
-    from edgesplit.graph._load import load_model
 
     full = onnx.ModelProto()
     if model_path is not None:
