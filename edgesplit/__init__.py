@@ -22,14 +22,6 @@ __all__ = [
     "Bundle", "Cut", "Segment", "TensorSpec",
     "EdgeSplitError", "UserError", "ModelError", "CutError", "BundleError", "ConfigError",
     "CodecError", "ProtocolError", "TransportError", "RemoteError",
-    "EdgeAgent", "AgentConfig", "__version__",
+    "__version__",
 ]
 
-
-def __getattr__(name: str):
-    # Convenience re-export for SDK users; resolved lazily so the core never imports edge_agent.
-    if name in ("EdgeAgent", "AgentConfig", "InferenceResult"):
-        import edge_agent
-
-        return getattr(edge_agent, name)
-    raise AttributeError(f"module 'edgesplit' has no attribute {name!r}")

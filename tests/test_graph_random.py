@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgesplit.errors import CutError
 from edgesplit.graph import candidate_cuts, partition
-from edgesplit.graph._index import GraphIndex
+from edgesplit.graph import GraphIndex
 from test_graph import check_bundle
 
 WIDTH = 4

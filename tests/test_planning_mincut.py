@@ -83,7 +83,7 @@ def test_min_cut_is_the_exact_optimum_over_every_closed_head(bandwidth):
 
 def test_min_cut_finds_a_multi_tensor_cut_no_chain_order_cut_matches(tmp_path):
     from edgesplit.graph import candidate_cuts, partition
-    from edgesplit.graph._index import GraphIndex
+    from edgesplit.graph import GraphIndex
     from edgesplit.runtime import SegmentChain
 
     model = two_branch_model()
