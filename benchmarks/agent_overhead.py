@@ -101,8 +101,8 @@ def main() -> int:
     import zmq
 
     from edge_agent import AgentConfig, EdgeAgent
-    from edge_agent._local import LocalModel
     from edgesplit import codecs, protocol
+    from edgesplit.runtime import SegmentRunner
 
     tmp = Path(tempfile.mkdtemp(prefix="agent-overhead-"))
     bundle = make_bundle(Path(args.model), tmp / "bundle", args.candidate_cut)
@@ -116,7 +116,7 @@ def main() -> int:
         feeds = {spec.name: x}
 
         # the bare pass: its own ORT sessions, its own DEALER, nothing else
-        head = LocalModel(bundle, "ort-cpu", args.threads)
+        head = SegmentRunner(bundle, "ort-cpu", args.threads)
         codec = codecs.get_codec(args.codec)
         ctx = zmq.Context()
         dealer = ctx.socket(zmq.DEALER)

@@ -46,58 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ["models/efficientnet_lite0.onnx", "models/resnet_branching.onnx", "models/vit_mini.onnx"]
 
 
-# -- the emulated device -------------------------------------------------------------------------
-# Fastest time seen per segment file, in this process: the emulated device's speed is
-# `factor` x this, the same for every agent, whatever else the host is doing.
-_BEST_S: dict[str, float] = {}
-
-
-class SlowRunner:
-    """A runner that behaves like a device `factor` times slower than this CPU at its best.
-
-    Each call takes factor x the fastest time this segment ever ran here (the rest is slept).
-    Scaling the *measured* time instead would multiply the host's load noise by `factor` too.
-    A call that runs longer than that target on its own is not shortened.
-    """
-
-    def __init__(self, inner, factor: float):
-        self._inner = inner
-        self._factor = factor
-        self._key = str(getattr(inner, "path", id(inner)))
-
-    def infer(self, feeds):
-        t0 = time.perf_counter()
-        out = self._inner.infer(feeds)
-        elapsed = time.perf_counter() - t0
-        best = _BEST_S.get(self._key)
-        if best is None or elapsed < best:
-            _BEST_S[self._key] = best = elapsed
-        extra = self._factor * best - elapsed
-        if extra > 0:
-            time.sleep(extra)
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-def install_edge_slowdown(factor: float) -> None:
-    """Make every EdgeAgent of this process run its segments `factor` times slower."""
-    import edge_agent.agent as agent_mod
-    from edge_agent._local import LocalModel
-
-    if factor == 1.0:
-        agent_mod.LocalModel = LocalModel
-        return
-
-    class SlowLocalModel(LocalModel):
-        def _runner(self, i):
-            r = super()._runner(i)
-            return r if isinstance(r, SlowRunner) else SlowRunner(r, factor)
-
-    agent_mod.LocalModel = SlowLocalModel
-
-
 # -- servers -------------------------------------------------------------------------------------
 class Server:
     """The real cloud server (`python -m cloud_server`) over a repository of bundles."""
@@ -174,6 +122,7 @@ def agent_config(args, local_only: bool = False):
         heartbeat_interval_ms=1000.0, heartbeat_misses=30, heartbeat_ttl_ms=60_000.0,
         connect_timeout_ms=0.0 if local_only else 10_000.0, profile_runs=3,
         cloud_speedup=args.edge_slowdown * args.cloud_speedup_hint, max_resends=0,
+        edge_slowdown=args.edge_slowdown,  # the emulated device (see the module docstring)
     )
 
 
@@ -545,7 +494,6 @@ def main(argv=None) -> int:
         print(f"[{time.monotonic() - t_begin:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     log(f"machine: {machine}; edge slowdown x{args.edge_slowdown:g}, 1 thread")
-    install_edge_slowdown(args.edge_slowdown)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="split-vs-oracle-"))
     results, notes, trace = [], [], None
     for m in models:

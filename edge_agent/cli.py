@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge_agent import AgentConfig, EdgeAgent
-    from edge_agent._inputs import describe_outputs, find_labels, format_timings, load_feeds
+    from edge_agent.inputs import describe_outputs, find_labels, format_timings, load_feeds
     from edgesplit.bundle import Bundle
     from edgesplit.errors import ConfigError
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from edgesplit.errors import ConfigError
+from edgesplit.planning import ChooserConfig
 
 __all__ = ["AgentConfig", "FALLBACK_POLICIES"]
 
@@ -77,15 +78,14 @@ class AgentConfig:
     # --- estimates and the automatic cut ----------------------------------------------------
     # Weight of a new sample in the RTT and bandwidth EWMAs.
     ewma_alpha: float = 0.2
-    # Bandwidth assumed until real traffic has measured it (bits per second).
-    assumed_bandwidth_bps: float = 100e6
     # Exchanges whose transfer (network time minus RTT) is shorter than this give no bandwidth
     # sample, only a lower bound: on loopback they measure scheduling noise, not the link.
     min_transfer_ms: float = 2.0
-    # cut="auto" moves to another cut only when it is predicted cheaper by this fraction ...
-    auto_hysteresis: float = 0.05
-    # ... on this many consecutive requests (edgesplit.planning.CutChooser), so noise never flaps it.
-    auto_patience: int = 3
+    # How eager cut="auto" is to move (edgesplit.planning.CutChooser): another cut must be
+    # predicted cheaper by chooser.margin on chooser.patience consecutive requests, so noise
+    # never flaps it; chooser.assumed_bandwidth_bps prices the cuts until traffic has measured
+    # the link. Its comments are in edgesplit/planning/choose.py.
+    chooser: ChooserConfig = field(default_factory=ChooserConfig)
     # When cut="auto" chose to run everything locally, every Nth request still goes to the
     # cloud so the bandwidth estimate stays fresh.
     auto_probe_every: int = 20
@@ -99,6 +99,9 @@ class AgentConfig:
     intra_op_threads: int | None = None
     # Threads that run local fallbacks (tails finished on the device).
     local_workers: int = 1
+    # Emulate a device this many times slower than this machine (benchmarks): every device
+    # segment takes this many times its fastest time here, the rest slept. 1: the real device.
+    edge_slowdown: float = 1.0
 
     # --- security ---------------------------------------------------------------------------
     # CURVE: the server's public key, and this agent's key pair (Z85 text, 40 characters each).
@@ -118,23 +121,27 @@ class AgentConfig:
         for name in ("deadline_ms", "heartbeat_interval_ms", "heartbeat_ttl_ms", "zmq_heartbeat_timeout_ms",
                      "probe_timeout_ms",
                      "reconnect_initial_ms", "reconnect_max_ms", "ban_initial_ms", "ban_max_ms",
-                     "assumed_bandwidth_bps", "cloud_speedup"):
+                     "cloud_speedup", "edge_slowdown"):
             positive(name)
         for name in ("fallback_margin_ms", "connect_timeout_ms", "close_timeout_ms", "min_transfer_ms",
-                     "auto_hysteresis", "reconnect_jitter"):
+                     "reconnect_jitter"):
             positive(name, allow_zero=True)
         for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
-                     "max_resends", "profile_runs", "auto_patience"):
+                     "max_resends", "profile_runs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"AgentConfig.{name} must be an integer, got {v!r}")
-        for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
-                     "auto_patience"):
+        for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_resends", "profile_runs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"AgentConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.chooser, ChooserConfig):
+            raise ConfigError(f"AgentConfig.chooser must be an edgesplit.planning.ChooserConfig, "
+                              f"got {type(self.chooser).__name__}")
+        if self.edge_slowdown < 1:
+            raise ConfigError(f"AgentConfig.edge_slowdown must be >= 1, got {self.edge_slowdown!r}")
         if self.fallback not in FALLBACK_POLICIES:
             raise ConfigError(f"AgentConfig.fallback must be one of {FALLBACK_POLICIES}, got {self.fallback!r}")
         if self.reconnect_multiplier < 1:

@@ -45,14 +45,14 @@ def _interrupt(signum, frame):
 
 
 def _photos(folder: Path, limit: int | None) -> list[Path]:
-    from edge_agent._inputs import IMAGE_SUFFIXES
+    from edge_agent.inputs import IMAGE_SUFFIXES
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return files[:limit] if limit else files
 
 
 def _row(name: str, res, labels) -> str:
-    from edge_agent._inputs import top_k
+    from edge_agent.inputs import top_k
 
     logits = next(iter(res.outputs.values()))[0]
     label, prob = top_k(logits, labels, 1)[0] if labels else ("?", 0.0)
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from edge_agent import AgentConfig, EdgeAgent
-    from edge_agent._inputs import find_labels, preprocess_image
+    from edge_agent.inputs import find_labels, preprocess_image
     from edgesplit.errors import EdgeSplitError, UserError
     from edge_agent.local_cloud import LocalCloud, demo_bundle
     from edgesplit.netsim import LinkEmulator, parse_duration, parse_rate

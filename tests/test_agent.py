@@ -201,7 +201,7 @@ def test_close_leaves_no_thread_or_socket(chain, x, cloud):
     before = set(threading.enumerate())
     agent = EdgeAgent(bundle, [cloud.address], cut=1, codec="raw", config=FAST)
     assert agent.infer({"x": x}).where == "cloud"
-    ctx = agent._ctx
+    ctx = agent.zmq_context
     agent.close()
     agent.close()  # idempotent
     assert ctx.closed
@@ -440,9 +440,9 @@ def test_auto_cut_prices_every_cut_with_the_planning_cost_model(chain, x, cloud)
     bundle, full = chain
     with EdgeAgent(bundle, [cloud.address], cut="auto", codec="raw", config=FAST.replace(cloud_speedup=4.0)) as agent:
         results = [agent.infer({"x": x}) for _ in range(5)]
-        bw, rtt_ms, wait_ms = agent._estimates()
+        bw, rtt_ms, wait_ms = agent.estimates()
         pred = agent.predicted_ms()
-        expect = CostModel.from_bundle(bundle, agent._edge_ms, None, codec="raw", cloud_speedup=4.0)
+        expect = CostModel.from_bundle(bundle, agent.edge_ms, None, codec="raw", cloud_speedup=4.0)
     n = bundle.num_segments
     assert set(pred) == set(range(n + 1))
     # all-edge is priced by the device profile alone, the same in both
@@ -582,12 +582,13 @@ def test_big_payload_on_a_slow_link_is_not_taken_for_a_dead_link(tmp_path):
     whatever bandwidth the agent assumed."""
     from edge_agent.local_cloud import demo_bundle
     from edgesplit.netsim import LinkEmulator
+    from edgesplit.planning import ChooserConfig
 
     bundle = demo_bundle(tmp_path / "eff", cuts=(4,))
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     for assumed in (4e6, 1e9):
-        cfg = FAST.replace(heartbeat_interval_ms=100, assumed_bandwidth_bps=assumed, deadline_ms=20000,
-                           intra_op_threads=1)
+        cfg = FAST.replace(heartbeat_interval_ms=100, chooser=ChooserConfig(assumed_bandwidth_bps=assumed),
+                           deadline_ms=20000, intra_op_threads=1)
         with RealCloud(bundle.path) as srv, LinkEmulator(to=srv.address.split("//")[1], rate_bps=4e6) as link, \
                 EdgeAgent(bundle, [link.address], cut=1, codec="raw", config=cfg) as agent:
             results = [agent.infer({"input": x}) for _ in range(4)]

@@ -15,11 +15,14 @@ __all__ = ["ChooserConfig", "CutChooser"]
 
 @dataclass(frozen=True)
 class ChooserConfig:
-    """How eager :class:`CutChooser` is to move the cut."""
+    """How eager :class:`CutChooser` is to move the cut. Validated on construction (ConfigError).
+
+    The edge agent embeds one as ``AgentConfig.chooser``; these defaults are the agent's.
+    """
 
     # A cut must be predicted at least this fraction cheaper than the current one ...
     margin: float = 0.05
-    # ... on this many consecutive updates before the chooser moves to it.
+    # ... on this many consecutive updates before the chooser moves to it (so noise never flaps it).
     patience: int = 3
     # A cut this much cheaper (a link that collapsed or came back) wins sooner:
     fast_margin: float = 0.30
@@ -27,19 +30,28 @@ class ChooserConfig:
     fast_patience: int = 1
     # "latency" or "energy" (needs the cost model's DevicePower).
     objective: str = "latency"
-    # The link assumed before the first estimate, to pick the initial cut.
-    assumed_bandwidth_bps: float = 10e6
+    # The link assumed until real traffic has measured it: it picks the initial cut, and the
+    # edge agent prices cuts with this bandwidth (bits per second) while it has no estimate.
+    assumed_bandwidth_bps: float = 100e6
     assumed_rtt_s: float = 0.020
 
     def __post_init__(self):
+        for name in ("margin", "fast_margin", "assumed_bandwidth_bps", "assumed_rtt_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise ConfigError(f"ChooserConfig.{name} must be a number, got {v!r}")
+        for name in ("patience", "fast_patience"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"ChooserConfig.{name} must be an integer, got {v!r}")
         if not 0 <= self.margin < 1 or not 0 <= self.fast_margin < 1:
-            raise ConfigError("margin and fast_margin must be in [0, 1)")
+            raise ConfigError("ChooserConfig.margin and fast_margin must be in [0, 1)")
         if self.patience < 1 or self.fast_patience < 1:
-            raise ConfigError("patience and fast_patience must be >= 1")
+            raise ConfigError("ChooserConfig.patience and fast_patience must be >= 1")
         if self.objective not in ("latency", "energy"):
-            raise ConfigError(f"objective must be latency or energy, not {self.objective!r}")
-        if self.assumed_bandwidth_bps <= 0 or self.assumed_rtt_s < 0:
-            raise ConfigError("assumed_bandwidth_bps must be > 0 and assumed_rtt_s >= 0")
+            raise ConfigError(f"ChooserConfig.objective must be latency or energy, not {self.objective!r}")
+        if not 0 < self.assumed_bandwidth_bps < float("inf") or not 0 <= self.assumed_rtt_s < float("inf"):
+            raise ConfigError("ChooserConfig.assumed_bandwidth_bps must be > 0 and assumed_rtt_s >= 0 (finite)")
 
 
 class CutChooser:

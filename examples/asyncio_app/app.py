@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from edge_agent import AgentConfig, EdgeAgent
-from edge_agent._inputs import find_labels, preprocess_image, top_k
+from edge_agent.inputs import find_labels, preprocess_image, top_k
 from edge_agent.local_cloud import LocalCloud, demo_bundle
 from edgesplit.bundle import Bundle
 

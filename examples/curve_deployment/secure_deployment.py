@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from edge_agent import AgentConfig, EdgeAgent
-from edge_agent._inputs import find_labels, preprocess_image, top_k
+from edge_agent.inputs import find_labels, preprocess_image, top_k
 from edge_agent.local_cloud import LocalCloud, demo_bundle
 
 REPO = Path(__file__).resolve().parents[2]

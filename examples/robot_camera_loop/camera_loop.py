@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent import AgentConfig, EdgeAgent
-from edge_agent._inputs import find_labels, preprocess_image, top_k
+from edge_agent.inputs import find_labels, preprocess_image, top_k
 from edge_agent.local_cloud import LocalCloud, demo_bundle
 from edgesplit.bundle import Bundle
 from edgesplit.netsim import LinkEmulator

@@ -1,4 +1,13 @@
-"""Inputs and outputs for the CLI and the demo: image files, .npy/.npz, ImageNet labels."""
+"""Model inputs from image files and arrays (named by the bundle's input spec), and readable outputs.
+
+    from edge_agent.inputs import preprocess_image, find_labels, top_k
+
+    x = preprocess_image("photo.jpg")               # float32 [1, 3, 224, 224]
+    labels = find_labels(None, bundle)              # models/imagenet_classes.txt when it fits
+    top_k(result.outputs["logits"][0], labels)      # [("tabby cat", 0.61), ...]
+
+Used by `edgesplit run`, the demo and the examples.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,9 @@ import numpy as np
 
 from edgesplit.bundle import Bundle
 from edgesplit.errors import UserError
+
+__all__ = ["IMAGE_SUFFIXES", "preprocess_image", "load_feeds", "find_labels", "top_k", "describe_outputs",
+           "format_timings"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
