@@ -57,6 +57,10 @@ class ServerConfig:
     max_queue_delay_ms: float = 2.0
     # Largest batch (samples along the dynamic batch dim) a worker runs at once.
     max_batch: int = 8
+    # After a batch of several requests, a worker waits up to max_queue_delay_ms for batch-mates
+    # of that bundle and cut for this long (a lone client never waits for a request that can
+    # only come after its answer).
+    batch_crowd_memory_s: float = 1.0
 
     # --- execution --------------------------------------------------------------------------
     # Runner kind for the tail segments ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt").

@@ -127,7 +127,7 @@ class Server:
 
     def start(self) -> "Server":
         front, back = self.broker.bind()
-        print(f"edgesplit serve: listening on {front} (CURVE {'on' if self.broker._curve_secret else 'off'})",
+        print(f"edgesplit serve: listening on {front} (CURVE {'on' if self.broker.curve is not None else 'off'})",
               flush=True)
         if self.http:
             from cloud_server.admin import AdminServer
@@ -208,7 +208,7 @@ class Server:
         while not self.broker.join(0.2):
             now = time.monotonic()
             for i, p in enumerate(self.procs):
-                if p is None or p.poll() is None or self.broker._shutdown_at is not None:
+                if p is None or p.poll() is None or self.broker.shutting_down:
                     continue
                 if self._died_at[i] is None:
                     self._died_at[i] = now
@@ -249,7 +249,7 @@ class Server:
 
     def install_signal_handlers(self) -> None:
         def handler(signum, frame):
-            if self.broker._shutdown_at is not None and signum == signal.SIGINT:
+            if self.broker.shutting_down and signum == signal.SIGINT:
                 log.warning("second interrupt: stopping now, without finishing requests in flight")
                 self.broker.abort()
                 return

@@ -147,7 +147,7 @@ class RealCloud:
 
     def held(self) -> int:
         """Infer requests the broker holds now: waiting for a worker, or computing."""
-        return len(self.broker._reqs)  # read from another thread: a dict's len is atomic
+        return self.broker.held
 
     def requests(self) -> int:
         """Infer requests that reached the broker: answered, or held there now."""

@@ -1,0 +1,201 @@
+"""The broker's requests: admission and backpressure, the waiting queue, dispatch to workers, re-dispatch.
+
+The `Dispatcher` owns every request from admission until it is answered (`forget`): exactly
+one answer goes out, from a worker's reply or from `fail`. It reaches workers through the
+registry and answers edges through the `reply_error(ident, rid, code, message)` it is given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections import deque
+from typing import Callable
+
+from cloud_server import _wire as W
+from cloud_server.config import ServerConfig
+from cloud_server.metrics import Metrics
+from cloud_server.registry import WorkerRecord, WorkerRegistry
+
+__all__ = ["Request", "Dispatcher"]
+
+
+class Request:
+    """One edge request the broker holds."""
+
+    __slots__ = ("rkey", "ident", "rid", "bundle", "cut", "deadline", "frames", "t0", "worker", "attempts",
+                 "nbytes")
+
+    def __init__(self, rkey, ident, rid, bundle, cut, deadline, frames, t0, nbytes):
+        self.rkey = rkey
+        self.ident = ident
+        self.rid = rid
+        self.bundle = bundle
+        self.cut = cut
+        self.deadline = deadline  # broker monotonic seconds
+        self.frames = frames  # the edge's frames, header first: forwarded as they came
+        self.t0 = t0
+        self.worker: WorkerRecord | None = None
+        self.attempts = 0
+        self.nbytes = nbytes
+
+
+class Dispatcher:
+    """Admission, the bounded queue, dispatch and re-dispatch.
+
+    Args:
+        config: the ServerConfig (queue and byte bounds, attempts, deadlines).
+        registry: the workers to dispatch to.
+        metrics: re-dispatches are counted here.
+        reply_error: answers an edge with an error (ident, rid, code, message, **meta).
+    """
+
+    def __init__(self, config: ServerConfig, registry: WorkerRegistry, metrics: Metrics,
+                 reply_error: Callable[..., None]):
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.reply_error = reply_error
+        self.reqs: dict[bytes, Request] = {}  # every request not yet answered, by rkey
+        self.by_client: dict[tuple[bytes, str], Request] = {}
+        self.pending: deque[Request] = deque()
+        self.held_bytes = 0  # payload bytes of every request not yet answered
+        self.svc_ms = 0.0  # EWMA of a request's time in a worker, for est_wait_ms
+        self._keys = itertools.count(1)
+
+    # -- admission ----------------------------------------------------------------------------
+    def in_flight(self, ident: bytes, rid: str) -> bool:
+        return (ident, rid) in self.by_client
+
+    def over_budget(self, nbytes: int) -> bool:
+        """Holding `nbytes` more would pass max_held_bytes."""
+        return self.held_bytes + nbytes > self.config.max_held_bytes
+
+    def submit(self, ident: bytes, rid: str, bundle: str, cut: int, deadline: float, frames: list, now: float,
+               nbytes: int) -> bool:
+        """Take a request: dispatch it, or queue it; False when the queue is full (nothing kept)."""
+        req = Request(struct.pack("<Q", next(self._keys)), ident, rid, bundle, cut, deadline, frames, now, nbytes)
+        self.reqs[req.rkey] = req
+        self.by_client[(ident, rid)] = req
+        self.held_bytes += nbytes
+        if self.pending or not self.dispatch(req, now):
+            if len(self.pending) >= self.config.max_pending:
+                self.forget(req)
+                return False
+            self.pending.append(req)
+            if not self.registry.serves(bundle):
+                self.ask_to_load(bundle)
+            self.dispatch_pending(now)
+        return True
+
+    def cancel(self, ident: bytes, rid: str) -> bool:
+        """Drop a request still waiting here (never computed, never answered); True when it was."""
+        req = self.by_client.get((ident, rid))
+        if req is None or req.worker is not None:
+            return False
+        try:
+            self.pending.remove(req)
+        except ValueError:
+            return False
+        self.forget(req)
+        return True
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def dispatch(self, req: Request, now: float) -> bool:
+        w = self.registry.pick(req.bundle)
+        if w is None:
+            return False
+        # the worker maps broker times onto its own clock (see _wire.ClockMap): time a request
+        # spends in the worker's socket buffer counts against its deadline too
+        w.send([W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now), *req.frames], small=2)
+        req.worker = w
+        req.attempts += 1
+        w.inflight[req.rkey] = req
+        return True
+
+    def dispatch_pending(self, now: float) -> None:
+        if not self.pending:
+            return
+        keep: deque[Request] = deque()
+        pending = self.pending
+        while pending:
+            req = pending.popleft()
+            if now >= req.deadline:
+                self.fail(req, "deadline", "the deadline passed while the request waited for a worker")
+            elif not self.dispatch(req, now):
+                keep.append(req)
+                if not self.registry.any_room():
+                    break  # every worker is full: the rest waits too
+        keep.extend(pending)
+        self.pending = keep
+
+    def expire_pending(self, now: float) -> None:
+        if any(now >= r.deadline for r in self.pending):
+            self.dispatch_pending(now)
+
+    def ask_to_load(self, bundle: str) -> None:
+        """Have the least-loaded worker load (or look for) `bundle` before requests need it."""
+        live = self.registry.live()
+        if not live:
+            return
+        having = [w for w in live if bundle in w.available] or live
+        w = min(having, key=lambda w: len(w.inflight))
+        w.send([W.ctl(W.LOAD, bundle)])
+
+    def requeue(self, orphans: list[Request]) -> None:
+        """The requests of a lost worker go first in line again (or fail after max_attempts)."""
+        for req in orphans:
+            req.worker = None
+            if req.attempts >= self.config.max_attempts:
+                self.fail(req, "worker_lost", f"{req.attempts} workers were lost while computing this request")
+            else:
+                self.metrics.redispatched.inc()
+                self.pending.appendleft(req)
+        self.pending = deque(sorted(self.pending, key=lambda r: r.t0))
+
+    # -- answers ------------------------------------------------------------------------------
+    def replied(self, w: WorkerRecord, rkey) -> Request | None:
+        """The request a worker's reply answers, now forgotten; None when answered already."""
+        req = w.inflight.pop(rkey, None) if type(rkey) is bytes else None
+        if req is not None:
+            self.forget(req)
+        return req
+
+    def observe_service(self, svc_ms: float) -> None:
+        self.svc_ms = svc_ms if self.svc_ms == 0 else self.svc_ms + 0.1 * (svc_ms - self.svc_ms)
+
+    def forget(self, req: Request) -> None:
+        if self.reqs.pop(req.rkey, None) is not None:
+            self.held_bytes -= req.nbytes
+        if self.by_client.get((req.ident, req.rid)) is req:
+            del self.by_client[(req.ident, req.rid)]
+
+    def fail(self, req: Request, code: str, message: str) -> None:
+        """Answer `req` with an error and forget it."""
+        self.forget(req)
+        if req.worker is not None:
+            req.worker.inflight.pop(req.rkey, None)
+        self.reply_error(req.ident, req.rid, code, message)
+
+    def fail_overdue(self, now: float) -> None:
+        """Answer "deadline" for requests a worker holds long past their deadline (alive but stuck)."""
+        grace = self.config.deadline_grace_ms / 1e3
+        for req in [r for r in self.reqs.values() if r.worker is not None and now > r.deadline + grace]:
+            self.fail(req, "deadline", "no answer from the worker within the deadline")
+
+    def fail_all(self, code: str, message: str) -> None:
+        for req in list(self.reqs.values()):
+            self.fail(req, code, message)
+        self.pending.clear()
+
+    # -- load ---------------------------------------------------------------------------------
+    def retry_after_ms(self) -> float:
+        return max(self.config.min_retry_after_ms, self.est_wait_ms())
+
+    def est_wait_ms(self) -> float:
+        live = len(self.registry.live()) or 1
+        return len(self.pending) * self.svc_ms / live
+
+    def load(self) -> dict:
+        return {"workers": len(self.registry.live()), "queued": len(self.pending),
+                "inflight": len(self.reqs) - len(self.pending), "est_wait_ms": round(self.est_wait_ms(), 3)}

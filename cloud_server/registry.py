@@ -1,0 +1,240 @@
+"""Who serves what: the broker's worker registry (status, liveness, drop) and its catalogue of bundles.
+
+`WorkerRegistry.is_lost` is the one place that decides when a silent worker is gone (today:
+`heartbeat_liveness` heartbeat intervals without a word); everything else asks it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any, Iterator
+
+from edgesplit import protocol as P
+
+from cloud_server.config import ServerConfig
+from cloud_server.metrics import Metrics
+from cloud_server.repository import Repository, bundle_summary
+
+__all__ = ["WorkerRecord", "WorkerRegistry", "BundleCatalog", "SocketLink"]
+
+log = logging.getLogger(__name__)
+
+
+class SocketLink:
+    """The way to the workers on one broker ROUTER socket."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, ident: bytes, frames: list, small: int = 1) -> None:
+        """[ident, *frames]: identity and the first `small` frames as copies, the rest zero-copy."""
+        P.send_frames(self.sock, [ident, *frames], small + 1)
+
+
+class WorkerRecord:
+    """What the broker knows of one worker: who it is, what it holds, what it computes now."""
+
+    __slots__ = ("ident", "name", "device", "runner", "pid", "capacity", "available", "loaded", "inflight",
+                 "last_heard", "draining", "queued", "joined", "host", "link")
+
+    def __init__(self, ident: bytes, info: dict, capacity: int, now: float, link):
+        self.ident = ident
+        self.name = str(info.get("name") or ident.hex())[:128]
+        self.device = str(info.get("device") or "?")[:64]
+        self.runner = str(info.get("runner") or "?")[:64]
+        self.host = str(info.get("host") or "?")[:128]
+        self.pid = info.get("pid")
+        cap = info.get("capacity")
+        self.capacity = cap if isinstance(cap, int) and 0 < cap <= 4096 else capacity
+        self.available: set[str] = set()
+        self.loaded: set[str] = set()
+        self.inflight: dict[bytes, Any] = {}  # rkey -> the broker's Request
+        self.last_heard = now
+        self.draining = False
+        self.queued = 0
+        self.joined = time.time()
+        self.link = link  # how the broker reaches it: a SocketLink, or the inline worker
+
+    def send(self, frames: list, small: int = 1) -> None:
+        self.link.send(self.ident, frames, small)
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+
+    @property
+    def has_room(self) -> bool:
+        return not self.draining and len(self.inflight) < self.capacity
+
+    def apply_status(self, status: dict, catalog: "BundleCatalog") -> bool:
+        """Take in a worker's status (untrusted shapes are ignored); True when what it serves changed."""
+        before = (self.loaded, self.available, self.draining)
+        avail = status.get("available")
+        if isinstance(avail, list):
+            ids = set()
+            for s in avail:
+                if isinstance(s, dict) and isinstance(s.get("id"), str) and isinstance(s.get("segments"), int):
+                    ids.add(s["id"])
+                    catalog.announce(s)
+            self.available = ids
+        loaded = status.get("loaded")
+        if isinstance(loaded, list):
+            self.loaded = {b for b in loaded if isinstance(b, str)}
+        runner = status.get("runner")
+        if isinstance(runner, str):
+            self.runner = runner[:64]
+        q = status.get("queued")
+        if isinstance(q, int):
+            self.queued = q
+        profiles = status.get("profiles")
+        if isinstance(profiles, dict):
+            for bid, prof in profiles.items():
+                if isinstance(prof, dict) and isinstance(prof.get("segment_ms"), list):
+                    catalog.profiles[bid] = {"segment_ms": prof["segment_ms"],
+                                             "device": str(prof.get("device", self.device))}
+        if status.get("draining"):
+            self.draining = True
+        return (self.loaded, self.available, self.draining) != before
+
+    def describe(self) -> dict:
+        """The worker as /v1/models shows it."""
+        return {"name": self.name, "device": self.device, "runner": self.runner, "host": self.host, "pid": self.pid,
+                "inflight": len(self.inflight), "queued": self.queued, "capacity": self.capacity,
+                "loaded": sorted(self.loaded), "available": sorted(self.available), "draining": self.draining,
+                "joined": self.joined}
+
+
+class WorkerRegistry:
+    """The workers the broker knows, and the decision of when a silent one is lost.
+
+    Args:
+        config: the ServerConfig (capacity default, heartbeat interval and liveness).
+        metrics: gauges of live workers are kept here.
+        lock: guards the dict against the admin thread's reads.
+    """
+
+    def __init__(self, config: ServerConfig, metrics: Metrics, lock: threading.Lock):
+        self.config = config
+        self.metrics = metrics
+        self._lock = lock
+        self._workers: dict[bytes, WorkerRecord] = {}
+        self.lost: list[dict] = []  # the last workers dropped for silence (for /v1/models)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __iter__(self) -> Iterator[WorkerRecord]:
+        return iter(list(self._workers.values()))
+
+    def get(self, ident: bytes) -> WorkerRecord | None:
+        return self._workers.get(ident)
+
+    def add(self, ident: bytes, info: dict, now: float, link, catalog: BundleCatalog) -> WorkerRecord:
+        w = WorkerRecord(ident, info, self.config.worker_capacity, now, link)
+        with self._lock:
+            self._workers[ident] = w
+        w.apply_status(info, catalog)
+        self.metrics.worker_up.labels(w.name, w.device).set(1)
+        log.info("worker %s joined (%s, %s, pid %s, %d bundles)", w.name, w.device, w.runner, w.pid,
+                 len(w.available))
+        return w
+
+    def remove(self, w: WorkerRecord, why: str, lost: bool = True) -> list:
+        """Forget a worker; returns its requests in flight, oldest first (the caller re-routes them)."""
+        with self._lock:
+            self._workers.pop(w.ident, None)
+        m = self.metrics
+        m.worker_up.remove(w.name, w.device)
+        m.worker_inflight.remove(w.name)
+        if lost:
+            m.workers_lost.inc()
+            log.warning("worker %s %s; re-dispatching %d requests", w.name, why, len(w.inflight))
+        else:
+            log.info("worker %s %s", w.name, why)
+        orphans = sorted(w.inflight.values(), key=lambda r: r.t0)
+        w.inflight.clear()
+        return orphans
+
+    # -- liveness ---------------------------------------------------------------------------------
+    def is_lost(self, w: WorkerRecord, now: float) -> bool:
+        """The liveness decision: a worker silent for heartbeat_liveness intervals is gone."""
+        return now - w.last_heard > self.config.heartbeat_expiry_s
+
+    def silent(self, now: float) -> list[tuple[WorkerRecord, str]]:
+        """The workers lost by now, each with why; they are recorded for /v1/models."""
+        gone = []
+        for w in self:
+            if self.is_lost(w, now):
+                silent_ms = (now - w.last_heard) * 1e3
+                self.lost.append({"name": w.name, "pid": w.pid, "silent_ms": round(silent_ms, 1),
+                                  "inflight": len(w.inflight), "at": time.time()})
+                del self.lost[:-32]
+                gone.append((w, f"missed {self.config.heartbeat_liveness} heartbeats ({silent_ms:.0f} ms silent)"))
+        return gone
+
+    # -- choosing ---------------------------------------------------------------------------------
+    def pick(self, bundle: str) -> WorkerRecord | None:
+        """The least-loaded live worker with room that holds `bundle` (loaded ones first on a tie)."""
+        best, best_key = None, None
+        for w in self._workers.values():
+            if w.draining or bundle not in w.available:
+                continue
+            load = len(w.inflight)
+            if load >= w.capacity:
+                continue
+            key = (load, bundle not in w.loaded)
+            if best_key is None or key < best_key:
+                best, best_key = w, key
+        return best
+
+    def live(self) -> list[WorkerRecord]:
+        return [w for w in self._workers.values() if not w.draining]
+
+    def any_room(self) -> bool:
+        return any(w.has_room for w in self._workers.values())
+
+    def serves(self, bundle: str) -> bool:
+        """Some worker holds `bundle` (loaded or on disk)."""
+        return any(bundle in w.available for w in self._workers.values())
+
+    def has_loaded(self, bundle: str) -> bool:
+        return any(bundle in w.loaded for w in self._workers.values())
+
+
+class BundleCatalog:
+    """Every bundle the broker knows (its repository's and what workers announce), and their profiles."""
+
+    def __init__(self, repository: Repository | None, rescan_interval_s: float):
+        self.repository = repository
+        self.rescan_interval_s = rescan_interval_s
+        self.bundles: dict[str, dict] = {}  # id -> summary
+        self.profiles: dict[str, dict] = {}  # id -> {"segment_ms": [...], "device": str}
+        self._last_scan = -math.inf
+
+    def get(self, bundle: str) -> dict | None:
+        """The summary of `bundle`; an unknown id re-reads the repository first (rate-limited)."""
+        info = self.bundles.get(bundle)
+        if info is None and self.rescan():
+            info = self.bundles.get(bundle)
+        return info
+
+    def announce(self, summary: dict) -> None:
+        self.bundles.setdefault(summary["id"], summary)
+
+    def rescan(self, force: bool = False) -> bool:
+        """Re-read the repository (rate-limited); True when it was read."""
+        if self.repository is None:
+            return False
+        now = time.monotonic()
+        if not force and now - self._last_scan < self.rescan_interval_s:
+            return False
+        self._last_scan = now
+        self.repository.scan()
+        for bid in self.repository.ids():
+            if bid not in self.bundles:
+                self.bundles[bid] = bundle_summary(self.repository.manifest(bid))
+        return True

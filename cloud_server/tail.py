@@ -1,0 +1,321 @@
+"""The tail itself: check and decode requests, form dynamic batches, run segments [k, n), encode and reply.
+
+`TailBatcher` knows nothing of sockets: requests come in through `add_request` / `add_load`,
+answers go out through the `send(frames)` it was given, and waiting for batch-mates goes
+through the optional `wait(timeout_s)` (a worker with its own socket receives meanwhile; a
+worker driven from another loop has none and never waits). `TailWorker` owns one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Callable
+
+import numpy as np
+
+from edgesplit import protocol as P
+from edgesplit.bundle import Bundle
+from edgesplit.codecs import decode as decode_tensor
+from edgesplit.codecs import get_codec
+from edgesplit.errors import BackendError, BundleError, CodecError, ConfigError, EdgeSplitError, ProtocolError
+
+from cloud_server import _wire as W
+from cloud_server.config import ServerConfig
+from cloud_server.repository import Repository
+
+__all__ = ["TailBatcher", "LoadedBundle"]
+
+log = logging.getLogger(__name__)
+
+
+class _Job:
+    __slots__ = ("rkey", "msg", "deadline", "arrived", "received", "arrays", "samples", "decode_ms", "t_start",
+                 "batch_wait_ms", "load")
+
+    def __init__(self, rkey: bytes, msg: P.Message | None, deadline: float | None, arrived: float, received: float,
+                 load: str | None = None):
+        self.rkey = rkey
+        self.msg = msg
+        self.deadline = deadline
+        self.arrived = arrived
+        self.received = received  # broker clock
+        self.arrays: dict[str, np.ndarray] | None = None
+        self.samples = 1
+        self.decode_ms = 0.0
+        self.t_start = 0.0
+        self.batch_wait_ms = 0.0
+        self.load = load  # a "load this bundle" order instead of a request
+
+
+class _Failure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class LoadedBundle:
+    """A bundle ready to run: one SegmentRunner, so any tail [k, n) reuses the same sessions."""
+
+    def __init__(self, bundle: Bundle, runner: str, threads: int | None):
+        from edgesplit.runtime import SegmentRunner
+
+        self.bundle = bundle
+        n = bundle.num_segments
+        self.segments = SegmentRunner(bundle, runner=runner, intra_op_threads=threads).activate()
+        self.batchable = {k: _batch_symbol(bundle, k) is not None for k in range(n)}
+        self.profile: dict | None = None
+
+    @property
+    def runner_name(self) -> str:
+        return self.segments.runner_name
+
+    def run(self, k: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.segments.run(feeds, k, self.bundle.num_segments)
+
+    def measure(self, device: str, runs: int = 2) -> None:
+        """Per-segment times at batch 1 on zeros (after a warm-up pass): the profile for "welcome"."""
+        seg = self.segments.profile(runs)
+        self.profile = {"segment_ms": [round(x, 4) for x in seg], "device": device,
+                        "runner": self.runner_name, "batch": 1}
+
+    def close(self) -> None:
+        self.segments.close()
+
+
+def _batch_symbol(bundle: Bundle, k: int) -> str | None:
+    """The symbol of the shared leading batch dim of cut k's tensors and the outputs, if any."""
+    specs = list(bundle.cut(k).specs) + list(bundle.outputs)
+    if not specs or not all(s.shape and isinstance(s.shape[0], str) for s in specs):
+        return None
+    syms = {s.shape[0] for s in specs}
+    return syms.pop() if len(syms) == 1 else None
+
+
+class TailBatcher:
+    """The queue of one worker and what it computes; every answer goes out through `send`.
+
+    Args:
+        config: the ServerConfig (batching, limits, runner threads, profiling).
+        repository: the bundles this worker can load.
+        device / runner / name: describe the worker (runner: the kind to load bundles with).
+        send: delivers [ctl, *frames] to the broker.
+        rescan: called when a request names a bundle the repository did not list (look again).
+        to_local: maps a broker monotonic time onto this process's clock.
+        stopping: True once the worker is stopping (then no time is spent filling a batch).
+    """
+
+    def __init__(self, config: ServerConfig, repository: Repository, device: str, runner: str, name: str,
+                 send: Callable[[list], None], rescan: Callable[[], None], to_local: Callable[[float], float],
+                 stopping: Callable[[], bool]):
+        self.config = config
+        self.repository = repository
+        self.device, self.runner, self.name = device, runner, name
+        self.send = send
+        self._rescan, self._to_local, self._stopping = rescan, to_local, stopping
+        self.loaded: dict[str, LoadedBundle] = {}
+        self.queue: deque[_Job] = deque()  # received, not yet run (only the serving thread touches it)
+        self.version = 0  # bumped when loaded bundles or profiles change: triggers a heartbeat
+        self._codecs: dict[str, Any] = {}
+        self._crowded: dict[tuple, float] = {}  # (bundle, cut) -> until when to wait for batch-mates
+
+    # -- what comes in -------------------------------------------------------------------------
+    def add_request(self, rkey: bytes, msg: P.Message, deadline: float | None, now: float, received: float) -> None:
+        self.queue.append(_Job(rkey, msg, deadline, now, received))
+
+    def add_load(self, bundle: str) -> None:
+        self.queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bundle))
+
+    def has_requests(self) -> bool:
+        return any(j.load is None for j in self.queue)
+
+    def send_error(self, rkey: bytes, rid: str, code: str, message: str) -> None:
+        frames = P.encode(P.error(rid, code, message, worker=self.name))
+        self.send([W.ctl(W.REPLY, rkey, (code, None, 0)), *frames])
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self, wait: Callable[[float], None] | None = None) -> bool:
+        """Run the next job (a batch, or a bundle to load); False when the queue was empty.
+
+        Args:
+            wait: receives from the broker for up to that many seconds (batch-mates join the
+                queue meanwhile); None never waits.
+        """
+        if not self.queue:
+            return False
+        batch = self._take_batch(wait)
+        if batch:
+            self._run_batch(batch)
+        return True
+
+    def _take_batch(self, wait) -> list[_Job]:
+        """The next batch: the oldest request and others of the same bundle and cut (may be [])."""
+        cfg = self.config
+        first = self.queue.popleft()
+        if first.load is not None:
+            self.load_bundle(first.load)
+            return []
+        if not self._prepare(first):
+            return []
+        loaded = self.loaded[first.msg.bundle]
+        if not loaded.batchable[first.msg.cut] or cfg.max_batch <= 1 or first.samples >= cfg.max_batch:
+            return [first]
+        batch, samples = [first], first.samples
+        window_end = first.arrived + cfg.max_queue_delay_ms / 1e3
+        key = (first.msg.bundle, first.msg.cut)
+        # Wait for batch-mates only while several clients are sending this key: a lone client
+        # would only wait out the window for a request that comes after its answer.
+        t_wait = time.monotonic()
+        may_wait = wait is not None and self._crowded.get(key, 0.0) > t_wait
+        while samples < cfg.max_batch:
+            job = None
+            for i, j in enumerate(self.queue):
+                if j.msg is not None and (j.msg.bundle, j.msg.cut) == key:
+                    job = j
+                    del self.queue[i]
+                    break
+            if job is None:
+                left = window_end - time.monotonic()
+                if left <= 0 or not may_wait or self._stopping():
+                    break
+                wait(left)
+                continue
+            if not self._prepare(job):
+                continue
+            if samples + job.samples > cfg.max_batch:
+                self.queue.appendleft(job)  # the next batch; already decoded
+                break
+            batch.append(job)
+            samples += job.samples
+        now = time.monotonic()
+        first.batch_wait_ms = (now - t_wait) * 1e3 if may_wait else 0.0
+        if len(batch) > 1:
+            self._crowded[key] = now + cfg.batch_crowd_memory_s
+        return batch
+
+    def _prepare(self, job: _Job) -> bool:
+        """Check `job` against its bundle and decode its tensors; on failure, answer it and return False."""
+        if job.arrays is not None:
+            return True
+        msg = job.msg
+        job.t_start = time.monotonic()
+        try:
+            if job.deadline is not None and job.t_start >= job.deadline:
+                raise _Failure("deadline", "the deadline passed while the request was queued")
+            loaded = self.loaded.get(msg.bundle) or self.load_bundle(msg.bundle)
+            if loaded is None:
+                raise _Failure("unknown_bundle", f"this worker cannot load bundle {msg.bundle[:64]!r}")
+            n = loaded.bundle.num_segments
+            if not 0 <= msg.cut < n:
+                raise _Failure("bad_cut", f"cut {msg.cut} is outside 0..{n - 1} for bundle {loaded.bundle.name}")
+            P.check_tensors(msg, loaded.bundle.cut(msg.cut).specs)
+            spec = msg.meta.get("reply_codec", "raw")
+            if not isinstance(spec, str) or self._codec(spec) is None:
+                raise _Failure("bad_request", f"unknown reply_codec {str(spec)[:40]!r}")
+            t = time.perf_counter()
+            job.arrays = {name: decode_tensor(enc) for name, enc in msg.tensors.items()}
+            job.decode_ms = (time.perf_counter() - t) * 1e3
+            if loaded.batchable[msg.cut]:
+                job.samples = int(next(iter(job.arrays.values())).shape[0]) if job.arrays else 1
+        except _Failure as exc:
+            self.send_error(job.rkey, msg.id, exc.code, str(exc))
+            return False
+        except (ProtocolError, CodecError) as exc:
+            self.send_error(job.rkey, msg.id, "bad_request", str(exc))
+            return False
+        return True
+
+    def _codec(self, spec: str):
+        c = self._codecs.get(spec)
+        if c is None and len(self._codecs) < 64:
+            try:
+                c = self._codecs[spec] = get_codec(spec)
+            except (CodecError, ConfigError, ValueError):
+                return None
+        return c
+
+    def load_bundle(self, bid: str) -> LoadedBundle | None:
+        if bid in self.loaded:
+            return self.loaded[bid]
+        if bid not in self.repository:
+            self._rescan()
+            self.version += 1  # announce what the rescan found
+            if bid not in self.repository:
+                return None
+        t = time.perf_counter()
+        try:
+            loaded = LoadedBundle(self.repository.load(bid), self.runner, self.config.intra_op_threads)
+        except (BundleError, BackendError, ConfigError) as exc:
+            log.error("%s: cannot load bundle %s: %s", self.name, bid[:12], exc)
+            return None
+        if self.config.profile_on_load:
+            try:
+                loaded.measure(self.device)
+            except (EdgeSplitError, ValueError, TypeError) as exc:
+                log.warning("%s: could not profile %s: %s", self.name, loaded.bundle.name, exc)
+        if self.device != "cpu" and loaded.runner_name == "ort-cpu":
+            log.warning("%s: asked for %s but %s runs on the CPU (no usable GPU runner: pip install "
+                        "'edgesplit[gpu]' or '[trt]')", self.name, self.device, loaded.bundle.name)
+        self.loaded[bid] = loaded
+        self.version += 1
+        log.info("%s: loaded %s (%s) in %.0f ms", self.name, loaded.bundle.name, loaded.runner_name,
+                 (time.perf_counter() - t) * 1e3)
+        return loaded
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.deadline is not None and now >= job.deadline:
+                self.send_error(job.rkey, job.msg.id, "deadline",
+                                "the deadline passed before the request could be computed")
+            else:
+                live.append(job)
+        if not live:
+            return
+        first = live[0].msg
+        loaded = self.loaded[first.bundle]
+        names = list(live[0].arrays)
+        t = time.perf_counter()
+        try:
+            if len(live) == 1:
+                feeds = live[0].arrays
+            else:
+                feeds = {n: np.concatenate([j.arrays[n] for j in live], axis=0) for n in names}
+            outs = loaded.run(first.cut, feeds)
+        except (BackendError, ValueError) as exc:
+            if len(live) > 1:  # one bad request must not fail its batch-mates: run each alone
+                for job in live:
+                    self._run_batch([job])
+                return
+            self.send_error(live[0].rkey, first.id, "internal", f"the tail failed: {exc}")
+            return
+        compute_ms = (time.perf_counter() - t) * 1e3
+        offset = 0
+        for i, job in enumerate(live):
+            t = time.perf_counter()
+            if len(live) == 1:
+                mine = outs
+            else:
+                mine = {n: a[offset:offset + job.samples] for n, a in outs.items()}
+                offset += job.samples
+            try:
+                codec = self._codec(job.msg.meta.get("reply_codec", "raw"))
+                tensors = {n: codec.encode(np.ascontiguousarray(a)) for n, a in mine.items()}
+            except (CodecError, ValueError) as exc:
+                self.send_error(job.rkey, job.msg.id, "internal", f"cannot encode the outputs: {exc}")
+                continue
+            encode_ms = (time.perf_counter() - t) * 1e3
+            # broker receipt to the start of decoding, socket buffers included
+            queue_ms = max(0.0, (job.t_start - self._to_local(job.received)) * 1e3)
+            timings = {"queue_ms": round(queue_ms, 4), "decode_ms": round(job.decode_ms, 4),
+                       "compute_ms": round(compute_ms, 4), "encode_ms": round(encode_ms, 4)}
+            frames = P.encode(P.result(job.msg.id, tensors, timings=timings, worker=self.name, batch=len(live),
+                                       batch_wait_ms=round(live[0].batch_wait_ms, 4)))
+            stats = ("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], len(live) if i == 0 else 0)
+            self.send([W.ctl(W.REPLY, job.rkey, stats), *frames])
+
+    def close(self) -> None:
+        for b in self.loaded.values():
+            b.close()
