@@ -6,7 +6,10 @@ Layout (DESIGN.md, "Bundle format")::
     BUNDLE/segments/<i>.onnx   (+ external data files beside them when needed)
 
 The bundle id is a content hash over the manifest (without its ``id``) and every file under
-``segments/``, so two servers holding the same id hold the same bytes.
+``segments/``, so two servers holding the same id hold the same bytes. Every file a segment reads
+(its .onnx, and any external data file the .onnx names) must resolve inside ``segments/``: no
+absolute path, no "..", no symlink that leaves it. So the id covers everything that runs, and a
+hostile manifest cannot make a server read or execute a file of its choice.
 """
 
 from __future__ import annotations
@@ -92,6 +95,57 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+def contained_path(root: Path, rel: Any, what: str) -> Path:
+    """`root / rel`, refused unless `rel` is a relative path that stays inside `root`.
+
+    Checked on the text first (absolute paths, "..", empty parts, NUL), then on the resolved
+    path, so a symlink anywhere on the way that leads out of `root` is refused too.
+    """
+    if not isinstance(rel, str) or not rel or "\0" in rel or "\\" in rel:
+        raise BundleError(f"{root}: {what} {rel!r} is not a relative path")
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]:
+        raise BundleError(f"{root}: {what} {rel!r} leaves the bundle (absolute path or '..')")
+    full = root / rel
+    try:
+        real, real_root = full.resolve(strict=False), root.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise BundleError(f"{root}: {what} {rel!r} cannot be resolved ({exc})") from exc
+    if not real.is_relative_to(real_root):
+        raise BundleError(f"{root}: {what} {rel!r} resolves to {real}, outside the bundle")
+    return full
+
+
+def external_data_files(onnx_path: Path) -> list[str]:
+    """The external data locations an ONNX file names (weights stay on disk; subgraphs included)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        raise BundleError(f"{onnx_path}: not a readable ONNX file ({exc})") from exc
+    found: list[str] = []
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from tensors(attr.g)
+                for g in attr.graphs:
+                    yield from tensors(g)
+
+    for t in tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc not in found:
+                found.append(loc)
+    return found
+
+
 def _files_under(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file())
 
@@ -102,6 +156,8 @@ def compute_id(path: Path, manifest: dict[str, Any]) -> str:
     h.update(_canonical({k: v for k, v in manifest.items() if k != "id"}))
     seg_dir = path / SEGMENT_DIR
     for f in _files_under(seg_dir) if seg_dir.is_dir() else []:
+        if f.is_symlink():  # hashing what a link points to is fine only while it stays inside
+            contained_path(seg_dir, f.relative_to(seg_dir).as_posix(), "file")
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -161,9 +217,14 @@ class Bundle:
             got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             raise BundleError(f"{mpath}: format {got!r} is not {FORMAT!r}")
         bundle = cls(path, manifest)
-        for seg in bundle.segments:
+        seg_root = path / SEGMENT_DIR
+        for seg, entry in zip(bundle.segments, manifest["segments"]):
+            rel = entry["file"]
+            if not (isinstance(rel, str) and rel.startswith(SEGMENT_DIR + "/")):
+                raise BundleError(f"{path}: segment file {rel!r} is not under {SEGMENT_DIR}/")
+            contained_path(seg_root, rel[len(SEGMENT_DIR) + 1:], "segment file")
             if not seg.path.is_file():
-                raise BundleError(f"{path}: segment file {seg.path.relative_to(path)} is missing")
+                raise BundleError(f"{path}: segment file {rel} is missing")
         if verify:
             actual = compute_id(path, manifest)
             if actual != bundle.id:
@@ -171,6 +232,15 @@ class Bundle:
                     f"{path}: content does not match the bundle id (manifest says {bundle.id[:12]}, "
                     f"files hash to {actual[:12]}): the bundle was modified or is incomplete"
                 )
+        for seg, entry in zip(bundle.segments, manifest["segments"]):
+            rel = entry["file"]
+            # External data is resolved relative to the segment's own directory (ONNX's rule).
+            base = seg.path.parent.relative_to(seg_root).as_posix()
+            for loc in external_data_files(seg.path):
+                data = contained_path(seg_root, loc if base == "." else f"{base}/{loc}",
+                                      f"external data of {rel}")
+                if not data.is_file():
+                    raise BundleError(f"{path}: external data file {loc!r} of {rel} is missing")
         return bundle
 
     @property

@@ -70,3 +70,78 @@ def test_rewrite_existing_bundle_and_update_manifest(mlp_bundle, tmp_path):
     updated = update_manifest(copy, calibration={"h": {"min": 0.0, "max": 1.0}})
     assert updated.id != mlp_bundle.id
     assert Bundle.load(copy).get("calibration") == {"h": {"min": 0.0, "max": 1.0}}
+
+
+def _rewrite_manifest(bundle, **changes):
+    """Edit the manifest and give it the id its files hash to, as an attacker who can write it would."""
+    from edgesplit.bundle import compute_id
+
+    mpath = bundle.path / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    for key, value in changes.items():
+        manifest[key] = value
+    manifest["id"] = compute_id(bundle.path, manifest)
+    mpath.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("file", ["../../outside/evil.onnx", "segments/../../evil.onnx", "/tmp/evil.onnx",
+                                  "segments//0.onnx", "manifest.json", "segments/C:evil.onnx\\x"])
+def test_a_segment_path_that_leaves_the_bundle_is_refused(mlp_bundle, tmp_path, file):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(mlp_bundle.segments[1].path, outside / "evil.onnx")
+    segs = json.loads((mlp_bundle.path / "manifest.json").read_text())["segments"]
+    segs[1]["file"] = file
+    _rewrite_manifest(mlp_bundle, segments=segs)
+    with pytest.raises(BundleError, match="segment file"):
+        Bundle.load(mlp_bundle.path)
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(mlp_bundle, tmp_path):
+    seg = mlp_bundle.segments[1].path
+    target = tmp_path / "evil.onnx"
+    shutil.copy(seg, target)
+    seg.unlink()
+    seg.symlink_to(target)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        Bundle.load(mlp_bundle.path)
+
+
+def _external_data_bundle(mlp_bundle):
+    """The MLP bundle with each segment's weights in a data file beside it, as big models are stored."""
+    import onnx
+
+    from edgesplit.bundle import save_segment
+
+    for s in mlp_bundle.segments:
+        save_segment(onnx.load(str(s.path)), s.path, external_threshold=0)
+    _rewrite_manifest(mlp_bundle)
+    return Bundle.load(mlp_bundle.path)
+
+
+def test_external_data_is_contained_and_covered_by_the_id(mlp_bundle, tmp_path):
+    import onnx
+
+    from edgesplit.bundle import external_data_files
+
+    b = _external_data_bundle(mlp_bundle)
+    seg = b.segments[0].path  # its 16x32 weights are over save_segment's 1 kB threshold
+    assert external_data_files(seg) == ["0.onnx.data"]
+    # any change to a file a segment reads changes the id: the old id no longer loads
+    data = seg.with_name("0.onnx.data")
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="does not match the bundle id"):
+        Bundle.load(b.path)
+    # a segment whose external data points outside the bundle is refused, whatever the id says
+    m = onnx.load(str(seg), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../../outside.data"
+    (tmp_path / "outside.data").write_bytes(bytes(raw))
+    onnx.save(m, str(seg))
+    _rewrite_manifest(b)
+    with pytest.raises(BundleError, match="external data of segments/0.onnx.*leaves the bundle"):
+        Bundle.load(b.path)
