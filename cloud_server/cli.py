@@ -77,6 +77,8 @@ def build_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--allow-clients", metavar="DIR", help="folder of allowed client public keys (*.key)")
     p.add_argument("--allow-workers", metavar="DIR",
                    help="folder of public keys of workers allowed on --worker-bind (with --curve-secret)")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="when ready, write a JSON file (front, workers and http addresses, pid) here, atomically")
     _config_args(p)
     p.set_defaults(func=run_serve)
     return p
@@ -108,12 +110,22 @@ def run_serve(args) -> int:
     import logging
     import sys
 
+    from pathlib import Path
+
     from cloud_server.server import Server, parse_devices
 
     log = logging.getLogger("cloud_server")
     if log.getEffectiveLevel() > logging.INFO and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg = _config(args)
+    if args.ready_file:
+        import os
+
+        from edgesplit.errors import ConfigError
+
+        folder = os.path.dirname(os.path.abspath(args.ready_file))
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--ready-file {args.ready_file}: {folder} is not a directory")
     if args.http is None:
         http = DEFAULT_HTTP
     else:
@@ -132,9 +144,15 @@ def run_serve(args) -> int:
     if not ok:
         print(f"edgesplit serve: warning: not every worker came up within {cfg.startup_timeout_s:.0f} s",
               file=sys.stderr, flush=True)
+    if args.ready_file:  # before the line: whoever reads the line finds the file
+        server.write_ready_file(args.ready_file)
     print(f"edgesplit serve: ready on {server.broker.front_address}: {len(snap.get('workers', []))} workers, "
           f"{len(snap.get('bundles', []))} bundles{extra}", flush=True)
-    return server.supervise()
+    try:
+        return server.supervise()
+    finally:
+        if args.ready_file:  # a file left behind would name a server that is gone
+            Path(args.ready_file).unlink(missing_ok=True)
 
 
 def run_worker(args) -> int:

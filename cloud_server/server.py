@@ -186,6 +186,19 @@ class Server:
         self.broker.add_inline_worker(TailWorker("inline://", self.repository, cfg, device=device,
                                                  name=f"inline-0-{device}", context=self.broker.ctx))
 
+    def addresses(self) -> dict:
+        """Where to reach this server: edges (front), other workers, the admin (None: off), and its pid."""
+        b = self.broker
+        return {"front": b.front_address, "workers": b.remote_address or b.back_address,
+                "http": self.admin.url if self.admin is not None else None, "pid": os.getpid()}
+
+    def write_ready_file(self, path: str | os.PathLike) -> None:
+        """Write addresses() as JSON to `path`, atomically: a reader sees all of it or no file."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.addresses()) + "\n")
+        os.replace(tmp, path)
+
     def wait_ready(self, timeout: float) -> bool:
         """Until every local worker announced itself and (with preload) loaded its bundles."""
         end = time.monotonic() + timeout

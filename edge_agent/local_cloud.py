@@ -10,11 +10,14 @@ cloud_server: it only runs it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +42,7 @@ class LocalCloud:
         http: HOST:PORT for the server's admin HTTP (/healthz, /metrics, ...), or "off".
         threads: ONNX Runtime intra-op threads per worker (None: the server's default).
         extra_args: more command-line options for the server (e.g. CURVE keys).
-        timeout_s: how long start() waits for the server's ready line.
+        timeout_s: how long start() waits for the server to be ready (its --ready-file).
     """
 
     def __init__(self, repository: str | os.PathLike, workers: int = 1, bind: str = "tcp://127.0.0.1:0",
@@ -54,37 +57,36 @@ class LocalCloud:
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
+        self.info: dict = {}  # the server's ready file: front, workers, http, pid
         self.lines: list[str] = []
+        self._dir: tempfile.TemporaryDirectory | None = None
 
     def start(self) -> "LocalCloud":
+        self._dir = tempfile.TemporaryDirectory(prefix="edgesplit-cloud-")
+        ready_file = Path(self._dir.name) / "ready.json"
         cmd = [sys.executable, "-m", "cloud_server", "--repository", str(self.repository),
                "--bind", self.bind, "--workers", str(self.workers), "--http", self.http,
+               "--ready-file", str(ready_file),
                *(["--threads", str(self.threads)] if self.threads else []), *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        ready = threading.Event()
-        saw_ready = []
 
-        def reader():
+        def reader():  # keeps the pipe drained, and the lines for an error message
             for line in self.proc.stdout:
-                line = line.rstrip()
-                self.lines.append(line)
-                if self.address is None:
-                    for word in line.replace(",", " ").split():
-                        if word.startswith("tcp://") and not word.endswith(":0"):
-                            self.address = word.rstrip(".;:,)")
-                            break
-                if self.address and "ready" in line.lower():
-                    saw_ready.append(line)
-                    ready.set()
-            ready.set()  # the server exited
+                self.lines.append(line.rstrip())
 
         threading.Thread(target=reader, name="local-cloud-output", daemon=True).start()
-        if not ready.wait(self.timeout_s) or not saw_ready or self.proc.poll() is not None:
-            self.stop()
-            tail = "\n  ".join(self.lines[-15:])
-            raise EdgeSplitError(f"the cloud server did not start ({' '.join(cmd)}):\n  {tail}")
-        return self
+        end = time.monotonic() + self.timeout_s
+        # The server writes the file atomically once it is ready: it exists whole or not at all.
+        while not ready_file.exists() and self.proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.05)
+        if self.proc.poll() is None and ready_file.exists():
+            self.info = json.loads(ready_file.read_text())
+            self.address = self.info["front"]
+            return self
+        self.stop()
+        tail = "\n  ".join(self.lines[-15:])
+        raise EdgeSplitError(f"the cloud server did not start ({' '.join(cmd)}):\n  {tail}")
 
     def kill(self) -> None:
         """SIGKILL the server (to show what the agent does when a server dies)."""
@@ -94,14 +96,16 @@ class LocalCloud:
 
     def stop(self) -> None:
         p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
     def __enter__(self) -> "LocalCloud":
         return self.start()

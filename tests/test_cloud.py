@@ -509,3 +509,47 @@ def test_default_admin_port_taken_falls_back_explicit_one_fails(repo):
         assert done.returncode == 1 and "8080" in done.stderr and "Traceback" not in done.stderr
     finally:
         holder.close()
+
+
+def test_ready_file_names_the_addresses_and_goes_with_the_server(tmp_path):
+    import json
+
+    mlp_bundle(tmp_path / "repo" / "mlp")
+    ready = tmp_path / "ready.json"
+    with ServeProc(tmp_path / "repo", workers=1, extra=["--ready-file", str(ready)]) as server:
+        info = json.loads(ready.read_text())
+        assert info == {"front": server.address, "workers": server.back, "http": server.http,
+                        "pid": server.proc.pid}
+    assert not ready.exists()
+
+
+def test_tail_worker_step_api_without_a_socket(tmp_path):
+    """A TailWorker driven from outside: attach, accept, step, heartbeat (what the inline mode uses)."""
+    from cloud_server import TailWorker
+    from cloud_server import _wire as W
+    from edgesplit.codecs import decode, get_codec
+
+    bundle = mlp_bundle(tmp_path / "repo" / "mlp")
+    worker = TailWorker("inline://", tmp_path / "repo", ServerConfig(intra_op_threads=1, profile_on_load=False),
+                        name="stepped")
+    said: list[list] = []
+    worker.attach(said.append)
+    ready = W.parse(said[0][0])
+    assert ready[0] == W.READY and ready[1]["name"] == "stepped" and ready[1]["loaded"] == []
+    while worker.step():  # the preload
+        pass
+    assert not worker.pending and worker.status()["loaded"] == [bundle.id]
+    x = np.ones((2, 16), np.float32)
+    req = P.encode(P.infer("r1", bundle.id, 0, {"x": get_codec("raw").encode(x)}, deadline_ms=10_000.0))
+    now = time.monotonic()
+    worker.accept([W.ctl(W.REQUEST, b"k1", now + 10.0, now, now), *req])
+    assert worker.pending and worker.step() and not worker.step()
+    ctl, *frames = said[-1]
+    assert W.parse(ctl)[:2] == [W.REPLY, b"k1"]
+    np.testing.assert_allclose(decode(P.decode(frames).tensors["y"]), mlp_reference(x, bundle.path),
+                               rtol=1e-4, atol=1e-4)
+    assert worker.heartbeat(time.monotonic(), every_s=0.0)
+    assert W.parse(said[-1][0])[0] == W.HEARTBEAT
+    worker.stop()
+    assert not worker.heartbeat(time.monotonic()) and W.parse(said[-1][0]) == [W.BYE]
+    worker.close()
