@@ -89,6 +89,7 @@ def agent_threads() -> list[str]:
     dict(deadline_ms=0), dict(deadline_ms=float("nan")), dict(fallback="retry"), dict(heartbeat_misses=0),
     dict(max_in_flight=0), dict(reconnect_max_ms=1, reconnect_initial_ms=10), dict(ewma_alpha=0),
     dict(curve_server_key="x" * 40), dict(max_resends=-1), dict(intra_op_threads=0), dict(heartbeat_misses=1.5),
+    dict(chooser={"margin": 0.1}), dict(edge_slowdown=0.5), dict(edge_slowdown=float("nan")),
 ])
 def test_config_rejects_bad_values(change):
     with pytest.raises(ConfigError):
@@ -98,6 +99,19 @@ def test_config_rejects_bad_values(change):
 def test_config_replace_validates_and_keeps_the_rest():
     cfg = AgentConfig().replace(deadline_ms=50)
     assert cfg.deadline_ms == 50 and cfg.fallback == "local"
+
+
+def test_config_embeds_the_chooser_config():
+    from edgesplit.planning import ChooserConfig
+
+    cfg = AgentConfig()
+    assert cfg.chooser == ChooserConfig() and cfg.chooser.assumed_bandwidth_bps == 100e6
+    cfg = cfg.replace(chooser=cfg.chooser.replace(margin=0.2, patience=5))
+    assert (cfg.chooser.margin, cfg.chooser.patience, cfg.deadline_ms) == (0.2, 5, AgentConfig().deadline_ms)
+    for bad in (dict(margin=1.0), dict(patience=0), dict(patience=2.5), dict(assumed_bandwidth_bps=float("nan")),
+                dict(nonsense=1)):
+        with pytest.raises(ConfigError):
+            cfg.chooser.replace(**bad)
     with pytest.raises(ConfigError):
         cfg.replace(no_such_field=1)
     with pytest.raises(ConfigError):
@@ -220,6 +234,15 @@ def test_no_server_answers_locally(chain, x):
         res = agent.infer({"x": x})
         assert res.where == "local" and res.reason == "link down"
         np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+
+
+def test_an_emulated_slower_device_gives_the_same_answers(chain, x):
+    bundle, full = chain
+    with EdgeAgent(bundle, [], cut=1, config=FAST.replace(edge_slowdown=3.0)) as agent:
+        assert len(agent.edge_ms) == bundle.num_segments
+        res = agent.infer({"x": x})
+    assert res.where == "local"
+    np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
 
 
 def test_broker_without_workers_gets_no_requests(repo, chain, x):

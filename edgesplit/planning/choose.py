@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -52,6 +53,13 @@ class ChooserConfig:
             raise ConfigError(f"ChooserConfig.objective must be latency or energy, not {self.objective!r}")
         if not 0 < self.assumed_bandwidth_bps < float("inf") or not 0 <= self.assumed_rtt_s < float("inf"):
             raise ConfigError("ChooserConfig.assumed_bandwidth_bps must be > 0 and assumed_rtt_s >= 0 (finite)")
+
+    def replace(self, **changes) -> "ChooserConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"ChooserConfig has no field(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
 
 
 class CutChooser:
