@@ -102,6 +102,7 @@ def top_k(logits: np.ndarray, labels: list[str], k: int = 5) -> list[tuple[str, 
 
 
 def describe_outputs(outputs: dict[str, np.ndarray], labels: list[str] | None) -> list[str]:
+    """One line per output row: its top-5 labels when it has one score per label, else its first values."""
     lines = []
     for name, arr in outputs.items():
         if labels and arr.ndim >= 1 and arr.shape[-1] == len(labels):
@@ -116,5 +117,6 @@ def describe_outputs(outputs: dict[str, np.ndarray], labels: list[str] | None) -
 
 
 def format_timings(t: dict[str, float]) -> str:
+    """An InferenceResult's timings on one line: head, encode, network, tail, total (ms)."""
     keys = ["head", "encode", "network", "tail", "total"]
     return "  ".join(f"{k} {t.get(k, 0.0):6.2f}" for k in keys) + " ms"
