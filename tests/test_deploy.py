@@ -14,12 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from test_cloud import _eventually
 from test_cloud_support import ServeProc, mlp_bundle
 from test_settings import _parse
 
@@ -314,15 +314,6 @@ def recorded(tmp_path_factory):
 
 def _clean_env():
     return {k: v for k, v in os.environ.items() if not k.startswith("EDGESPLIT_SERVER_")}
-
-
-def _eventually(check, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def test_broker_command_serves_the_probes(recorded):
