@@ -65,16 +65,19 @@ def test_partition_then_verify(tmp_path, capsys):
     assert report["ok"] and len(report["per_cut"]) == 3 and set(report["max_rel"]) == {"y1", "y2"}
 
 
-def test_verify_needs_sizes_for_symbolic_dims(tmp_path, capsys):
+def test_symbolic_dims_must_be_bound_and_verify_honours_them(tmp_path, capsys):
     path = tm.save(tm.attention(), tmp_path)
     out = tmp_path / "b"
-    assert main(["partition", str(path), "--cut", "res", "-o", str(out)]) == 0
-    capsys.readouterr()
-    assert main(["verify", str(out)]) == 1
-    assert "--shape S=SIZE" in capsys.readouterr().err
-    assert main(["verify", str(out), "--shape", "S=7", "--batch", "2"]) == 0
+    # a cut's bytes would be a guess with S unknown: refused, naming the inputs and an example
+    assert main(["partition", str(path), "--cut", "res", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "input 'x' has symbolic dims S" in err and "--shape x=1x128x8" in err
+    assert not out.exists()
     # sizes given at partition time are recorded and used by verify
     assert main(["partition", str(path), "--cut", "res", "--shape", "S=12", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--shape", "S=7", "--batch", "2"]) == 0
+    assert "x[2, 7, 8]" in capsys.readouterr().out
     assert Bundle.load(out).manifest["model"]["shapes"] == {"S": [12]}
     capsys.readouterr()
     assert main(["verify", str(out)]) == 0
@@ -191,3 +194,23 @@ def test_efficientnet_inspect_partition_verify(tmp_path):
     proc = cli("verify", tmp_path / "b", "--batch", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
+
+
+def test_first_hour_cli_errors_are_one_line_and_checked_first(tmp_path, capsys):
+    """--version; --cut by the numbers inspect prints; an existing bundle needs --force; an
+    unwritable profile output is refused before any profiling."""
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("edgesplit ")
+    path = tm.save(tm.chain(), tmp_path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["cuts"]
+    out = tmp_path / "b"
+    assert main(["partition", str(path), "--cut", str(listed[0]["index"]), "-o", str(out)]) == 0
+    assert Bundle.load(out).cut(1).tensors == tuple(listed[0]["tensors"])
+    first_id = Bundle.load(out).id
+    _one_line_error(cli("partition", str(path), "--cut", "99", "-o", str(tmp_path / "c")), "--cut 99", "lists cuts")
+    _one_line_error(cli("partition", str(path), "--cut", str(listed[-1]["index"]), "-o", str(out)), "--force")
+    assert Bundle.load(out).id == first_id  # untouched
+    assert main(["partition", str(path), "--cut", str(listed[-1]["index"]), "-o", str(out), "--force"]) == 0
+    _one_line_error(cli("profile", str(out), "-o", str(tmp_path / "missing" / "p.json")), "does not exist")
+    _one_line_error(cli("profile", str(tmp_path / "nope"), "-o", str(tmp_path / "p.json")), "no such bundle")

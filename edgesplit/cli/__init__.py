@@ -31,12 +31,19 @@ def _missing(name: str, exc: BaseException):
     return register
 
 
+def _version() -> str:
+    from edgesplit import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgesplit",
         description="Split ONNX models between an edge device and a cloud pool.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("--version", action="version", version=f"edgesplit {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="edgesplit.commands"), key=lambda e: e.name):
         try:
@@ -62,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edgesplit inspect M | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

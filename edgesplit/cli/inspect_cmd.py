@@ -63,6 +63,8 @@ def run(args) -> int:
             "outputs": outputs,
             "symbols": info.symbols,
             "unbound_symbols": unbound,
+            "unbound_inputs": info.unbound_inputs(),
+            "shape_hint": info.shape_hint() or None,
             "narrow": not args.all,
             "cuts": [c.to_json() for c in cuts],
         }
@@ -75,6 +77,11 @@ def run(args) -> int:
     for kind, specs in (("input ", inputs), ("output", outputs)):
         for s in specs:
             print(f"{kind}  {s['name']}  {s['dtype']} {_dims(s['shape'] or ['?'])}", file=out)
+    free = info.unbound_inputs()
+    if free:
+        what = "; ".join(f"input {n} has symbolic dims {', '.join(map(str, d))}" for n, d in free.items())
+        print(f"\nnote: {what}: the cuts and their bytes below count them as 1, so they are not the "
+              f"model's real cuts. Bind them, e.g. edgesplit inspect {args.model} {info.shape_hint()}", file=out)
     what = "closed cuts" if args.all else "narrow cuts (local minima of bytes per sample)"
     print(f"\n{len(cuts)} {what}; bytes at batch 1"
           + (f", {', '.join(f'{k}={v}' for k, v in info.symbols.items())}" if info.symbols else ""), file=out)
@@ -89,8 +96,7 @@ def run(args) -> int:
         print(f"{c.index:>4}  {c.head_nodes:>4}/{c.total_nodes:<4}  {c.bytes_per_sample:>12,}{mark}"
               f"  {_human(c.bytes_per_sample):>9}  {shown}", file=out)
     if unbound:
-        ours = sorted(d for d in info.input_symbols if d not in info.symbols)  # input dims nobody bound
-        hint = (f"bind them with --shape (e.g. --shape {ours[0]}=128)" if ours else
+        hint = (f"bind the inputs, e.g. {info.shape_hint()}" if free else
                 "inference could not size them" + ("; drop --no-run to measure them" if args.no_run else ""))
         print(f"\n* some dims are unknown and were counted as 1 ({', '.join(unbound[:6])}"
               f"{', ...' if len(unbound) > 6 else ''}): {hint}", file=out)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-__all__ = ["add_shape_option", "shapes_from_args", "add_runner_option"]
+__all__ = ["add_shape_option", "shapes_from_args", "add_runner_option", "check_output_file"]
 
 
 def add_shape_option(p: argparse.ArgumentParser) -> None:
@@ -31,3 +33,19 @@ def add_runner_option(p: argparse.ArgumentParser, default: str | None = "auto", 
 
     shown = f"; default {default}" if default else ""
     p.add_argument("--runner", default=default, help=f"{what}: {runner_choices()}{shown}{note}")
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse, before any long work, an output file that cannot be written: its directory is
+    missing or read-only, or the path is a directory."""
+    from edgesplit.errors import ConfigError
+
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory, not a file")
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"{what} {p}: not writable")
+    return p

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgesplit.cli.options import add_runner_option
+from edgesplit.cli.options import add_runner_option, check_output_file
 
 DESCRIPTION = """\
 Time every segment of BUNDLE on this device (median and p90 after warm-up) and, for each
@@ -44,6 +44,9 @@ def run(args) -> int:
     target = Path(args.target)
     if args.slowdown <= 0:
         raise ConfigError("--slowdown must be > 0")
+    check_output_file(args.output, "--output")
+    if not target.exists():
+        raise ConfigError(f"{target}: no such bundle directory or model file")
     progress = False if args.no_progress else None
     if target.is_file() and target.suffix == ".onnx":
         providers = {"auto": None, "ort-cpu": ["CPUExecutionProvider"],

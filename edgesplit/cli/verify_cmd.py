@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                    help="the original ONNX model (default: the source path recorded in the manifest)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed max-abs error relative to the output's scale (default 1e-4)")
-    p.add_argument("--batch", type=int, default=1, help="batch size of the generated inputs (default 1)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size of the generated inputs (default 1; overrides the batch of --shape)")
     p.add_argument("--seed", type=int, default=0, help="seed for the generated inputs")
     p.add_argument("--inputs", default=None, metavar="FILE.npz", help="use these inputs instead of random ones")
     add_runner_option(p, "ort-cpu", "runner kind for segments and model")
@@ -225,7 +226,15 @@ def run(args) -> int:
     else:
         shapes = dict(bundle.manifest.get("model", {}).get("shapes") or {})
         shapes.update(shapes_from_args(args))
-        feeds = make_inputs(bundle.inputs, shapes, args.batch, args.seed)
+        if args.batch is not None:
+            if args.batch < 1:
+                raise ConfigError("--batch must be >= 1")
+            # The batch asked for wins over the batch a recorded or given input shape carries.
+            for s in bundle.inputs:
+                given = shapes.get(s.name)
+                if s.shape and not isinstance(s.shape[0], int) and isinstance(given, (list, tuple)) and given:
+                    shapes[s.name] = [args.batch, *given[1:]]
+        feeds = make_inputs(bundle.inputs, shapes, args.batch or 1, args.seed)
     report = verify(bundle, model_path, feeds, args.tolerance, args.runner)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=1)

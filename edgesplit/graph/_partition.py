@@ -11,7 +11,7 @@ import onnx
 from onnx import external_data_helper, helper
 
 from edgesplit.bundle import Bundle, Cut, TensorSpec, write_bundle
-from edgesplit.errors import BundleError, CutError, ModelError
+from edgesplit.errors import BundleError, ConfigError, CutError, ModelError
 from edgesplit.graph._cuts import crossing_spec, fill_unknown
 from edgesplit.graph._index import GraphIndex
 from edgesplit.graph._load import (PROTO_LIMIT, _first_line, file_sha256, has_external_data, load_model,
@@ -220,7 +220,8 @@ def _out_dir_ok(out: Path) -> None:
 
 
 def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str], out: str | os.PathLike,
-              shapes: dict | None = None, name: str | None = None, extra: dict | None = None) -> Bundle:
+              shapes: dict | None = None, name: str | None = None, extra: dict | None = None,
+              require_bound: bool = False) -> Bundle:
     """Cut the model at `cuts` (in chain order) and write the bundle directory `out`.
 
     Args:
@@ -233,6 +234,8 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
         shapes: input name -> dims, or dim symbol -> size, for bytes per sample.
         name: the bundle's model name (default: the file's stem).
         extra: more manifest fields.
+        require_bound: refuse a model whose inputs keep symbolic dims other than the batch
+            (their sizes set every cut's bytes; the error names the input and an example --shape).
 
     Raises:
         ModelError, CutError, BundleError: nothing is written.
@@ -245,6 +248,11 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
     model = load_model(model_path, load_weights=False)
     index = GraphIndex(model)
     info = infer_shapes(model, shapes)
+    unbound = info.unbound_inputs()
+    if require_bound and unbound:
+        what = "; ".join(f"input {n!r} has symbolic dims {', '.join(map(str, d))}" for n, d in unbound.items())
+        raise ConfigError(f"{model_path}: {what}, which every cut's bytes depend on: bind them, "
+                          f"e.g. {info.shape_hint()}")
     heads = plan_segments(index, cuts)
     shipped = [t for h in heads for t in crossing(index, h)] + index.outputs
     fill_unknown(index, info, shipped, model_path)

@@ -180,6 +180,32 @@ class ShapeInfo:
             dims = tuple(None for _ in b.dims)
         return tuple(d if d is not None else unknown(name, axis) for axis, d in enumerate(dims))
 
+    def unbound_inputs(self) -> dict[str, list[str]]:
+        """Model input -> its symbolic dims (other than the batch, axis 0) that nothing bound.
+
+        Their sizes are unknown, so the bytes of every cut below them would be a guess: the
+        user must bind them (see shape_hint)."""
+        out: dict[str, list[str]] = {}
+        for name in self.inputs:
+            t = self.symbolic.get(name)
+            dims = t.dims if t is not None and t.dims else ()
+            free = [d for axis, d in enumerate(dims) if axis > 0 and isinstance(d, str)
+                    and eval_dim(d, self.symbols) is None]
+            if free:
+                out[name] = free
+        return out
+
+    def shape_hint(self) -> str:
+        """An example --shape binding every unbound input dim ("--shape image=1x3x224x224")."""
+        parts = []
+        for name in self.unbound_inputs():
+            dims = self.symbolic[name].dims
+            size = 224 if len(dims) == 4 else 128  # an image side, else a sequence length
+            shown = [str(d) if isinstance(d, int) else ("1" if axis == 0 else
+                     str(eval_dim(d, self.symbols) or size)) for axis, d in enumerate(dims)]
+            parts.append(f"--shape {name}={'x'.join(shown)}")
+        return " ".join(parts)
+
     def bytes_per_sample(self, name: str) -> tuple[int, bool]:
         """(bytes, exact): symbolic dims as bound; unknown ones count as 1 and make it inexact."""
         key = (name, self.symbolic.get(name), self.bound.get(name))
