@@ -17,97 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import zmq
-from onnx import TensorProto, helper, numpy_helper
 
 from edgesplit import codecs, protocol
-from edgesplit.bundle import Bundle, Cut, TensorSpec, write_bundle
+from edgesplit.bundle import Bundle
 
-DIM = 16
-WIDTHS = (DIM, 32, 24, 8)  # x[N,16] -> a[N,32] -> b[N,24] -> y[N,8]
-
-
-def _layer(name: str, x: str, y: str, n_in: int, n_out: int, seed: int, act: str | None):
-    rng = np.random.default_rng(seed)
-    w = numpy_helper.from_array((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32), f"{name}_w")
-    b = numpy_helper.from_array(rng.standard_normal(n_out).astype(np.float32) * 0.1, f"{name}_b")
-    pre = y + "_pre" if act else y
-    nodes = [helper.make_node("Gemm", [x, w.name, b.name], [pre], name=f"{name}_gemm")]
-    if act:
-        nodes.append(helper.make_node(act, [pre], [y], name=f"{name}_{act.lower()}"))
-    return nodes, [w, b]
-
-
-def _model(nodes, inits, x: str, n_in: int, y: str, n_out: int) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", n_in])],
-        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", n_out])], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def chain_bundle(out: Path) -> tuple[Bundle, Path]:
-    """A 3-segment MLP bundle (cuts 1 and 2) and the unsplit model beside it."""
-    names = ("x", "a", "b", "y")
-    acts = ("Relu", "Tanh", None)
-    layers = [_layer(f"l{i}", names[i], names[i + 1], WIDTHS[i], WIDTHS[i + 1], seed=i, act=acts[i])
-              for i in range(3)]
-    segments = [(_model(n, w, names[i], WIDTHS[i], names[i + 1], WIDTHS[i + 1]), [names[i]], [names[i + 1]])
-                for i, (n, w) in enumerate(layers)]
-    full = _model([n for ls, _ in layers for n in ls], [w for _, ws in layers for w in ws], "x", DIM, "y", WIDTHS[-1])
-    out.mkdir(parents=True, exist_ok=True)
-    full_path = out / "full.onnx"
-    onnx.save(full, str(full_path))
-    specs = [TensorSpec(names[i], "float32", ("N", WIDTHS[i])) for i in range(4)]
-    model = {"name": "chain", "source_sha256": "0" * 64, "inputs": [specs[0].to_json()],
-             "outputs": [specs[3].to_json()]}
-    cuts = [Cut(k, (names[k],), specs[k].bytes_per_sample(), (specs[k],)) for k in (1, 2)]
-    return write_bundle(out / "chain.bundle", model, segments, cuts), full_path
-
-
-SLOW_WIDTH = 512
-
-
-def slow_bundle(out: Path, depth: int = 24) -> tuple[Bundle, Path]:
-    """A 2-segment bundle with a heavy tail: its time grows with the batch, its cut stays small.
-
-    x[N,16] -> tanh(Gemm) = h[N,32] | tanh(Gemm) to 512 wide, `depth` x tanh(MatMul 512x512),
-    Gemm -> y[N,8]. The tail's MatMuls share one weight (stored once): a few thousand rows take
-    a few hundred ms on one CPU core (128 bytes a row on the wire), 2 rows well under a
-    millisecond. Also writes the unsplit model as slow_full.onnx beside it.
-    """
-    cut_w = 32
-    head_nodes, head_w = _layer("s_in", "x", "h", DIM, cut_w, seed=10, act="Tanh")
-    up_nodes, up_w = _layer("s_up", "h", "s_t", cut_w, SLOW_WIDTH, seed=11, act="Tanh")
-    rng = np.random.default_rng(12)
-    w = numpy_helper.from_array((rng.standard_normal((SLOW_WIDTH, SLOW_WIDTH)) / np.sqrt(SLOW_WIDTH))
-                                .astype(np.float32), "s_w")
-    tail_nodes, prev = list(up_nodes), "s_t"
-    for i in range(depth):
-        tail_nodes += [helper.make_node("MatMul", [prev, "s_w"], [f"s_m{i}"], name=f"s_mm{i}"),
-                       helper.make_node("Tanh", [f"s_m{i}"], [f"s_t{i}"], name=f"s_tanh{i}")]
-        prev = f"s_t{i}"
-    out_nodes, out_w = _layer("s_out", prev, "y", SLOW_WIDTH, WIDTHS[-1], seed=13, act=None)
-    tail_w = [*up_w, w, *out_w]
-    tail = _model(tail_nodes + out_nodes, tail_w, "h", cut_w, "y", WIDTHS[-1])
-    head = _model(head_nodes, head_w, "x", DIM, "h", cut_w)
-    full = _model(head_nodes + tail_nodes + out_nodes, [*head_w, *tail_w], "x", DIM, "y", WIDTHS[-1])
-    out.mkdir(parents=True, exist_ok=True)
-    full_path = out / "slow_full.onnx"
-    onnx.save(full, str(full_path))
-    x, h, y = (TensorSpec("x", "float32", ("N", DIM)), TensorSpec("h", "float32", ("N", cut_w)),
-               TensorSpec("y", "float32", ("N", WIDTHS[-1])))
-    model = {"name": "slow", "source_sha256": "0" * 64, "inputs": [x.to_json()], "outputs": [y.to_json()]}
-    cuts = [Cut(1, ("h",), h.bytes_per_sample(), (h,))]
-    return write_bundle(out / "slow.bundle", model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])], cuts), full_path
-
-
-def reference(full_path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(full_path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
-
+from builders import DIM, WIDTHS, chain_bundle, reference  # noqa: F401 (re-exported)
+from builders import slow_tail_bundle as slow_bundle  # noqa: F401
 
 class RealCloud:
     """The project's cloud server in this process: `cloud_server.Server` (broker + tail worker threads).

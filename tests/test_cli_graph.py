@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-import tiny_models as tm
+import builders as tm
 from edgesplit.bundle import Bundle
 from edgesplit.cli import main
 

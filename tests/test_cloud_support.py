@@ -12,105 +12,14 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import onnx
 import zmq
-from onnx import TensorProto, helper, numpy_helper
 
 from edgesplit import protocol as P
-from edgesplit.bundle import Bundle, Cut, TensorSpec, write_bundle
 from edgesplit.codecs import decode, get_codec
 
+from builders import echo_bundle, mlp_bundle, mlp_reference, slow_bundle, slow_reference  # noqa: F401 (re-exported)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _model(nodes, inputs, outputs, inits=()):
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
-
-
-def mlp_bundle(out: Path, width: int = 16, hidden: int = 32, classes: int = 4) -> Bundle:
-    """x[N,width] -> relu(x W1 + b1) = h[N,hidden] -> h W2 + b2 = y[N,classes]; cut 1 ships h."""
-    rng = np.random.default_rng(7)
-    w1 = rng.standard_normal((width, hidden)).astype(np.float32)
-    w2 = rng.standard_normal((hidden, classes)).astype(np.float32)
-    head = _model([helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["h"])],
-                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-                  [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden])],
-                  [numpy_helper.from_array(w1, "w1")])
-    tail = _model([helper.make_node("MatMul", ["h", "w2"], ["y"])],
-                  [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
-                  [numpy_helper.from_array(w2, "w2")])
-    h = TensorSpec("h", "float32", ("N", hidden))
-    model = {"name": "mlp", "source_sha256": "0" * 64,
-             "inputs": [TensorSpec("x", "float32", ("N", width)).to_json()],
-             "outputs": [TensorSpec("y", "float32", ("N", classes)).to_json()]}
-    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
-                        [Cut(1, ("h",), h.bytes_per_sample(), (h,))])
-
-
-def mlp_reference(x: np.ndarray, out: Path) -> np.ndarray:
-    """What the whole mlp bundle computes, with numpy from the segment files' weights."""
-    b = Bundle.load(out)
-    w1 = numpy_helper.to_array(onnx.load(str(b.segments[0].path)).graph.initializer[0])
-    w2 = numpy_helper.to_array(onnx.load(str(b.segments[1].path)).graph.initializer[0])
-    return np.maximum(x @ w1, 0) @ w2
-
-
-def echo_bundle(out: Path, elems: int = 1 << 18, small_reply: bool = False) -> Bundle:
-    """x[N,elems] -> Identity -> h -> Identity (or ReduceMax: y[N,1]) -> y: a near-zero-compute tail."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", elems])
-    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", elems])
-    ydim = 1 if small_reply else elems
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", ydim])
-    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
-    if small_reply:
-        tail = _model([helper.make_node("ReduceMax", ["h"], ["y"], keepdims=1, axes=[1])], [h], [y])
-        tail.opset_import[0].version = 13
-    else:
-        tail = _model([helper.make_node("Identity", ["h"], ["y"])], [h], [y])
-    hs = TensorSpec("h", "float32", ("N", elems))
-    model = {"name": "echo-small" if small_reply else "echo", "source_sha256": "0" * 64,
-             "inputs": [TensorSpec("x", "float32", ("N", elems)).to_json()],
-             "outputs": [TensorSpec("y", "float32", ("N", ydim)).to_json()]}
-    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
-                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
-
-
-def slow_bundle(out: Path, width: int = 256, depth: int = 24) -> Bundle:
-    """x[N,width] -> Identity -> h; tail: depth x (MatMul + Tanh) -> y[N,width]: a tail of a few ms.
-
-    The weights are scaled orthogonal-ish so values stay finite; the reference is numpy.
-    """
-    rng = np.random.default_rng(3)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
-    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", width])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
-    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
-    nodes, inits, prev = [], [], "h"
-    for i in range(depth):
-        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
-        out_name = "y" if i == depth - 1 else f"t{i}"
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out_name]))
-        prev = out_name
-    tail = _model(nodes, [h], [y], inits)
-    hs = TensorSpec("h", "float32", ("N", width))
-    model = {"name": "slow", "source_sha256": "0" * 64,
-             "inputs": [TensorSpec("x", "float32", ("N", width)).to_json()],
-             "outputs": [TensorSpec("y", "float32", ("N", width)).to_json()]}
-    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
-                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
-
-
-def slow_reference(x: np.ndarray, out: Path) -> np.ndarray:
-    b = Bundle.load(out)
-    for w in onnx.load(str(b.segments[1].path)).graph.initializer:
-        x = np.tanh(x @ numpy_helper.to_array(w))
-    return x
 
 
 class ServeProc:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import helper
 
-import tiny_models as tm
+import builders as tm
 from edgesplit.bundle import Bundle
 from edgesplit.errors import BundleError, ConfigError, CutError, ModelError
 from edgesplit.graph import candidate_cuts, infer_shapes, load_model, parse_shape_option, partition

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import tiny_models
+import builders
 from edgesplit.errors import ConfigError
 from edgesplit.netsim import LinkEmulator
 from edgesplit.planning import (
@@ -231,7 +231,7 @@ def test_chooser_respects_allowed_cuts_and_unknown_estimates():
 def chain_bundle(tmp_path):
     from edgesplit.graph import partition
 
-    path = tiny_models.save(tiny_models.chain(width=64, depth=4), tmp_path)
+    path = builders.save(builders.chain(width=64, depth=4), tmp_path)
     return partition(path, [["h0"], ["h2"]], tmp_path / "bundle")
 
 
@@ -271,8 +271,8 @@ def test_profile_cli_writes_profiles(chain_bundle, tmp_path):
 
 
 def test_profile_nodes_covers_the_model(tmp_path):
-    model = tiny_models.residual(channels=8)
-    path = tiny_models.save(model, tmp_path)
+    model = builders.residual(channels=8)
+    path = builders.save(model, tmp_path)
     prof = profile_nodes(path, threads=1, warmup=1, repeats=3, progress=False)
     assert len(prof.node_ms) == len(model.graph.node)
     assert prof.total_ms > 0 and sum(prof.node_ms) == pytest.approx(prof.total_ms, rel=1e-6)
@@ -284,7 +284,7 @@ def test_profile_nodes_covers_the_model(tmp_path):
         Profile.load(tmp_path / "n.json")
     prof.check_model(model)
     with pytest.raises(ConfigError):
-        prof.check_model(tiny_models.chain())
+        prof.check_model(builders.chain())
     json.loads((tmp_path / "n.json").read_text())
 
 

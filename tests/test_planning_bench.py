@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-import tiny_models
+import builders
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_split_vs_oracle_runs_on_a_user_model(tmp_path):
-    model = tiny_models.save(tiny_models.chain(width=256, depth=6), tmp_path)
+    model = builders.save(builders.chain(width=256, depth=6), tmp_path)
     out = tmp_path / "out.json"
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "split_vs_oracle.py"), "--model", str(model), "--rates", "2,50",

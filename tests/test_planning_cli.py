@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import tiny_models
+import builders
 from edgesplit.bundle import Bundle
 from edgesplit.planning import NodeProfile, Profile
 from test_planning_mincut import synthetic_profiles, two_branch_model
@@ -23,7 +23,7 @@ def es(*args, timeout=120):
 def bundle_and_profiles(tmp_path):
     from edgesplit.graph import partition
 
-    path = tiny_models.save(tiny_models.chain(width=32, depth=4), tmp_path)
+    path = builders.save(builders.chain(width=32, depth=4), tmp_path)
     bundle = partition(path, [["h0"], ["h2"]], tmp_path / "bundle")
     # Profiles as two devices would write them: a slow edge and a fast cloud.
     edge = Profile(bundle.id, bundle.name, "test edge", "ort-cpu", 1, 1, [20.0, 20.0, 20.0],
@@ -77,7 +77,7 @@ def test_plan_energy_needs_power_and_uses_it(bundle_and_profiles, tmp_path):
 
 def test_partition_auto_writes_the_min_cut_bundle(tmp_path):
     model = two_branch_model()
-    path = tiny_models.save(model, tmp_path)
+    path = builders.save(model, tmp_path)
     edge_ms, cloud_ms = synthetic_profiles(model)
     for name, ms in (("edge", edge_ms), ("cloud", cloud_ms)):
         NodeProfile("0" * 64, "two_branch", name, "ort-cpu", 1, 1, [n.name for n in model.graph.node],

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import tiny_models
+import builders
 from edgesplit.errors import ConfigError
 from edgesplit.planning.mincut import MaxFlow, SplitProblem, choose_cuts, min_cut
 
@@ -87,7 +87,7 @@ def test_min_cut_finds_a_multi_tensor_cut_no_chain_order_cut_matches(tmp_path):
     from edgesplit.runtime import SegmentChain
 
     model = two_branch_model()
-    path = tiny_models.save(model, tmp_path)
+    path = builders.save(model, tmp_path)
     edge, cloud = synthetic_profiles(model)
     bw, rtt = 10e6, 0.001
     problem = SplitProblem(path, edge, cloud)
@@ -107,7 +107,7 @@ def test_min_cut_finds_a_multi_tensor_cut_no_chain_order_cut_matches(tmp_path):
     # The cut is a real one: the bundle computes what the model computes.
     bundle = partition(path, [list(result.tensors)], tmp_path / "bundle")
     assert set(bundle.cut(1).tensors) == {"a", "b"}
-    feeds = tiny_models.example_inputs(model, batch=2)
+    feeds = builders.example_inputs(model, batch=2)
     import onnxruntime as ort
 
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
@@ -119,8 +119,8 @@ def test_min_cut_finds_a_multi_tensor_cut_no_chain_order_cut_matches(tmp_path):
 def test_choose_cuts_spans_the_bandwidth_range_with_nested_cuts(tmp_path):
     from edgesplit.graph import partition
 
-    model = tiny_models.residual(channels=8)
-    path = tiny_models.save(model, tmp_path)
+    model = builders.residual(channels=8)
+    path = builders.save(model, tmp_path)
     # A slow device and a fast cloud: the split moves from all-edge to all-cloud across the range.
     edge = [0.0 if n.op_type == "Constant" else (4.0 if n.op_type == "Conv" else 0.3) for n in model.graph.node]
     cloud = [t / 20 for t in edge]
@@ -143,7 +143,7 @@ def test_min_cut_with_measured_profiles_never_loses_to_the_chain(tmp_path):
     from edgesplit.planning import profile_nodes
 
     model = two_branch_model()
-    path = tiny_models.save(model, tmp_path)
+    path = builders.save(model, tmp_path)
     prof = profile_nodes(path, threads=1, warmup=1, repeats=5, progress=False)
     problem = SplitProblem(path, prof.scaled(8.0), prof)
     for bw in (1e6, 10e6, 100e6):

@@ -1,7 +1,11 @@
-"""Tiny ONNX models built in code with onnx.helper, for tests of the partitioner and runtimes.
+"""The test suite's builders, in one place: tiny ONNX models and the bundles tests serve.
 
-Every builder returns an onnx.ModelProto with a dynamic batch "N"; `save(model, dir)` writes
-it. `TINY_MODELS` maps a name to a builder; `example_inputs(model)` makes matching feeds.
+Models: every builder returns an onnx.ModelProto with a dynamic batch "N"; `save(model, dir)`
+writes it. `TINY_MODELS` maps a name to a builder; `example_inputs(model)` makes matching feeds.
+Bundles (written with edgesplit.bundle.write_bundle, each with a numpy or ONNX Runtime
+reference): `mlp_bundle`, `echo_bundle`, `slow_bundle` (a MatMul+Tanh tail of a few ms) for the
+cloud tests; `chain_bundle` (3 segments) and `slow_tail_bundle` (a tail whose time grows with the
+batch) for the agent tests.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgesplit.bundle import Bundle, Cut, TensorSpec, write_bundle
+
 OPSET = 17
 IR_VERSION = 8
 
 __all__ = ["OPSET", "TINY_MODELS", "attention", "chain", "example_inputs", "if_model", "loop_model",
-           "residual", "save", "two_in_two_out", "function_model",
-           "reshape_model", "contrib_model"]
+           "residual", "save", "two_in_two_out", "function_model", "reshape_model", "contrib_model",
+           "mlp_bundle", "mlp_reference", "echo_bundle", "slow_bundle", "slow_reference",
+           "chain_bundle", "slow_tail_bundle", "reference", "DIM", "WIDTHS", "SLOW_WIDTH"]
 
 
 def _w(name: str, *shape: int, seed: int = 0, scale: float = 0.5) -> onnx.TensorProto:
@@ -29,8 +36,8 @@ def _c(name: str, value) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value), name)
 
 
-def _model(nodes, inputs, outputs, inits, name: str, value_info=()) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits, value_info=list(value_info))
+def _model(nodes, inputs, outputs, inits=(), name: str = "g", value_info=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits), value_info=list(value_info))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="edgesplit-tests")
     model.ir_version = IR_VERSION
@@ -276,3 +283,172 @@ def example_inputs(model: onnx.ModelProto, batch: int = 2, seq: int = 5, seed: i
                 arr[:, 0] = 1  # an attention mask keeps at least one position
             feeds[vi.name] = arr
     return feeds
+
+
+# -- bundles for the cloud tests ------------------------------------------------------------------
+
+
+def mlp_bundle(out: Path, width: int = 16, hidden: int = 32, classes: int = 4) -> Bundle:
+    """x[N,width] -> relu(x W1 + b1) = h[N,hidden] -> h W2 + b2 = y[N,classes]; cut 1 ships h."""
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((width, hidden)).astype(np.float32)
+    w2 = rng.standard_normal((hidden, classes)).astype(np.float32)
+    head = _model([helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["h"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                  [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden])],
+                  [numpy_helper.from_array(w1, "w1")])
+    tail = _model([helper.make_node("MatMul", ["h", "w2"], ["y"])],
+                  [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
+                  [numpy_helper.from_array(w2, "w2")])
+    h = TensorSpec("h", "float32", ("N", hidden))
+    model = {"name": "mlp", "source_sha256": "0" * 64,
+             "inputs": [TensorSpec("x", "float32", ("N", width)).to_json()],
+             "outputs": [TensorSpec("y", "float32", ("N", classes)).to_json()]}
+    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
+                        [Cut(1, ("h",), h.bytes_per_sample(), (h,))])
+
+
+def mlp_reference(x: np.ndarray, out: Path) -> np.ndarray:
+    """What the whole mlp bundle computes, with numpy from the segment files' weights."""
+    b = Bundle.load(out)
+    w1 = numpy_helper.to_array(onnx.load(str(b.segments[0].path)).graph.initializer[0])
+    w2 = numpy_helper.to_array(onnx.load(str(b.segments[1].path)).graph.initializer[0])
+    return np.maximum(x @ w1, 0) @ w2
+
+
+def echo_bundle(out: Path, elems: int = 1 << 18, small_reply: bool = False) -> Bundle:
+    """x[N,elems] -> Identity -> h -> Identity (or ReduceMax: y[N,1]) -> y: a near-zero-compute tail."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", elems])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", elems])
+    ydim = 1 if small_reply else elems
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", ydim])
+    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
+    if small_reply:
+        tail = _model([helper.make_node("ReduceMax", ["h"], ["y"], keepdims=1, axes=[1])], [h], [y])
+        tail.opset_import[0].version = 13
+    else:
+        tail = _model([helper.make_node("Identity", ["h"], ["y"])], [h], [y])
+    hs = TensorSpec("h", "float32", ("N", elems))
+    model = {"name": "echo-small" if small_reply else "echo", "source_sha256": "0" * 64,
+             "inputs": [TensorSpec("x", "float32", ("N", elems)).to_json()],
+             "outputs": [TensorSpec("y", "float32", ("N", ydim)).to_json()]}
+    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
+                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
+
+
+def slow_bundle(out: Path, width: int = 256, depth: int = 24) -> Bundle:
+    """x[N,width] -> Identity -> h; tail: depth x (MatMul + Tanh) -> y[N,width]: a tail of a few ms.
+
+    The weights are scaled orthogonal-ish so values stay finite; the reference is numpy.
+    """
+    rng = np.random.default_rng(3)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
+    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
+    nodes, inits, prev = [], [], "h"
+    for i in range(depth):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
+        out_name = "y" if i == depth - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out_name]))
+        prev = out_name
+    tail = _model(nodes, [h], [y], inits)
+    hs = TensorSpec("h", "float32", ("N", width))
+    model = {"name": "slow", "source_sha256": "0" * 64,
+             "inputs": [TensorSpec("x", "float32", ("N", width)).to_json()],
+             "outputs": [TensorSpec("y", "float32", ("N", width)).to_json()]}
+    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
+                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
+
+
+def slow_reference(x: np.ndarray, out: Path) -> np.ndarray:
+    b = Bundle.load(out)
+    for w in onnx.load(str(b.segments[1].path)).graph.initializer:
+        x = np.tanh(x @ numpy_helper.to_array(w))
+    return x
+
+
+# -- bundles for the agent tests ------------------------------------------------------------------
+DIM = 16
+WIDTHS = (DIM, 32, 24, 8)  # x[N,16] -> a[N,32] -> b[N,24] -> y[N,8]
+
+
+def _layer(name: str, x: str, y: str, n_in: int, n_out: int, seed: int, act: str | None):
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32), f"{name}_w")
+    b = numpy_helper.from_array(rng.standard_normal(n_out).astype(np.float32) * 0.1, f"{name}_b")
+    pre = y + "_pre" if act else y
+    nodes = [helper.make_node("Gemm", [x, w.name, b.name], [pre], name=f"{name}_gemm")]
+    if act:
+        nodes.append(helper.make_node(act, [pre], [y], name=f"{name}_{act.lower()}"))
+    return nodes, [w, b]
+
+
+def _mlp_model(nodes, inits, x: str, n_in: int, y: str, n_out: int) -> onnx.ModelProto:
+    return _model(nodes, [_f(x, "N", n_in)], [_f(y, "N", n_out)], inits)
+
+
+def chain_bundle(out: Path) -> tuple[Bundle, Path]:
+    """A 3-segment MLP bundle (cuts 1 and 2) and the unsplit model beside it."""
+    names = ("x", "a", "b", "y")
+    acts = ("Relu", "Tanh", None)
+    layers = [_layer(f"l{i}", names[i], names[i + 1], WIDTHS[i], WIDTHS[i + 1], seed=i, act=acts[i])
+              for i in range(3)]
+    segments = [(_mlp_model(n, w, names[i], WIDTHS[i], names[i + 1], WIDTHS[i + 1]), [names[i]], [names[i + 1]])
+                for i, (n, w) in enumerate(layers)]
+    full = _mlp_model([n for ls, _ in layers for n in ls], [w for _, ws in layers for w in ws], "x", DIM, "y", WIDTHS[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    full_path = out / "full.onnx"
+    onnx.save(full, str(full_path))
+    specs = [TensorSpec(names[i], "float32", ("N", WIDTHS[i])) for i in range(4)]
+    model = {"name": "chain", "source_sha256": "0" * 64, "inputs": [specs[0].to_json()],
+             "outputs": [specs[3].to_json()]}
+    cuts = [Cut(k, (names[k],), specs[k].bytes_per_sample(), (specs[k],)) for k in (1, 2)]
+    return write_bundle(out / "chain.bundle", model, segments, cuts), full_path
+
+
+SLOW_WIDTH = 512
+
+
+def slow_tail_bundle(out: Path, depth: int = 24) -> tuple[Bundle, Path]:
+    """A 2-segment bundle with a heavy tail: its time grows with the batch, its cut stays small.
+
+    x[N,16] -> tanh(Gemm) = h[N,32] | tanh(Gemm) to 512 wide, `depth` x tanh(MatMul 512x512),
+    Gemm -> y[N,8]. The tail's MatMuls share one weight (stored once): a few thousand rows take
+    a few hundred ms on one CPU core (128 bytes a row on the wire), 2 rows well under a
+    millisecond. Also writes the unsplit model as slow_full.onnx beside it.
+    """
+    cut_w = 32
+    head_nodes, head_w = _layer("s_in", "x", "h", DIM, cut_w, seed=10, act="Tanh")
+    up_nodes, up_w = _layer("s_up", "h", "s_t", cut_w, SLOW_WIDTH, seed=11, act="Tanh")
+    rng = np.random.default_rng(12)
+    w = numpy_helper.from_array((rng.standard_normal((SLOW_WIDTH, SLOW_WIDTH)) / np.sqrt(SLOW_WIDTH))
+                                .astype(np.float32), "s_w")
+    tail_nodes, prev = list(up_nodes), "s_t"
+    for i in range(depth):
+        tail_nodes += [helper.make_node("MatMul", [prev, "s_w"], [f"s_m{i}"], name=f"s_mm{i}"),
+                       helper.make_node("Tanh", [f"s_m{i}"], [f"s_t{i}"], name=f"s_tanh{i}")]
+        prev = f"s_t{i}"
+    out_nodes, out_w = _layer("s_out", prev, "y", SLOW_WIDTH, WIDTHS[-1], seed=13, act=None)
+    tail_w = [*up_w, w, *out_w]
+    tail = _mlp_model(tail_nodes + out_nodes, tail_w, "h", cut_w, "y", WIDTHS[-1])
+    head = _mlp_model(head_nodes, head_w, "x", DIM, "h", cut_w)
+    full = _mlp_model(head_nodes + tail_nodes + out_nodes, [*head_w, *tail_w], "x", DIM, "y", WIDTHS[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    full_path = out / "slow_full.onnx"
+    onnx.save(full, str(full_path))
+    x, h, y = (TensorSpec("x", "float32", ("N", DIM)), TensorSpec("h", "float32", ("N", cut_w)),
+               TensorSpec("y", "float32", ("N", WIDTHS[-1])))
+    model = {"name": "slow", "source_sha256": "0" * 64, "inputs": [x.to_json()], "outputs": [y.to_json()]}
+    cuts = [Cut(1, ("h",), h.bytes_per_sample(), (h,))]
+    return write_bundle(out / "slow.bundle", model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])], cuts), full_path
+
+
+def reference(full_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(full_path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
