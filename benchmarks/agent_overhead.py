@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import machine
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def serve(bundle_dir: str) -> None:
@@ -65,14 +66,6 @@ def serve(bundle_dir: str) -> None:
             protocol.send(sock, protocol.result(msg.id, enc, timings={
                 "queue_ms": 0.0, "decode_ms": (t1 - t0) * 1e3, "compute_ms": (t2 - t1) * 1e3,
                 "encode_ms": (t3 - t2) * 1e3}), [ident])
-
-
-def machine() -> str:
-    import onnxruntime
-
-    from edgesplit.planning import device_description
-
-    return f"{device_description()}, onnxruntime {onnxruntime.__version__}"
 
 
 def make_bundle(model: Path, out: Path, cut_index: int):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
 import subprocess
 import sys
@@ -28,13 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from onnx import TensorProto, helper, numpy_helper
 
+from common import REPO, Serve, cpu_seconds, echo_bundle, load_average, machine, mlp_bundle, process_tree
 from edgesplit import protocol as P
-from edgesplit.bundle import Cut, TensorSpec, write_bundle
 from edgesplit.codecs import get_codec
-
-REPO = Path(__file__).resolve().parents[1]
 
 _ECHO_SERVER = r"""
 import sys, zmq
@@ -85,124 +80,6 @@ while True:
     f = w.recv_multipart(copy=False)
     w.send_multipart([f[0], f[1], tiny if small else f[-1]], copy=False)
 """
-
-
-def machine() -> str:
-    from edgesplit.planning import device_description
-
-    return f"{device_description()}, libzmq {zmq.zmq_version()}, pyzmq {zmq.__version__}"
-
-
-def load_average() -> str:
-    try:
-        return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "load average unknown"
-
-
-def _model(nodes, inputs, outputs, inits=(), opset=17):
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
-
-
-def echo_bundle(out: Path, elems: int, small_reply: bool):
-    """Identity head; tail = Identity (1 MB back) or ReduceMax (4 bytes back): near-zero compute."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", elems])
-    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", elems])
-    ydim = 1 if small_reply else elems
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", ydim])
-    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
-    tail = (_model([helper.make_node("ReduceMax", ["h"], ["y"], keepdims=1, axes=[1])], [h], [y], opset=13)
-            if small_reply else _model([helper.make_node("Identity", ["h"], ["y"])], [h], [y]))
-    hs = TensorSpec("h", "float32", ("N", elems))
-    model = {"name": "echo-small" if small_reply else "echo", "source_sha256": "0" * 64,
-             "inputs": [TensorSpec("x", "float32", ("N", elems)).to_json()],
-             "outputs": [TensorSpec("y", "float32", ("N", ydim)).to_json()]}
-    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
-                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
-
-
-def mlp_bundle(out: Path, width: int = 256, depth: int = 8):
-    """A batchable tail: depth x (MatMul width x width + Tanh); small per-sample compute, so the
-    per-call overhead that batching amortises is visible, as in a classifier head."""
-    rng = np.random.default_rng(0)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
-    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", width])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
-    head = _model([helper.make_node("Identity", ["x"], ["h"])], [x], [h])
-    nodes, inits, prev = [], [], "h"
-    for i in range(depth):
-        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width))
-                                             .astype(np.float32), f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
-        prev = "y" if i == depth - 1 else f"t{i}"
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [prev]))
-    tail = _model(nodes, [h], [y], inits)
-    hs = TensorSpec("h", "float32", ("N", width))
-    model = {"name": f"mlp{width}x{depth}", "source_sha256": "0" * 64,
-             "inputs": [TensorSpec("x", "float32", ("N", width)).to_json()],
-             "outputs": [TensorSpec("y", "float32", ("N", width)).to_json()]}
-    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
-                        [Cut(1, ("h",), hs.bytes_per_sample(), (hs,))])
-
-
-class Serve:
-    """`python -m cloud_server` with the given options, on free loopback ports."""
-
-    def __init__(self, repo: Path, workers: int, *extra: str, pythonpath: str | None = None):
-        cmd = [sys.executable, "-m", "cloud_server", "--repository", str(repo), "--bind", "tcp://127.0.0.1:0",
-               "--http", "off", "--workers", str(workers), *extra]
-        env = None
-        if pythonpath:  # another version of the packages (its cwd must not shadow them)
-            env = dict(os.environ, PYTHONPATH=os.path.abspath(pythonpath))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     cwd=os.path.abspath(pythonpath) if pythonpath else REPO, env=env)
-        self.address = None
-        for line in self.proc.stdout:
-            m = re.search(r"listening on (\S+)", line)
-            if m:
-                self.address = m.group(1)
-            if "ready on" in line:
-                break
-        if self.address is None:
-            raise RuntimeError("the server did not start")
-
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants (Linux /proc)."""
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes: what the server spends, whatever else runs."""
-    tck = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in pids:
-        try:
-            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / tck
 
 
 def _roundtrips(sock, frames_fn, n: int) -> list[float]:
@@ -276,8 +153,8 @@ def overhead(tmp: Path, ctx: zmq.Context, size: int, n: int, rounds: int, baseli
             if before is not None:
                 _roundtrips(old, full_frames, 50)
             t_full, t_bare, t_floor, t_read, t_old = [], [], [], [], []
-            server_pids, echo_pids = _tree(server.proc.pid), [echo.pid]
-            old_pids = _tree(before.proc.pid) if before is not None else []
+            server_pids, echo_pids = process_tree(server.proc.pid), [echo.pid]
+            old_pids = process_tree(before.proc.pid) if before is not None else []
             cpu_full = cpu_bare = cpu_old = 0.0
             for _ in range(rounds):
                 c = cpu_seconds(server_pids)

@@ -35,11 +35,11 @@ import msgpack
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from edgesplit import protocol as P  # noqa: E402
-from edgesplit.codecs import decode, get_codec  # noqa: E402
-from edgesplit.codecs.calibration import calibration_for  # noqa: E402
+from common import machine
+from edgesplit import protocol as P
+from edgesplit.codecs import decode, get_codec
+from edgesplit.codecs.calibration import calibration_for
 
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
 PHOTOS = ROOT / "models" / "photos"
@@ -78,18 +78,6 @@ QUICK = {"raw+zstd", "fp16", "int8", "int8+zstd", "int8:pt+zstd", "int5:pt+zstd"
 
 
 # -- machine -----------------------------------------------------------------------------------
-def machine() -> str:
-    import onnxruntime
-    import zmq
-    import zstandard
-
-    from edgesplit.planning import device_description
-
-    load = "/".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"{device_description()} (load average {load}), numpy {np.__version__}, onnxruntime "
-            f"{onnxruntime.__version__}, zstandard {zstandard.__version__}, pyzmq {zmq.__version__}")
-
-
 def pin_one_core():
     """Pin this process (numpy, zstd, ORT threads) to one core; returns a function that unpins."""
     if not hasattr(os, "sched_setaffinity"):
