@@ -7,8 +7,8 @@ messages (no copy, no re-encoding). It owns every request until exactly one repl
 - a request goes to the least-loaded live worker that holds its bundle (a worker that only
   has the bundle on disk loads it on demand); when every worker is at capacity it waits in a
   bounded queue, and when that is full the edge gets "busy" with a retry_after_ms hint;
-- a worker silent for `heartbeat_liveness` heartbeats is dropped and its requests are sent
-  to another worker (at most `max_attempts` dispatches, then "worker_lost");
+- a worker whose silence its failure detector finds too long (registry.is_lost) is dropped
+  and its requests are sent to another worker (at most `max_attempts` dispatches, then "worker_lost");
 - a request past its deadline is answered "deadline" instead of being computed;
 - anything malformed from an edge is answered with an error (or dropped); it never stops the loop.
 """
@@ -361,7 +361,9 @@ class Broker:
         self.dispatcher.dispatch_pending(time.monotonic())
 
     def _expire_workers(self, now: float) -> None:
-        for w, why in self.registry.silent(now):
+        # Read before judging: a heartbeat already waiting in a worker socket proves life.
+        unread = any(s is not None and s.get(_EVENTS) & _POLLIN for s in (self.back, self.remote))
+        for w, why in self.registry.silent(now, unread):
             self._drop(w, why)
 
     def _tick(self, now: float) -> None:

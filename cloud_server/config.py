@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from edgesplit.errors import ConfigError
+from edgesplit.liveness import FailureDetector
 from edgesplit.protocol import Limits
 
 __all__ = ["ServerConfig"]
@@ -22,9 +23,23 @@ class ServerConfig:
     # --- broker <-> worker liveness (Paranoid Pirate) ---------------------------------------
     # Broker and workers each send a heartbeat this often when they have nothing else to say.
     heartbeat_interval_s: float = 0.5
-    # A peer silent for this many heartbeat intervals is dead: the broker drops the worker
-    # (and re-dispatches its requests), the worker reconnects to the broker.
+    # Heartbeat intervals the broker waits for its workers' goodbyes on a graceful stop. (It
+    # was the fixed liveness rule; silence is now judged by the detector below.)
     heartbeat_liveness: int = 3
+    # The adaptive failure detector (edgesplit.liveness, phi accrual) each side runs on the
+    # other: any message is life; a peer is dead when its silence is less likely than
+    # 10^-liveness_threshold for the gaps seen so far (8: Akka's and Cassandra's default).
+    liveness_threshold: float = 8.0
+    # Floor on the gaps' standard deviation (a quiet machine's jitter): on a quiet machine a
+    # dead peer is found after about heartbeat_interval_s + 5.6 * this (0.64 s by default).
+    liveness_min_std_s: float = 0.025
+    # Bounds on that limit: never dead sooner than min (whatever the history), always dead
+    # after max (however late the heartbeats came on a loaded box).
+    liveness_min_silence_s: float = 0.2
+    liveness_max_silence_s: float = 5.0
+    # Gaps (heartbeat to heartbeat) the statistics remember: a loaded machine raises the limit
+    # within a few late heartbeats, and it takes this many calm ones to lower it again.
+    liveness_window: int = 100
     # A worker that lost its broker waits this long before reconnecting, doubling up to the max.
     reconnect_initial_s: float = 0.25
     reconnect_max_s: float = 8.0
@@ -93,13 +108,19 @@ class ServerConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"ServerConfig.{f.name} must be a non-negative number, got {v!r}")
         for name in ("heartbeat_interval_s", "worker_capacity", "max_batch", "max_attempts",
-                     "heartbeat_liveness", "default_deadline_ms", "reconnect_initial_s"):
+                     "heartbeat_liveness", "default_deadline_ms", "reconnect_initial_s", "liveness_threshold",
+                     "liveness_min_std_s", "liveness_max_silence_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("worker_capacity", "max_batch", "max_attempts", "heartbeat_liveness", "max_pending",
-                     "max_held_bytes"):
+                     "max_held_bytes", "liveness_window"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"ServerConfig.{name} must be an int, got {getattr(self, name)!r}")
+        if self.liveness_window < 2:
+            raise ConfigError(f"ServerConfig.liveness_window must be >= 2, got {self.liveness_window!r}")
+        if self.liveness_max_silence_s < max(self.liveness_min_silence_s, self.heartbeat_interval_s):
+            raise ConfigError("ServerConfig.liveness_max_silence_s must be >= liveness_min_silence_s and "
+                              "heartbeat_interval_s")
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ConfigError("ServerConfig.reconnect_max_s must be >= reconnect_initial_s")
         if self.intra_op_threads is not None and (not isinstance(self.intra_op_threads, int)
@@ -112,8 +133,13 @@ class ServerConfig:
 
     @property
     def heartbeat_expiry_s(self) -> float:
-        """Silence after which a peer counts as dead."""
+        """heartbeat_liveness intervals: how long a graceful stop waits for goodbyes."""
         return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    def failure_detector(self, now: float) -> FailureDetector:
+        """A fresh detector of one peer (a worker, or the broker), first heard of at `now`."""
+        return FailureDetector(self.heartbeat_interval_s, self.liveness_threshold, self.liveness_min_std_s,
+                               self.liveness_min_silence_s, self.liveness_max_silence_s, self.liveness_window, now)
 
     def replace(self, **changes) -> "ServerConfig":
         """A copy with some fields changed (validated again)."""

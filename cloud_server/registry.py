@@ -1,7 +1,9 @@
 """Who serves what: the broker's worker registry (status, liveness, drop) and its catalogue of bundles.
 
-`WorkerRegistry.is_lost` is the one place that decides when a silent worker is gone (today:
-`heartbeat_liveness` heartbeat intervals without a word); everything else asks it.
+`WorkerRegistry.is_lost` is the one place that decides when a silent worker is gone: each
+worker has an adaptive failure detector (edgesplit.liveness) fed by every message it sends, so
+a worker whose heartbeats come late on a loaded box gets a longer limit while a dead one on a
+quiet box is found within about heartbeat_interval_s + 5.6 * liveness_min_std_s.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from typing import Any, Iterator
 
 from edgesplit import protocol as P
+from edgesplit.liveness import FailureDetector, StallGuard
 
 from cloud_server.config import ServerConfig
 from cloud_server.metrics import Metrics
@@ -40,9 +43,10 @@ class WorkerRecord:
     """What the broker knows of one worker: who it is, what it holds, what it computes now."""
 
     __slots__ = ("ident", "name", "device", "runner", "pid", "capacity", "available", "loaded", "inflight",
-                 "last_heard", "draining", "queued", "joined", "host", "link")
+                 "last_heard", "draining", "queued", "joined", "host", "link", "liveness")
 
-    def __init__(self, ident: bytes, info: dict, capacity: int, now: float, link):
+    def __init__(self, ident: bytes, info: dict, capacity: int, now: float, link,
+                 liveness: FailureDetector | None = None):
         self.ident = ident
         self.name = str(info.get("name") or ident.hex())[:128]
         self.device = str(info.get("device") or "?")[:64]
@@ -59,12 +63,16 @@ class WorkerRecord:
         self.queued = 0
         self.joined = time.time()
         self.link = link  # how the broker reaches it: a SocketLink, or the inline worker
+        self.liveness = liveness  # its failure detector (None: judged by last_heard alone)
 
     def send(self, frames: list, small: int = 1) -> None:
         self.link.send(self.ident, frames, small)
 
     def heard(self, now: float) -> None:
+        """Any message from the worker: it is alive."""
         self.last_heard = now
+        if self.liveness is not None:
+            self.liveness.heartbeat(now)
 
     @property
     def has_room(self) -> bool:
@@ -123,6 +131,9 @@ class WorkerRegistry:
         self._lock = lock
         self._workers: dict[bytes, WorkerRecord] = {}
         self.lost: list[dict] = []  # the last workers dropped for silence (for /v1/models)
+        # The broker's own wake-ups: after it slept past a check (a loaded box), it reads its
+        # sockets before judging anyone silent.
+        self._awake = StallGuard(max(0.1, config.heartbeat_interval_s / 2), 0.02, time.monotonic())
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -134,7 +145,7 @@ class WorkerRegistry:
         return self._workers.get(ident)
 
     def add(self, ident: bytes, info: dict, now: float, link, catalog: BundleCatalog) -> WorkerRecord:
-        w = WorkerRecord(ident, info, self.config.worker_capacity, now, link)
+        w = WorkerRecord(ident, info, self.config.worker_capacity, now, link, self.config.failure_detector(now))
         with self._lock:
             self._workers[ident] = w
         w.apply_status(info, catalog)
@@ -161,11 +172,23 @@ class WorkerRegistry:
 
     # -- liveness ---------------------------------------------------------------------------------
     def is_lost(self, w: WorkerRecord, now: float) -> bool:
-        """The liveness decision: a worker silent for heartbeat_liveness intervals is gone."""
-        return now - w.last_heard > self.config.heartbeat_expiry_s
+        """The liveness decision: the worker's failure detector suspects it."""
+        if w.liveness is None:
+            return now - w.last_heard > self.config.liveness_max_silence_s
+        return w.liveness.suspect(now)
 
-    def silent(self, now: float) -> list[tuple[WorkerRecord, str]]:
-        """The workers lost by now, each with why; they are recorded for /v1/models."""
+    def next_verdict(self) -> float:
+        """The earliest time a worker can become lost if nothing arrives (the broker's next check)."""
+        return min((w.liveness.deadline() for w in self._workers.values() if w.liveness is not None),
+                   default=math.inf)
+
+    def silent(self, now: float, unread: bool = False) -> list[tuple[WorkerRecord, str]]:
+        """The workers lost by now, each with why; they are recorded for /v1/models.
+
+        `unread`: messages from workers wait to be read, so nobody is judged now.
+        """
+        if not self._awake.on_time(now) or unread:
+            return []
         gone = []
         for w in self:
             if self.is_lost(w, now):
@@ -173,8 +196,14 @@ class WorkerRegistry:
                 self.lost.append({"name": w.name, "pid": w.pid, "silent_ms": round(silent_ms, 1),
                                   "inflight": len(w.inflight), "at": time.time()})
                 del self.lost[:-32]
-                gone.append((w, f"missed {self.config.heartbeat_liveness} heartbeats ({silent_ms:.0f} ms silent)"))
+                why = w.liveness.describe(now) if w.liveness is not None else f"{silent_ms:.0f} ms silent"
+                gone.append((w, f"silent too long ({why})"))
         return gone
+
+    @property
+    def broker_stalls(self) -> int:
+        """How often the broker found itself asleep past a liveness check."""
+        return self._awake.stalls
 
     # -- choosing ---------------------------------------------------------------------------------
     def pick(self, bundle: str) -> WorkerRecord | None:

@@ -2,7 +2,8 @@
 
 Run as its own process or thread (`run()`), one thread serves: it announces the worker, takes
 what the broker sends (`accept`), runs the queue (`step`), keeps the broker informed
-(`heartbeat`), and reconnects with backoff when the broker goes quiet (Paranoid Pirate). A
+(`heartbeat`), and reconnects with backoff when the broker goes quiet (Paranoid Pirate; the
+broker's silence is judged by an adaptive failure detector, edgesplit.liveness). A
 request never changes threads inside the worker (each hand-off costs a wake-up). A second
 thread sends the heartbeat only while the serving thread is busy (a long batch, a bundle
 loading), so the broker never takes a busy worker for a dead one.
@@ -80,6 +81,7 @@ class TailWorker:
         self._wait: Callable[[float], None] | None = None  # how step() waits for batch-mates
         self._last_send = 0.0
         self._last_heard = time.monotonic()
+        self._broker_liveness = config.failure_detector(self._last_heard)  # fed by every broker message
         self._sent_version = 0
         self._said_bye = False
         self._available: list[dict] = []  # summaries of the repository's bundles (announced)
@@ -208,6 +210,7 @@ class TailWorker:
         s.connect(self.connect)
         s.send(W.ctl(W.READY, self.status(full=True)))
         self._last_send = self._last_heard = time.monotonic()
+        self._broker_liveness.reset(self._last_heard)  # a new connection: learn the broker again
         return s
 
     def _send(self, frames: list) -> None:
@@ -257,6 +260,7 @@ class TailWorker:
                 if not sock.get(_EVENTS) & _POLLIN:
                     break
         self._last_heard = time.monotonic()
+        self._broker_liveness.heartbeat(self._last_heard)
         for frames in got:
             self.accept(frames)
 
@@ -275,13 +279,19 @@ class TailWorker:
             if self._stop_at is not None and now - self._stop_at > cfg.drain_timeout_s:
                 log.warning("%s: drain timeout; %d requests unanswered", self.name, len(self._tail.queue))
                 return
-            if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
-                # After a long batch the broker's messages may be waiting here, or still on their
-                # way through ZeroMQ's I/O thread: give them one interval before calling it silent.
-                self._receive(cfg.heartbeat_interval_s)
-            if now - self._last_heard > cfg.heartbeat_expiry_s and self._stop_at is None:
-                log.warning("%s: broker silent for %.1f s; reconnecting in %.2f s", self.name,
-                            now - self._last_heard, backoff)
+            if self._broker_liveness.suspect(now) and self._stop_at is None:
+                # After a long batch (or our own stall on a loaded box) the broker's messages may
+                # be waiting here, or still on their way through ZeroMQ's I/O thread: give them
+                # one interval before calling it silent (in slices: the heartbeat thread waits
+                # for the socket's lock meanwhile, and the broker must keep hearing from us).
+                until = now + cfg.heartbeat_interval_s
+                while self._broker_liveness.suspect(now) and now < until:
+                    self._receive(min(0.05, until - now))
+                    now = time.monotonic()
+                    self.heartbeat(now)
+            if self._broker_liveness.suspect(now) and self._stop_at is None:
+                log.warning("%s: broker silent (%s); reconnecting in %.2f s", self.name,
+                            self._broker_liveness.describe(now), backoff)
                 with self._lock:
                     self._sock.close(0)
                     self._sock = None
