@@ -27,7 +27,7 @@ import numpy as np
 
 from edgesplit.errors import BundleError
 
-__all__ = ["FORMAT", "TensorSpec", "Segment", "Cut", "Bundle", "write_bundle", "update_manifest"]
+__all__ = ["FORMAT", "TensorSpec", "Segment", "Cut", "StateSpec", "Bundle", "write_bundle", "update_manifest"]
 
 FORMAT = "edgesplit-bundle/1"
 MANIFEST = "manifest.json"
@@ -89,6 +89,27 @@ class Cut:
     tensors: tuple[str, ...]
     bytes_per_sample: int
     specs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A state pair: model output `output` feeds model input `input` at the next step.
+
+    Segment `segment` reads the input and makes the output, so whoever runs that segment keeps
+    the state (the edge for its head, the cloud worker for its tail). `spec` is the input's
+    dtype and shape; a fresh session starts from zeros of it (see initial).
+    """
+
+    output: str
+    input: str
+    segment: int
+    spec: TensorSpec
+
+    def initial(self, bound: dict[str, int]) -> np.ndarray:
+        """Zeros of the input's shape: a dim the feeds bound (the batch) takes its size, any
+        other symbolic dim (a past sequence length) starts at 0."""
+        dims = [d if isinstance(d, int) and d >= 0 else int(bound.get(str(d), 0)) for d in self.spec.shape]
+        return np.zeros(dims, dtype=self.spec.dtype)
 
 
 def _canonical(obj: Any) -> bytes:
@@ -181,6 +202,9 @@ class Bundle:
                 Segment(i, path / s["file"], tuple(s["inputs"]), tuple(s["outputs"]))
                 for i, s in enumerate(manifest["segments"])
             )
+            self.state = tuple(
+                StateSpec(str(e["output"]), str(e["input"]), int(e["segment"]), TensorSpec.from_json(e["spec"]))
+                for e in manifest.get("state", ()))
             self._cuts = {
                 int(c["index"]): Cut(
                     int(c["index"]),
@@ -194,6 +218,11 @@ class Bundle:
             raise BundleError(f"{path / MANIFEST}: malformed manifest ({exc!r})") from exc
         if not self.segments:
             raise BundleError(f"{path / MANIFEST}: the bundle has no segments")
+        for st in self.state:
+            if not 0 <= st.segment < len(self.segments) or st.input not in self.segments[st.segment].inputs \
+                    or st.output not in self.segments[st.segment].outputs:
+                raise BundleError(f"{path / MANIFEST}: state {st.output} -> {st.input} is not kept by a segment "
+                                  f"that reads and makes it (segment {st.segment})")
         if sorted(self._cuts) != list(range(1, len(self.segments))):
             raise BundleError(
                 f"{path / MANIFEST}: {len(self.segments)} segments need cuts 1..{len(self.segments) - 1}, "
@@ -264,6 +293,10 @@ class Bundle:
         if k not in self._cuts:
             raise BundleError(f"bundle {self.name} has no cut {k} (valid: 0..{n})")
         return self._cuts[k]
+
+    def state_of(self, start: int, stop: int) -> tuple[StateSpec, ...]:
+        """The state pairs kept by segments [start, stop)."""
+        return tuple(st for st in self.state if start <= st.segment < stop)
 
     def get(self, key: str, default: Any = None) -> Any:
         """An optional manifest field (e.g. "calibration", "profiles")."""

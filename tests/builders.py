@@ -452,3 +452,46 @@ def reference(full_path: Path, x: np.ndarray) -> np.ndarray:
 
     sess = ort.InferenceSession(str(full_path), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})[0]
+
+
+# -- stateful models (state pairs: an output that feeds an input at the next step) ---------------
+def recurrent2(width: int = 8) -> onnx.ModelProto:
+    """Two stacked recurrent layers, each with its own state: s0 -> s0.out, s1 -> s1.out.
+
+    a = tanh(x W0 + s0 U0), b = tanh(a W1 + s1 U1), y = b W2. The natural cut is `a`; then the
+    head keeps s0 and the tail keeps s1 (pairs given with --state: the names follow no convention).
+    """
+    nodes = [
+        helper.make_node("MatMul", ["x", "W0"], ["xw0"]), helper.make_node("MatMul", ["s0", "U0"], ["su0"]),
+        helper.make_node("Add", ["xw0", "su0"], ["pre0"]), helper.make_node("Tanh", ["pre0"], ["a"]),
+        helper.make_node("Identity", ["a"], ["s0.out"]),
+        helper.make_node("MatMul", ["a", "W1"], ["aw1"]), helper.make_node("MatMul", ["s1", "U1"], ["su1"]),
+        helper.make_node("Add", ["aw1", "su1"], ["pre1"]), helper.make_node("Tanh", ["pre1"], ["b"]),
+        helper.make_node("Identity", ["b"], ["s1.out"]),
+        helper.make_node("MatMul", ["b", "W2"], ["y"]),
+    ]
+    inits = [_w(n, width, width, seed=i) for i, n in enumerate(("W0", "U0", "W1", "U1", "W2"))]
+    return _model(nodes, [_f("x", "N", width), _f("s0", "N", width), _f("s1", "N", width)],
+                  [_f("y", "N", width), _f("s0.out", "N", width), _f("s1.out", "N", width)], inits, "recurrent2")
+
+
+def kv_cache2(width: int = 4) -> onnx.ModelProto:
+    """Two 'attention' layers with a growing cache in the exported-decoder naming.
+
+    present.0 = concat(past_key_values.0, x W0) over the sequence axis; h = mean of present.0;
+    present.1 = concat(past_key_values.1, h W1); y = mean of present.1. The cut is `h`.
+    """
+    nodes = [
+        helper.make_node("MatMul", ["x", "W0"], ["k0"]),
+        helper.make_node("Concat", ["past_key_values.0", "k0"], ["present.0"], axis=1),
+        helper.make_node("ReduceMean", ["present.0"], ["h"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["h", "W1"], ["k1_"]),
+        helper.make_node("Unsqueeze", ["k1_", "one"], ["k1"]),
+        helper.make_node("Concat", ["past_key_values.1", "k1"], ["present.1"], axis=1),
+        helper.make_node("ReduceMean", ["present.1"], ["y"], axes=[1], keepdims=0),
+    ]
+    inits = [_w("W0", width, width, seed=1), _w("W1", width, width, seed=2), _c("one", np.array([1], np.int64))]
+    return _model(nodes, [_f("x", "N", "T", width), _f("past_key_values.0", "N", "P0", width),
+                          _f("past_key_values.1", "N", "P1", width)],
+                  [_f("y", "N", width), _f("present.0", "N", "Q0", width), _f("present.1", "N", "Q1", width)],
+                  inits, "kv_cache2")

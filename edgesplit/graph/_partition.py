@@ -73,18 +73,111 @@ def plan_segments(index: GraphIndex, cuts: Sequence[Sequence[str] | str]) -> lis
     return heads
 
 
-def crossing(index: GraphIndex, head: set[int]) -> list[str]:
-    """Tensors made in `head` (or model inputs) that the rest reads, and model outputs made in `head`."""
-    outputs = set(index.outputs)
+def crossing(index: GraphIndex, head: set[int], state: "StatePlan | None" = None) -> list[str]:
+    """Tensors made in `head` (or model inputs) that the rest reads, and model outputs made in `head`.
+
+    State tensors stay where they are computed: a state input is fed by its own segment's
+    keeper, and a state output is kept by the segment that makes it, so neither crosses a cut
+    (unless the rest also reads it as an ordinary activation).
+    """
+    outputs = set(index.outputs) - (state.outputs if state else set())
+    local_inputs = state.inputs if state else set()
     read_after: set[str] = set()
     for n in index.order:
         if n not in head:
             read_after.update(index.variable_reads(n))
-    out = [v for v in index.inputs if v in read_after or v in outputs]
+    out = [v for v in index.inputs if v not in local_inputs and (v in read_after or v in outputs)]
     for n in index.order:
         if n in head:
             out.extend(v for v in index.outputs_of(n) if v in read_after or v in outputs)
     return out
+
+
+# Exported decoders name their KV cache present.* (outputs) -> past_key_values.* / past.* (inputs).
+_KV_PREFIXES = (("present", "past_key_values"), ("present", "past"))
+
+
+class StatePlan:
+    """The model's state pairs (output OUT feeds input IN at the next step), checked against the graph."""
+
+    def __init__(self, index: GraphIndex, info: ShapeInfo, pairs: Sequence[tuple[str, str]] = (),
+                 auto: bool = True):
+        pairs = [tuple(p) for p in pairs]
+        if auto:  # the usual KV-cache naming, with no flags
+            explicit_outs = {o for o, _ in pairs}
+            for o in index.outputs:
+                for out_prefix, in_prefix in _KV_PREFIXES:
+                    if o.startswith(out_prefix) and o not in explicit_outs:
+                        i = in_prefix + o[len(out_prefix):]
+                        if i in index.inputs:
+                            pairs.append((o, i))
+                            break
+        self.pairs: list[tuple[str, str]] = []
+        for o, i in pairs:
+            self._check(index, info, o, i)
+            self.pairs.append((o, i))
+        if len({o for o, _ in self.pairs}) != len(self.pairs) or len({i for _, i in self.pairs}) != len(self.pairs):
+            raise CutError("each state output and each state input may appear in one --state pair only")
+        self.outputs = {o for o, _ in self.pairs}
+        self.inputs = {i for _, i in self.pairs}
+
+    @staticmethod
+    def _check(index: GraphIndex, info: ShapeInfo, o: str, i: str) -> None:
+        if o not in index.outputs:
+            raise CutError(f"--state {o}={i}: {o!r} is not a model output (outputs: {', '.join(index.outputs[:8])}"
+                           f"{', ...' if len(index.outputs) > 8 else ''})")
+        if i not in index.inputs:
+            raise CutError(f"--state {o}={i}: {i!r} is not a model input (inputs: {', '.join(index.inputs[:8])}"
+                           f"{', ...' if len(index.inputs) > 8 else ''})")
+        so, si = info.symbolic.get(o), info.symbolic.get(i)
+        if so is None or si is None or so.dtype != si.dtype:
+            raise CutError(f"--state {o}={i}: dtypes differ ({so.dtype if so else '?'} vs {si.dtype if si else '?'})")
+        if so.dims is not None and si.dims is not None:
+            if len(so.dims) != len(si.dims):
+                raise CutError(f"--state {o}={i}: ranks differ ({list(so.dims)} vs {list(si.dims)})")
+            for a, b in zip(so.dims, si.dims):
+                if isinstance(a, int) and isinstance(b, int) and a != b:
+                    raise CutError(f"--state {o}={i}: shapes {list(so.dims)} and {list(si.dims)} cannot feed "
+                                   f"each other")
+
+    def attach(self, index: GraphIndex, heads: list[set[int]]) -> list[set[int]]:
+        """Move what computes each state output into the segment that reads its input.
+
+        A cut's head is everything its tensors depend on; a node that makes only a state output
+        (an Identity naming a layer's new hidden state, say) would otherwise fall behind the cut.
+        """
+        heads = [set(h) for h in heads]
+        for o, i in self.pairs:
+            readers = {n for n in index.order if i in index.variable_reads(n)}
+            for k, head in enumerate(heads):
+                if readers and readers <= head:
+                    extra = index.ancestors([o]) - head
+                    # Only nodes that serve the state output alone may move: never a layer the
+                    # rest of the model needs (then the pair spans the cut, and owners() says so).
+                    made = {v for m in extra for v in index.outputs_of(m)}
+                    used_elsewhere = any(v in index.variable_reads(n) for n in index.order
+                                         if n not in extra for v in made)
+                    if not used_elsewhere and not (made & (set(index.outputs) - {o})):
+                        for later in heads[k:]:
+                            later |= extra
+                    break
+        return heads
+
+    def owners(self, index: GraphIndex, bounds: list[set[int]]) -> dict[str, int]:
+        """State input -> the one segment that reads it and makes its output; refused otherwise."""
+        def segment_of(node: int) -> int:
+            return next(s for s in range(len(bounds) - 1) if node in bounds[s + 1] and node not in bounds[s])
+
+        owners = {}
+        for o, i in self.pairs:
+            readers = {segment_of(n) for n in index.order if i in index.variable_reads(n)}
+            maker = {segment_of(index.producer[o])} if o in index.producer else set()
+            segs = readers | maker
+            if len(segs) != 1:
+                raise CutError(f"state {o} -> {i} spans segments {sorted(segs)}: its input is read and its "
+                               f"output made on both sides of a cut; cut before or after that layer")
+            owners[i] = segs.pop()
+        return owners
 
 
 def _value_info(name: str, info: ShapeInfo, namer: UnknownNamer, original: dict) -> onnx.ValueInfoProto:
@@ -125,12 +218,16 @@ def check_segment(model: onnx.ModelProto, what: str) -> None:
 
 
 def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, heads: list[set[int]],
-                   base_dir: Path | None):
-    """(segments [(proto, inputs, outputs)], cut tensor lists) for the chain given by `heads`."""
+                   base_dir: Path | None, state: StatePlan | None = None):
+    """(segments [(proto, inputs, outputs)], cut tensor lists) for the chain given by `heads`.
+
+    A segment that owns state also outputs the state it makes (its keeper feeds it back in).
+    """
     g = model.graph
     everything = set(index.order)
     bounds = [set()] + heads + [everything]
-    cut_tensors = [crossing(index, h) for h in heads]
+    cut_tensors = [crossing(index, h, state) for h in heads]
+    state_outputs = [o for o, _ in state.pairs] if state else []
     original_vi = {vi.name: vi for vi in g.input}
     original_vi.update({vi.name: vi for vi in g.output})
     inner_vi = {vi.name: vi for vi in g.value_info}
@@ -147,7 +244,7 @@ def build_segments(model: onnx.ModelProto, index: GraphIndex, info: ShapeInfo, h
         nodes = [n for n in index.order if n in bounds[s + 1] and n not in bounds[s]]
         made = {v for n in nodes for v in index.outputs_of(n)}
         if s + 1 < len(bounds) - 1:
-            wanted = cut_tensors[s]
+            wanted = cut_tensors[s] + [v for v in state_outputs if v not in cut_tensors[s]]
         else:
             wanted = model_outputs
         outs = [v for v in wanted if v in made]
@@ -221,7 +318,7 @@ def _out_dir_ok(out: Path) -> None:
 
 def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str], out: str | os.PathLike,
               shapes: dict | None = None, name: str | None = None, extra: dict | None = None,
-              require_bound: bool = False) -> Bundle:
+              require_bound: bool = False, state: Sequence[tuple[str, str]] = (), auto_state: bool = True) -> Bundle:
     """Cut the model at `cuts` (in chain order) and write the bundle directory `out`.
 
     Args:
@@ -236,6 +333,9 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
         extra: more manifest fields.
         require_bound: refuse a model whose inputs keep symbolic dims other than the batch
             (their sizes set every cut's bytes; the error names the input and an example --shape).
+        state: (OUT, IN) pairs: model output OUT feeds model input IN at the next step (a
+            recurrent state, a KV cache). Each pair must lie inside one segment, which keeps it.
+        auto_state: also pair `present.*` outputs with `past_key_values.*` / `past.*` inputs.
 
     Raises:
         ModelError, CutError, BundleError: nothing is written.
@@ -253,11 +353,15 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
         what = "; ".join(f"input {n!r} has symbolic dims {', '.join(map(str, d))}" for n, d in unbound.items())
         raise ConfigError(f"{model_path}: {what}, which every cut's bytes depend on: bind them, "
                           f"e.g. {info.shape_hint()}")
-    heads = plan_segments(index, cuts)
-    shipped = [t for h in heads for t in crossing(index, h)] + index.outputs
+    plan = StatePlan(index, info, state, auto_state)
+    heads = plan.attach(index, plan_segments(index, cuts))
+    if heads and heads[-1] >= set(index.order):
+        raise CutError("the last cut leaves the tail empty once each state's computation joins its segment")
+    owners = plan.owners(index, [set()] + heads + [set(index.order)])
+    shipped = [t for h in heads for t in crossing(index, h, plan)] + index.outputs
     fill_unknown(index, info, shipped, model_path)
     name_batch_axes(model_path, model, info, shipped)
-    segs, cut_tensors = build_segments(model, index, info, heads, model_path.parent)
+    segs, cut_tensors = build_segments(model, index, info, heads, model_path.parent, plan)
     namer = UnknownNamer()
     cut_objs = []
     for k, tensors in enumerate(cut_tensors, start=1):
@@ -272,9 +376,15 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
         "name": name or model_path.stem,
         "source_sha256": file_sha256(model_path, model),
         "source_path": str(model_path.resolve()),
-        "inputs": [_spec(info, v, namer, "model input").to_json() for v in index.inputs],
-        "outputs": [_spec(info, v, namer, "model output").to_json() for v in index.outputs],
+        "inputs": [_spec(info, v, namer, "model input").to_json() for v in index.inputs if v not in plan.inputs],
+        "outputs": [_spec(info, v, namer, "model output").to_json() for v in index.outputs
+                    if v not in plan.outputs],
     }
     if shapes:
         model_json["shapes"] = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in shapes.items()}
-    return write_bundle(out, model_json, segs, cut_objs, extra=extra)
+    extra = dict(extra or {})
+    if plan.pairs:
+        # The caller's feeds and the answers leave the state out; each side keeps its own.
+        extra["state"] = [{"output": o, "input": i, "segment": owners[i],
+                           "spec": _spec(info, i, namer, "state input").to_json()} for o, i in plan.pairs]
+    return write_bundle(out, model_json, segs, cut_objs, extra=extra or None)

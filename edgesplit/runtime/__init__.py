@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -116,11 +116,12 @@ class SegmentRunner:
         return ",".join(names) if names else self.kind
 
     def run(self, tensors: Mapping[str, np.ndarray], start: int, stop: int,
-            times: list[float] | None = None) -> dict[str, np.ndarray]:
+            times: list[float] | None = None, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """Run segments [start, stop) over `tensors`; the tensors of cut `stop` (the outputs at n).
 
         Args:
             times: if a list, the milliseconds of each segment are appended to it.
+            extra: more tensors made on the way to return as well (e.g. state outputs).
         """
         self._check_range(start, stop)
         env = dict(tensors)
@@ -130,11 +131,28 @@ class SegmentRunner:
             env.update(r.infer(env))
             if times is not None:
                 times.append((time.perf_counter() - t) * 1e3)
-        wanted = self.bundle.cut(stop).tensors
+        wanted = (*self.bundle.cut(stop).tensors, *extra)
         missing = [t for t in wanted if t not in env]
         if missing:
             raise BackendError(f"segments [{start}, {stop}) of {self.bundle.name} did not produce {missing}")
         return {t: env[t] for t in wanted}
+
+    def step(self, tensors: Mapping[str, np.ndarray], start: int, stop: int, state: Mapping[str, np.ndarray],
+             times: list[float] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One step of a stateful bundle: run [start, stop) with `state` (state input name -> value,
+        for the pairs those segments keep) and return (the tensors of cut `stop`, the next state).
+
+        The next state maps each kept pair's input name to the value its output took this step.
+        """
+        kept = self.bundle.state_of(start, stop)
+        missing = [st.input for st in kept if st.input not in state]
+        if missing:
+            raise ConfigError(f"segments [{start}, {stop}) of {self.bundle.name} need state {missing}")
+        env = dict(tensors)
+        env.update({st.input: state[st.input] for st in kept})
+        wanted = self.bundle.cut(stop).tensors
+        outs = self.run(env, start, stop, times, extra=[st.output for st in kept])
+        return {t: outs[t] for t in wanted}, {st.input: outs[st.output] for st in kept}
 
     def profile(self, runs: int, feeds: Mapping[str, np.ndarray] | None = None) -> list[float]:
         """Median ms of each segment over `runs` passes of the whole chain, after one warm-up pass.
