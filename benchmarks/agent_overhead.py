@@ -7,7 +7,7 @@ thread hand-off, deadline timers, reply validation, timings). Both talk to the s
 (a separate process: a ROUTER that runs segments [cut, n) with ONNX Runtime), alternating request
 by request so drift hits both alike.
 
-    python benchmarks/agent_overhead.py [--model models/efficientnet_lite0.onnx] [--requests 300]
+    python benchmarks/agent_overhead.py [--model edge_agent/demo_data/efficientnet_lite0.onnx] [--requests 300]
         [--codec raw] [--json benchmarks/results/agent_overhead.json]
 
 Goal (issue 5): overhead p50 <= 1 ms on loopback.
@@ -78,7 +78,7 @@ def make_bundle(model: Path, out: Path, cut_index: int):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(REPO / "models" / "efficientnet_lite0.onnx"))
+    ap.add_argument("--model", default=str(REPO / "edge_agent" / "demo_data" / "efficientnet_lite0.onnx"))
     ap.add_argument("--candidate-cut", type=int, default=12,
                     help="candidate cut index of the model to split at (default 12: 38 kB for EfficientNet-Lite0)")
     ap.add_argument("--requests", type=int, default=300)

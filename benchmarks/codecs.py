@@ -1,7 +1,7 @@
 """Codec benchmark on EfficientNet-Lite0: bytes, accuracy and speed of every codec at every cut.
 
-For the committed model (models/efficientnet_lite0.onnx), partitioned at every candidate cut, on
-natural photos (random crops and flips of models/photos/*.jpg and of the natural images that
+For the committed model (edge_agent/demo_data/efficientnet_lite0.onnx), partitioned at every candidate cut, on
+natural photos (random crops and flips of edge_agent/demo_data/photos/*.jpg and of the natural images that
 scikit-image ships, when it is installed), it measures per cut and codec:
 
 - compression: fp32 bytes / wire bytes (payload + the tensor's msgpack descriptor: the header
@@ -41,8 +41,8 @@ from edgesplit import protocol as P
 from edgesplit.codecs import decode, get_codec
 from edgesplit.codecs.calibration import calibration_for
 
-MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
-PHOTOS = ROOT / "models" / "photos"
+MODEL = ROOT / "edge_agent" / "demo_data" / "efficientnet_lite0.onnx"
+PHOTOS = ROOT / "edge_agent" / "demo_data" / "photos"
 RESULTS = ROOT / "benchmarks" / "results"
 
 # (label, spec, uses the bundle's calibration). Int stages: ":pt" per tensor, ":pc" per channel,

@@ -21,7 +21,7 @@ in for a slower board with a steady speed. State F wherever these numbers are sh
 A trace case (`--trace-rates HI,LO`) starts at HI Mbit/s, drops to LO after `--trace-drop-s`
 seconds, and records how long auto takes to move to the cut that is best at LO.
 
-    python benchmarks/split_vs_oracle.py --model models/efficientnet_lite0.onnx \\
+    python benchmarks/split_vs_oracle.py --model edge_agent/demo_data/efficientnet_lite0.onnx \\
         --rates 1,3,10,30,100 --rtt-ms 20 --json benchmarks/results/split_vs_oracle.json
 
 Writes OUT.json (per model and link: model, rate_mbit, rtt_ms, auto_ms, oracle_ms, all_edge_ms,
@@ -43,7 +43,7 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = ["models/efficientnet_lite0.onnx", "models/resnet_branching.onnx", "models/vit_mini.onnx"]
+DEFAULT_MODELS = ["edge_agent/demo_data/efficientnet_lite0.onnx", "models/resnet_branching.onnx", "models/vit_mini.onnx"]
 
 
 # -- servers -------------------------------------------------------------------------------------

@@ -156,12 +156,19 @@ def run_serve(args) -> int:
 
 
 def run_worker(args) -> int:
+    import os
     import signal
 
     from cloud_server.worker import TailWorker
+    from edgesplit.errors import ConfigError
 
     if args.exit_with_parent:
         _die_with_parent()
+    if not os.path.isdir(args.repository):
+        raise ConfigError(f"--repository {args.repository}: no such directory")
+    # A long-running command says at once that it started and what it is doing.
+    print(f"edgesplit worker: pid {os.getpid()}, device {args.device}, repository {args.repository}, "
+          f"connecting to {args.connect}", flush=True)
     worker = TailWorker(args.connect, args.repository, _config(args), device=args.device, name=args.name,
                         curve_server_key=args.curve_server_key, curve_secret=args.curve_secret)
 

@@ -25,7 +25,7 @@ def register_run(subparsers) -> None:
     p.add_argument("--connect-timeout-ms", type=float, default=2000.0,
                    help="wait this long for a server at start (default 2000)")
     p.add_argument("--labels", default=None, metavar="FILE",
-                   help="class names, one per line (default: models/imagenet_classes.txt when found)")
+                   help="class names, one per line (default: the shipped ImageNet labels when the output has 1000 classes)")
     p.set_defaults(func=run)
 
 

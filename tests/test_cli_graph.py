@@ -15,7 +15,7 @@ import builders as tm
 from edgesplit.bundle import Bundle
 from edgesplit.cli import main
 
-EFFNET = Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx"
+EFFNET = Path(__file__).resolve().parent.parent / "edge_agent" / "demo_data" / "efficientnet_lite0.onnx"
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -180,7 +180,7 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path):
     assert [p.name for p in notbundle.iterdir()] == ["precious.txt"]
 
 
-@pytest.mark.skipif(not EFFNET.is_file(), reason="models/efficientnet_lite0.onnx not built")
+@pytest.mark.skipif(not EFFNET.is_file(), reason="edge_agent/demo_data/efficientnet_lite0.onnx not built")
 def test_efficientnet_inspect_partition_verify(tmp_path):
     proc = cli("inspect", EFFNET, "--json")
     assert proc.returncode == 0, proc.stderr

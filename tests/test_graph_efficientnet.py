@@ -1,4 +1,4 @@
-"""The partitioner on the committed EfficientNet-Lite0 (models/efficientnet_lite0.onnx)."""
+"""The partitioner on the committed EfficientNet-Lite0 (edge_agent/demo_data/efficientnet_lite0.onnx)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from edgesplit.graph import candidate_cuts, partition
 from edgesplit.runtime import OnnxRuntimeRunner
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx"
-pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="models/efficientnet_lite0.onnx not built")
+MODEL = Path(__file__).resolve().parent.parent / "edge_agent" / "demo_data" / "efficientnet_lite0.onnx"
+pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="edge_agent/demo_data/efficientnet_lite0.onnx not built")
 
 
 @pytest.fixture(scope="module")

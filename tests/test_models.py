@@ -16,9 +16,11 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-EFFICIENTNET = MODELS / "efficientnet_lite0.onnx"
+# What the demo needs ships inside the wheel, as edge_agent package data.
+DEMO_DATA = MODELS.parent / "edge_agent" / "demo_data"
+EFFICIENTNET = DEMO_DATA / "efficientnet_lite0.onnx"
 ZOO_INDEX = json.loads((MODELS / "zoo" / "zoo.json").read_text())
-LABELS = (MODELS / "imagenet_classes.txt").read_text().splitlines()
+LABELS = (DEMO_DATA / "imagenet_classes.txt").read_text().splitlines()
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat", "lynx", "cougar"}
 
 
@@ -59,7 +61,7 @@ def effnet():
 def photo_probs(effnet):
     pytest.importorskip("PIL")
     preprocess = _readme_preprocess()
-    photos = sorted((MODELS / "photos").glob("*.jpg"))
+    photos = sorted((DEMO_DATA / "photos").glob("*.jpg"))
     batch = np.concatenate([preprocess(p) for p in photos])
     (logits,) = effnet.run(["logits"], {"input": batch})
     return {p.stem: _softmax(row) for p, row in zip(photos, logits, strict=True)}
@@ -122,15 +124,15 @@ def test_efficientnet_recognises_espresso_temple_and_rocket(photo_probs):
 def test_efficientnet_needs_the_documented_normalisation(effnet):
     """Raw 0..255 pixels (no normalisation) lose the cat: the README's recipe matters."""
     pytest.importorskip("PIL")
-    x = _readme_preprocess()(MODELS / "photos" / "chelsea_cat.jpg")
+    x = _readme_preprocess()(DEMO_DATA / "photos" / "chelsea_cat.jpg")
     raw = x * 128.0 + 127.0
     (logits,) = effnet.run(["logits"], {"input": raw})
     assert _top(_softmax(logits[0]), 1)[0] not in CATS
 
 
 def test_photo_licenses_cover_every_photo():
-    readme = (MODELS / "photos" / "README.md").read_text()
-    photos = sorted((MODELS / "photos").glob("*.jpg"))
+    readme = (DEMO_DATA / "photos" / "README.md").read_text()
+    photos = sorted((DEMO_DATA / "photos").glob("*.jpg"))
     assert 5 <= len(photos) <= 8
     for photo in photos:
         assert f"| {photo.name} |" in readme, photo.name

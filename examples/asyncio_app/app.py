@@ -78,7 +78,7 @@ def main() -> int:
         agent = stack.enter_context(EdgeAgent(bundle, [address], cut=2, codec="int8+zstd", config=config))
         labels = find_labels(None, bundle)
         images = {p.name: {bundle.inputs[0].name: preprocess_image(p)}
-                  for p in sorted((REPO / "models" / "photos").glob("*.jpg"))}
+                  for p in sorted((REPO / "edge_agent" / "demo_data" / "photos").glob("*.jpg"))}
         results = asyncio.run(run(agent, images, labels, args.clients, args.requests))
         if len(results) != args.clients * args.requests:
             print("error: answers were lost", file=sys.stderr)

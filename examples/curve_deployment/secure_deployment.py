@@ -57,7 +57,7 @@ def main() -> int:
         print(f"2. CURVE server at {cloud.address}, allowing {[p.name for p in allowed.iterdir()]}")
 
         labels = find_labels(None, bundle)
-        photo = REPO / "models" / "photos" / "coffee.jpg"
+        photo = REPO / "edge_agent" / "demo_data" / "photos" / "coffee.jpg"
         feeds = {bundle.inputs[0].name: preprocess_image(photo)}
         base = AgentConfig(connect_timeout_ms=5000, heartbeat_interval_ms=200, intra_op_threads=1)
         agents = {

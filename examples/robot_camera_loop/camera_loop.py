@@ -75,7 +75,7 @@ def main() -> int:
         agent = stack.enter_context(EdgeAgent(bundle, [link.address], cut=int(args.cut) if args.cut != "auto" else "auto",
                                               codec="int8+zstd", config=config))
         labels = find_labels(None, bundle)
-        photos = sorted((REPO / "models" / "photos").glob("*.jpg"))
+        photos = sorted((REPO / "edge_agent" / "demo_data" / "photos").glob("*.jpg"))
         print(f"camera at {args.fps:.0f} fps, {args.in_flight} frames in flight, deadline {args.deadline_ms:.0f} ms, "
               f"device runner {agent.runner_name}")
 
