@@ -269,6 +269,7 @@ class IOLoop:
         req.server = s
         req.sent_to.add(s.index)
         req.sent_at = now
+        s.expect_transfer(now, req.bytes_up, self._auto.estimates(0.0)[0])  # a busy link is not a dead one
         req.attempts += 1
         if req.attempts > 1:
             self._requests.count("resent")
@@ -336,7 +337,7 @@ class IOLoop:
             except ProtocolError as exc:  # the whole message was read: the next one is intact
                 msg, bad = None, exc
             now = time.perf_counter()
-            s.last_seen = now
+            s.heard(now)  # any message is life (the link's failure detector)
             if bad is not None:
                 self._ban(s, now, f"undecodable message ({bad})")
             elif msg.kind == "pong":

@@ -6,6 +6,11 @@
 "banned" is "up" with `banned_until` in the future: the server is alive but gets no requests,
 because it sent a bad reply (exponential ban) or asked for a pause (a `busy` error).
 
+"Silence" is judged by an adaptive failure detector (edgesplit.liveness, phi accrual): any
+message on either connection is life, the limit grows when pongs come late (a loaded box, a
+backlog on a slow link) and while a request is still leaving (its expected transfer time from
+the bandwidth estimate), and it never passes liveness_max_silence_ms.
+
 A ServerLink knows nothing about requests beyond counting them (`inflight`); the I/O loop
 (edge_agent/_io.py) re-routes them when a link goes down or is banned. Only the I/O thread
 touches a ServerLink, except `stats()`, a snapshot for link_stats().
@@ -22,6 +27,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from edgesplit import protocol
+from edgesplit.liveness import FailureDetector
 
 from edge_agent._results import ServerStats
 from edge_agent.config import AgentConfig
@@ -65,6 +71,8 @@ class ServerLink:
         self.ctrl: zmq.Socket | None = None
         self.monitors: list[zmq.Socket] = []
         self.last_seen = 0.0
+        self.liveness: FailureDetector | None = None  # made fresh for every connection (probe)
+        self._sending_until = 0.0  # when the requests sent so far should have left, at the estimated rate
         self.next_ping = 0.0
         self.probe_deadline = 0.0
         self.next_attempt = 0.0
@@ -156,15 +164,34 @@ class ServerLink:
 
     # --- liveness
 
-    def dead_after(self) -> float:
-        """When silence since `last_seen` means the server is gone: the one liveness decision.
-
-        Nothing heard for heartbeat_misses intervals, 5 % early so that the wake-up latency of
-        the I/O loop still lands within the promise "loss detected within heartbeat_misses
-        intervals".
-        """
+    def _detector(self, now: float) -> FailureDetector:
         cfg = self.config
-        return self.last_seen + cfg.heartbeat_interval_ms / 1e3 * cfg.heartbeat_misses * 0.95
+        interval = cfg.heartbeat_interval_ms / 1e3
+        # never down before heartbeat_misses intervals (5 % early, so that the I/O loop's
+        # wake-up latency still lands within that promise on a quiet machine)
+        floor = interval * cfg.heartbeat_misses * 0.95
+        return FailureDetector(interval, cfg.liveness_threshold, cfg.liveness_min_std_ms / 1e3, floor,
+                               max(floor, cfg.liveness_max_silence_ms / 1e3), now=now)
+
+    def heard(self, now: float) -> None:
+        """A message arrived on either connection: the server is alive."""
+        self.last_seen = now
+        if self.liveness is not None:
+            self.liveness.heartbeat(now)
+
+    def expect_transfer(self, now: float, nbytes: int, bandwidth_bps: float) -> None:
+        """A request of `nbytes` was queued: its bytes (and those queued before) leave at the
+        estimated rate, and no pong need come back sooner than that plus an RTT."""
+        if self.liveness is None or not bandwidth_bps > 0:
+            return
+        self._sending_until = max(self._sending_until, now) + nbytes * 8 / bandwidth_bps
+        self.liveness.expect_traffic(self._sending_until + (self.rtt_ms or 0.0) / 1e3)
+
+    def dead_after(self) -> float:
+        """When silence since `last_seen` means the server is gone: the one liveness decision."""
+        if self.liveness is None:
+            return self.last_seen + self.config.heartbeat_interval_ms / 1e3 * self.config.heartbeat_misses
+        return self.liveness.deadline()
 
     def overdue(self, now: float) -> bool:
         """A verdict is due (silent while up, or the probe timed out): read what came in before judging."""
@@ -178,7 +205,9 @@ class ServerLink:
         """
         if self.state == "up":
             if now > self.dead_after():
-                return now, f"no heartbeat for {(now - self.last_seen) * 1e3:.0f} ms", False
+                why = self.liveness.describe(now) if self.liveness is not None else \
+                    f"{(now - self.last_seen) * 1e3:.0f} ms silent"
+                return now, f"no heartbeat ({why})", False
             if now >= self.next_ping:
                 self.ping(now)
             wake = min(self.next_ping, self.dead_after() + 1e-4)
@@ -200,6 +229,8 @@ class ServerLink:
     def probe(self, now: float) -> None:
         """A reconnect attempt: fresh sockets, hello (learn held/profile) and ping."""
         self.open()
+        self.liveness = self._detector(now)  # a new connection: learn the server again
+        self._sending_until = 0.0
         self.state = "connecting"
         self.probe_deadline = now + self.config.probe_timeout_ms / 1e3
         self.send(protocol.hello(f"h{next(self._ids)}", bundle=self._bundle_id), ctrl=True)
@@ -222,6 +253,10 @@ class ServerLink:
             rtt = (now - sent) * 1e3
             self.rtt_ms = rtt if self.rtt_ms is None else self.rtt_ms + self.config.ewma_alpha * (rtt - self.rtt_ms)
             rtt_s = rtt / 1e3
+            if self.liveness is not None:
+                # the pongs of the pings sent since may take as long as this one (a backlog on a
+                # slow link, a loaded server): silence counts from then
+                self.liveness.expect_traffic(now + rtt_s)
         load = msg.meta.get("load")
         if isinstance(load, dict):
             if load.get("workers", 1) == 0 and self.load.get("workers", 1) != 0:

@@ -43,12 +43,22 @@ class AgentConfig:
     # --- link monitor -----------------------------------------------------------------------
     # Application heartbeat: a ping to every server this often; the pong carries the server load.
     heartbeat_interval_ms: float = 200.0
-    # A server that sent nothing for this many intervals is declared down: loss is detected
-    # within heartbeat_misses * heartbeat_interval_ms (the check fires 5 % early to absorb
-    # scheduling latency). Pings travel on their own connection, so a big request on a slow
-    # link does not hold them back. A closed TCP connection (a killed server) is seen at
+    # A server is never declared down before this many intervals of silence (the check fires
+    # 5 % early to absorb scheduling latency). Past that, an adaptive failure detector judges
+    # (edgesplit.liveness, phi accrual): any message on either connection is life, and the
+    # limit grows when pongs come late (a loaded box, a backlog on a slow link) or a request is
+    # still leaving at the estimated bandwidth. Pings travel on their own connection, so a big
+    # request does not hold them back. A closed TCP connection (a killed server) is seen at
     # once through the socket monitor.
     heartbeat_misses: int = 2
+    # The detector's phi threshold: down when the silence is less likely than 10^-this for
+    # the gaps seen on this connection (8: Akka's and Cassandra's default).
+    liveness_threshold: float = 8.0
+    # Floor on the gaps' standard deviation (a quiet machine's jitter): on a quiet machine a
+    # silent server is down after max(heartbeat_misses intervals, interval + 5.6 * this).
+    liveness_min_std_ms: float = 25.0
+    # However late the pongs came before, a server silent this long is down.
+    liveness_max_silence_ms: float = 5000.0
     # libzmq's own heartbeat (ZMQ_HEARTBEAT_IVL = heartbeat_interval_ms): it closes a
     # connection that received nothing for zmq_heartbeat_timeout_ms (ZMQ_HEARTBEAT_TIMEOUT).
     # Longer than the application's limit on purpose: on the request connection libzmq's pongs
@@ -121,7 +131,8 @@ class AgentConfig:
         for name in ("deadline_ms", "heartbeat_interval_ms", "heartbeat_ttl_ms", "zmq_heartbeat_timeout_ms",
                      "probe_timeout_ms",
                      "reconnect_initial_ms", "reconnect_max_ms", "ban_initial_ms", "ban_max_ms",
-                     "cloud_speedup", "edge_slowdown"):
+                     "cloud_speedup", "edge_slowdown", "liveness_threshold", "liveness_min_std_ms",
+                     "liveness_max_silence_ms"):
             positive(name)
         for name in ("fallback_margin_ms", "connect_timeout_ms", "close_timeout_ms", "min_transfer_ms",
                      "reconnect_jitter"):
