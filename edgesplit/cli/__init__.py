@@ -9,11 +9,11 @@ and says what is missing (Polygraphy's MissingTool).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from importlib.metadata import entry_points
 
 from edgesplit.errors import UserError
+from edgesplit.logs import configure as configure_logs
 
 __all__ = ["main", "build_parser"]
 
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--version", action="version", version=f"edgesplit {_version()}")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="log lines for people (text, default) or one JSON object per line (json); "
+                             "also EDGESPLIT_LOG_FORMAT")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="edgesplit.commands"), key=lambda e: e.name):
         try:
@@ -57,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        configure_logs(args.verbose, args.log_format)
+    except UserError as exc:
+        print(f"edgesplit: error: {exc}", file=sys.stderr)
+        return 1
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
