@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -104,3 +105,24 @@ def test_a_step_without_its_state_is_refused(tmp_path):
     b = partition(path, [["a"]], tmp_path / "b", state=[("s0.out", "s0"), ("s1.out", "s1")])
     with pytest.raises(ConfigError, match="need state"):
         SegmentRunner(b, "ort-cpu").step({"x": np.zeros((1, 8), np.float32)}, 0, 1, {})
+
+
+def test_the_split_decoder_generates_the_unsplit_tokens(tmp_path):
+    """64 greedy tokens through head and tail, each keeping its own half of the KV cache."""
+    from test_models_stateful import GREEDY_64, PROMPT
+
+    b = partition(Path(__file__).resolve().parents[1] / "models" / "gpt_decoder.onnx", [["h.2.input"]], tmp_path / "gpt",
+                  shapes={"input_ids": [1, 1]})
+    assert len(b.state_of(0, 1)) == 4 and len(b.state_of(1, 2)) == 4 and b.cut(1).tensors == ("h.2.input",)
+    seg = SegmentRunner(b, "ort-cpu")
+    bound = {"batch": 1}
+    head = {st.input: st.initial(bound) for st in b.state_of(0, 1)}
+    tail = {st.input: st.initial(bound) for st in b.state_of(1, 2)}
+    ids, out = np.array(PROMPT, np.int64), []
+    for _ in range(64):
+        mid, head = seg.step({"input_ids": ids}, 0, 1, head)
+        res, tail = seg.step(mid, 1, 2, tail)
+        ids = res["logits"][:, -1:].argmax(-1).astype(np.int64)
+        out.append(int(ids[0, 0]))
+    assert out == list(GREEDY_64)
+    assert head["past_key_values.0.key"].shape == (1, 4, len(PROMPT[0]) + 63, 16)

@@ -348,12 +348,12 @@ def partition(model_path: str | os.PathLike, cuts: Sequence[Sequence[str] | str]
     model = load_model(model_path, load_weights=False)
     index = GraphIndex(model)
     info = infer_shapes(model, shapes)
-    unbound = info.unbound_inputs()
+    plan = StatePlan(index, info, state, auto_state)
+    unbound = info.unbound_inputs(plan.inputs)
     if require_bound and unbound:
         what = "; ".join(f"input {n!r} has symbolic dims {', '.join(map(str, d))}" for n, d in unbound.items())
         raise ConfigError(f"{model_path}: {what}, which every cut's bytes depend on: bind them, "
-                          f"e.g. {info.shape_hint()}")
-    plan = StatePlan(index, info, state, auto_state)
+                          f"e.g. {info.shape_hint(plan.inputs)}")
     heads = plan.attach(index, plan_segments(index, cuts))
     if heads and heads[-1] >= set(index.order):
         raise CutError("the last cut leaves the tail empty once each state's computation joins its segment")

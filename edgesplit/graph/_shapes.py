@@ -150,6 +150,10 @@ def _infer(m: onnx.ModelProto) -> dict[str, TensorType]:
     return out
 
 
+# Dim names that mean "the batch" wherever they stand.
+_BATCH_NAMES = frozenset({"n", "b", "bs", "batch", "batch_size", "batchsize", "batch_dim"})
+
+
 @dataclass
 class ShapeInfo:
     """Symbolic and bound types of every top-level tensor, and how the symbols were bound."""
@@ -180,25 +184,29 @@ class ShapeInfo:
             dims = tuple(None for _ in b.dims)
         return tuple(d if d is not None else unknown(name, axis) for axis, d in enumerate(dims))
 
-    def unbound_inputs(self) -> dict[str, list[str]]:
-        """Model input -> its symbolic dims (other than the batch, axis 0) that nothing bound.
+    def unbound_inputs(self, exclude=()) -> dict[str, list[str]]:
+        """Model input -> its symbolic dims, other than the batch, that nothing bound.
 
         Their sizes are unknown, so the bytes of every cut below them would be a guess: the
-        user must bind them (see shape_hint)."""
+        user must bind them (see shape_hint). The batch is axis 0, or a dim named like one
+        (N, batch, batch_size: recurrent models put time first). Inputs in `exclude` (state
+        inputs, whose length grows with the session) are left out."""
         out: dict[str, list[str]] = {}
         for name in self.inputs:
+            if name in exclude:
+                continue
             t = self.symbolic.get(name)
             dims = t.dims if t is not None and t.dims else ()
             free = [d for axis, d in enumerate(dims) if axis > 0 and isinstance(d, str)
-                    and eval_dim(d, self.symbols) is None]
+                    and d.lower() not in _BATCH_NAMES and eval_dim(d, self.symbols) is None]
             if free:
                 out[name] = free
         return out
 
-    def shape_hint(self) -> str:
+    def shape_hint(self, exclude=()) -> str:
         """An example --shape binding every unbound input dim ("--shape image=1x3x224x224")."""
         parts = []
-        for name in self.unbound_inputs():
+        for name in self.unbound_inputs(exclude):
             dims = self.symbolic[name].dims
             size = 224 if len(dims) == 4 else 128  # an image side, else a sequence length
             shown = [str(d) if isinstance(d, int) else ("1" if axis == 0 else
