@@ -18,7 +18,8 @@ class AdminServer:
     - ``GET /healthz``: 200 while the broker loop runs (liveness).
     - ``GET /readyz``: 200 when at least one live worker holds a bundle, else 503 (readiness).
     - ``GET /metrics``: Prometheus text format.
-    - ``GET /v1/models``: bundles, their cuts, which workers hold them, the cloud per-segment profile.
+    - ``GET /v1/models``: bundles, their cuts, which workers hold them, the cloud per-segment profile,
+      and for a bundle some worker cannot load, ``errors`` ({worker: why}).
 
     Args:
         broker: the Broker to describe.
@@ -103,6 +104,9 @@ class AdminServer:
     async def _models(self, request):
         web = require("aiohttp.web")
         snap = self.broker.snapshot()
-        body = {"bundles": snap.get("bundles", []), "workers": snap.get("workers", []), "load": snap.get("load"),
+        errors = self.broker.load_errors  # replaced whole by the broker thread, never changed in place
+        # a bundle some worker cannot load carries "errors": {worker: why}
+        bundles = [{**b, "errors": errors[b["id"]]} if b.get("id") in errors else b for b in snap.get("bundles", [])]
+        body = {"bundles": bundles, "workers": snap.get("workers", []), "load": snap.get("load"),
                 "lost_workers": snap.get("lost", [])}
         return web.Response(text=json.dumps(body, indent=1), content_type="application/json")

@@ -117,6 +117,12 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._inline: InlineWorker | None = None  # a tail worker run by this broker's own thread
         self.exit_reason = ""
+        # ZMQ_MAXMSGSIZE of every socket (see _socket_bound), and the catalogue size it was made for
+        self.socket_bound = 0
+        self._bound_for = 0
+        # bundles workers could not load: id -> {worker name: why}; replaced, never changed in
+        # place, so the admin thread reads it without a lock
+        self.load_errors: dict[str, dict[str, str]] = {}
 
     @property
     def shutting_down(self) -> bool:
@@ -139,10 +145,12 @@ class Broker:
         back = self.ctx.socket(zmq.ROUTER)
         remote = self.ctx.socket(zmq.ROUTER) if self._remote_addr else None
         socks = [s for s in (front, back, remote) if s is not None]
+        bound = self._socket_bound()
         for s in socks:
             s.linger = 0
             s.router_mandatory = False
             s.sndhwm = s.rcvhwm = 10_000
+            s.maxmsgsize = bound
         try:
             if self.curve is not None:
                 self.curve.secure(front, self._allow_clients, _ZAP_DOMAIN)
@@ -168,6 +176,8 @@ class Broker:
                 raise
             raise ConfigError(f"cannot bind {self._front_addr} / {self._back_addr}: {exc}") from None
         self.front, self.back, self.remote = front, back, remote
+        self.socket_bound = bound
+        self._bound_for = len(self.catalog.bundles)
         self.front_address = _public(front.last_endpoint.decode())
         self.back_address = _public(back.last_endpoint.decode())
         if remote is not None:
@@ -176,6 +186,34 @@ class Broker:
         self._update_snapshot()
         self._bound.set()
         return self.front_address, self.back_address
+
+    def _socket_bound(self) -> int:
+        """ZMQ_MAXMSGSIZE for the broker's sockets: the largest frame a request or reply for the
+        bundles it knows can need at max_batch (ServerConfig.socket_bound). A bundle it knows only
+        from a remote worker's announcement (no specs here) leaves it at limits.max_message_bytes.
+
+        libzmq checks each frame as it arrives and drops the sender's connection, without a
+        word to it, when a frame is bigger: nothing is buffered past the bound.
+        """
+        repo = self.repository
+        if repo is None or any(b not in repo for b in self.catalog.bundles):
+            return self.limits.max_message_bytes
+        return self.config.socket_bound(repo.manifest(b) for b in repo.ids())
+
+    def _grow_socket_bound(self) -> None:
+        """A new bundle may need bigger frames: raise the bound (it applies to new connections)."""
+        if len(self.catalog.bundles) == self._bound_for:
+            return
+        self._bound_for = len(self.catalog.bundles)
+        bound = self._socket_bound()
+        if bound <= self.socket_bound:
+            return
+        log.warning("new bundles need frames of up to %d bytes (was %d): connections made from now on "
+                    "accept them; edges and workers connected before must reconnect", bound, self.socket_bound)
+        self.socket_bound = bound
+        for s in (self.front, self.back, self.remote):
+            if s is not None:
+                s.maxmsgsize = bound
 
     def add_inproc_endpoint(self) -> str:
         """Also listen for workers on an inproc:// address (threads of this process, same context).
@@ -335,7 +373,8 @@ class Broker:
             info = c[1] if len(c) > 1 and isinstance(c[1], dict) else {}
             if w is not None:
                 self._drop(w, "announced itself again")
-            reg.add(ident, info, now, link, self.catalog)
+            w = reg.add(ident, info, now, link, self.catalog)
+            self._note_load_errors(w, info)
             self._update_snapshot()
             self.dispatcher.dispatch_pending(now)
             return
@@ -346,13 +385,39 @@ class Broker:
         w.heard(now)
         if cmd == W.HEARTBEAT:
             if len(c) > 1 and isinstance(c[1], dict):
-                if w.apply_status(c[1], self.catalog):
+                changed = self._note_load_errors(w, c[1])
+                if w.apply_status(c[1], self.catalog) or changed:
                     self._update_snapshot()
                 self.dispatcher.dispatch_pending(now)
         elif cmd == W.DRAINING:
             w.draining = True
         elif cmd == W.BYE:
             self._drop(w, "said goodbye", lost=False)
+
+    def _note_load_errors(self, w: WorkerRecord, status: dict) -> bool:
+        """Take in the bundles a worker says it cannot load (log, /v1/models, a gauge); True if that changed."""
+        failed = status.get("failed")
+        if not isinstance(failed, dict):
+            return False
+        mine = {b: str(why)[:500] for b, why in list(failed.items())[:256] if isinstance(b, str) and len(b) <= 128}
+        errors = {b: {n: why for n, why in ws.items() if n != w.name} for b, ws in self.load_errors.items()}
+        for b, why in mine.items():
+            errors.setdefault(b, {})[w.name] = why
+        errors = {b: ws for b, ws in errors.items() if ws}
+        if errors == self.load_errors:
+            return False
+        for b, why in mine.items():
+            if self.load_errors.get(b, {}).get(w.name) != why:
+                log.error("worker %s cannot load bundle %s: %s", w.name, b[:12], why)
+        for b in set(self.load_errors) | set(errors):
+            info = self.catalog.bundles.get(b) or {}
+            self.metrics.bundle_load_errors.labels(b, str(info.get("name", "?"))[:64]).set(len(errors.get(b, ())))
+        self.load_errors = errors
+        return True
+
+    def load_errors_of(self, worker: str) -> set[str]:
+        """The bundles worker `worker` (a name) reported it cannot load; thread-safe."""
+        return {b for b, ws in self.load_errors.items() if worker in ws}
 
     def _drop(self, w: WorkerRecord, why: str, lost: bool = True) -> None:
         """Forget a worker; its requests in flight go to another worker (or get an error)."""
@@ -368,6 +433,7 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         self._expire_workers(now)
+        self._grow_socket_bound()
         stamp = W.ctl(W.HEARTBEAT, time.monotonic())
         for w in self.registry:
             w.send([stamp])

@@ -12,6 +12,8 @@ DEFAULT_HTTP = "127.0.0.1:8080"
 def _config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tuning (ServerConfig)")
     g.add_argument("--max-batch", type=int, default=None, help="largest dynamic batch (default 8)")
+    g.add_argument("--max-request-batch", type=int, default=None,
+                   help="largest batch one request may carry (default 32768; sizes the socket bound)")
     g.add_argument("--max-queue-delay-ms", type=float, default=None,
                    help="how long a worker waits to fill a batch (default 2)")
     g.add_argument("--heartbeat-ms", type=float, default=None,
@@ -22,6 +24,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per worker")
     g.add_argument("--runner", default=None, help="runner kind: auto, ort-cpu, ort-cuda, ort-trt, trt")
     g.add_argument("--no-preload", action="store_true", help="load bundles on first use instead of at start")
+    g.add_argument("--allow-non-finite", action="store_true",
+                   help="accept NaN and infinity in float inputs (default: refused with bad_request)")
     g.add_argument("--config", metavar="FILE.toml", default=None,
                    help="settings file: its [server] table sets any ServerConfig field (docs/configuration.md); "
                         "EDGESPLIT_SERVER_* variables override it, and these flags override both")
@@ -36,7 +40,7 @@ def _config(args):
     from edgesplit.errors import ConfigError
 
     changes = {}
-    for arg, field, scale in (("max_batch", "max_batch", 1), ("max_queue_delay_ms", "max_queue_delay_ms", 1),
+    for arg, field, scale in (("max_batch", "max_batch", 1), ("max_request_batch", "max_request_batch", 1), ("max_queue_delay_ms", "max_queue_delay_ms", 1),
                               ("heartbeat_ms", "heartbeat_interval_s", 1e-3), ("capacity", "worker_capacity", 1),
                               ("max_pending", "max_pending", 1), ("threads", "intra_op_threads", 1),
                               ("runner", "runner", 1)):
@@ -45,6 +49,8 @@ def _config(args):
             changes[field] = v * scale if scale != 1 else v
     if getattr(args, "no_preload", False):
         changes["preload"] = False
+    if getattr(args, "allow_non_finite", False):
+        changes["allow_non_finite"] = True
     if args.config_json:  # a worker process started by `serve`: the parent's settings, already resolved
         try:
             base = ServerConfig.from_json(json.loads(args.config_json))

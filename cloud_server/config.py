@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Iterable
 
 from edgesplit.errors import ConfigError
 from edgesplit.liveness import FailureDetector
-from edgesplit.protocol import Limits
+from edgesplit.protocol import Limits, max_frame_bytes
 
 __all__ = ["ServerConfig"]
 
@@ -72,6 +73,10 @@ class ServerConfig:
     max_queue_delay_ms: float = 2.0
     # Largest batch (samples along the dynamic batch dim) a worker runs at once.
     max_batch: int = 8
+    # Largest batch (leading dim) one request may carry. Checked, with the raw bytes it implies,
+    # before anything is decompressed ("bad_request" beyond it), and it sizes ZMQ_MAXMSGSIZE
+    # (socket_bound). A request above max_batch but within this runs alone.
+    max_request_batch: int = 32768
     # After a batch of several requests, a worker waits up to max_queue_delay_ms for batch-mates
     # of that bundle and cut for this long (a lone client never waits for a request that can
     # only come after its answer).
@@ -97,22 +102,28 @@ class ServerConfig:
     restart_delay_s: float = 1.0
 
     # --- untrusted input --------------------------------------------------------------------
-    # What one message from an edge may hold (checked before anything is allocated).
+    # What one message from an edge may hold (checked before anything is allocated). Every
+    # socket that reads network data also gets ZMQ_MAXMSGSIZE from these and the bundles' cut
+    # specs at max_request_batch (see socket_bound): libzmq drops a peer that sends a bigger frame.
     limits: Limits = field(default_factory=Limits)
+    # Accept float inputs holding NaN or infinity (False: refused with "bad_request" and counted
+    # in edgesplit_refused_requests{reason="non_finite"}; they would poison a whole batch).
+    allow_non_finite: bool = False
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("limits", "runner", "intra_op_threads", "preload", "profile_on_load"):
+            if f.name in ("limits", "runner", "intra_op_threads", "preload", "profile_on_load", "allow_non_finite"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"ServerConfig.{f.name} must be a non-negative number, got {v!r}")
-        for name in ("heartbeat_interval_s", "worker_capacity", "max_batch", "max_attempts",
+        for name in ("heartbeat_interval_s", "worker_capacity", "max_batch", "max_request_batch", "max_attempts",
                      "heartbeat_liveness", "default_deadline_ms", "reconnect_initial_s", "liveness_threshold",
                      "liveness_min_std_s", "liveness_max_silence_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("worker_capacity", "max_batch", "max_attempts", "heartbeat_liveness", "max_pending",
+        for name in ("worker_capacity", "max_batch", "max_request_batch", "max_attempts", "heartbeat_liveness",
+                     "max_pending",
                      "max_held_bytes", "liveness_window"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"ServerConfig.{name} must be an int, got {getattr(self, name)!r}")
@@ -130,6 +141,9 @@ class ServerConfig:
             raise ConfigError(f"ServerConfig.runner must be a runner kind, got {self.runner!r}")
         if not isinstance(self.limits, Limits):
             raise ConfigError("ServerConfig.limits must be an edgesplit.protocol.Limits")
+        for name in ("preload", "profile_on_load", "allow_non_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ServerConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def heartbeat_expiry_s(self) -> float:
@@ -140,6 +154,15 @@ class ServerConfig:
         """A fresh detector of one peer (a worker, or the broker), first heard of at `now`."""
         return FailureDetector(self.heartbeat_interval_s, self.liveness_threshold, self.liveness_min_std_s,
                                self.liveness_min_silence_s, self.liveness_max_silence_s, self.liveness_window, now)
+
+    def socket_bound(self, bundles: Iterable) -> int:
+        """ZMQ_MAXMSGSIZE for the pool's sockets: the largest legitimate frame any of `bundles`
+        (edgesplit.bundle.Bundle) can need, at max_request_batch samples (edgesplit.protocol.max_frame_bytes).
+
+        Every cut counts, inputs and outputs included: requests and replies cross the same sockets.
+        """
+        specs = [s for b in bundles for k in range(b.num_segments + 1) for s in b.cut(k).specs]
+        return max_frame_bytes(specs, self.max_request_batch, self.limits)
 
     def replace(self, **changes) -> "ServerConfig":
         """A copy with some fields changed (validated again)."""

@@ -16,7 +16,7 @@ from edgesplit import protocol as P
 
 from cloud_server.config import ServerConfig
 from cloud_server.dispatch import Dispatcher, Request
-from cloud_server.metrics import STAGES, Metrics
+from cloud_server.metrics import REFUSALS, STAGES, Metrics
 from cloud_server.registry import BundleCatalog, WorkerRegistry
 
 __all__ = ["EdgeDesk"]
@@ -80,9 +80,12 @@ class EdgeDesk:
             if times is not None and not (type(times) is list and all(type(t) is float for t in times)):
                 times = None
             batch = batch if type(batch) is int else 0
+            reason = stats[3] if len(stats) > 3 else None  # why a worker refused it (REFUSALS)
         except (TypeError, IndexError, KeyError):
-            outcome, times, batch = "ok", None, 0
+            outcome, times, batch, reason = "ok", None, 0, None
         self.outcome(outcome).inc()
+        if type(reason) is str and reason in REFUSALS:
+            m.refused.labels(reason).inc()
         if times:
             # queue time = broker receipt to the worker starting to decode (both queues)
             for child, ms in zip(self._stage_children, times):

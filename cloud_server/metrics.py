@@ -6,9 +6,11 @@ from typing import Any
 
 from edgesplit.deps import require
 
-__all__ = ["Metrics", "STAGES"]
+__all__ = ["Metrics", "STAGES", "REFUSALS"]
 
 STAGES = ("queue", "decode", "compute", "encode")
+# Why a worker refused a request before computing it (the `reason` of edgesplit_refused_requests).
+REFUSALS = ("oversize", "bad_payload", "non_finite")
 # Seconds: 100 us .. 10 s, dense where a split tail lives (1-100 ms).
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0)
@@ -49,6 +51,7 @@ class Metrics:
             self.requests = self.stage = self.latency = self.batch = n
             self.bytes_in = self.bytes_out = self.live_workers = self.queued = self.inflight = n
             self.worker_up = self.worker_inflight = self.redispatched = self.workers_lost = n
+            self.refused = self.bundle_load_errors = n
             return
         prom = require("prometheus_client", "the /metrics endpoint")
         self.registry = r = prom.CollectorRegistry()
@@ -77,8 +80,17 @@ class Metrics:
                                          registry=r)
         self.workers_lost = prom.Counter("edgesplit_workers_lost", "Workers dropped after missed heartbeats",
                                          registry=r)
+        self.refused = prom.Counter("edgesplit_refused_requests",
+                                    "Requests refused unread or undecoded, by reason (a batch or byte count over "
+                                    "the limits, a payload that would expand past its shape, non-finite inputs)",
+                                    ["reason"], registry=r)
+        self.bundle_load_errors = prom.Gauge("edgesplit_bundle_load_errors",
+                                             "Workers that reported they cannot load a bundle, per bundle",
+                                             ["bundle", "name"], registry=r)
         for stage in STAGES:
             self.stage.labels(stage)
+        for reason in REFUSALS:
+            self.refused.labels(reason)
         for outcome in ("ok", "busy", "deadline", "bad_request"):
             self.requests.labels(outcome)
 

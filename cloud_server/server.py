@@ -200,13 +200,22 @@ class Server:
         os.replace(tmp, path)
 
     def wait_ready(self, timeout: float) -> bool:
-        """Until every local worker announced itself and (with preload) loaded its bundles."""
+        """Until every local worker announced itself and (with preload) loaded its bundles.
+
+        A bundle a worker reported it cannot load does not hold readiness back: it is logged,
+        shown with its error in /v1/models and counted in edgesplit_bundle_load_errors.
+        """
         end = time.monotonic() + timeout
         n = len(self.devices)
+        broker = self.broker
+
+        def settled(w: dict) -> bool:
+            return set(w["available"]) <= set(w["loaded"]) | broker.load_errors_of(w["name"])
+
         while time.monotonic() < end:
-            snap = self.broker.snapshot()
+            snap = broker.snapshot()
             ws = snap.get("workers", [])
-            if len(ws) >= n and (not self.config.preload or all(set(w["available"]) <= set(w["loaded"]) for w in ws)):
+            if len(ws) >= n and (not self.config.preload or all(settled(w) for w in ws)):
                 if n == 0 or snap.get("ready") or not snap.get("bundles"):
                     return True
             if any(p is not None and p.poll() is not None for p in self.procs) and not self.config.restart_delay_s:

@@ -50,9 +50,10 @@ class _Job:
 
 
 class _Failure(Exception):
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, reason: str | None = None):
         super().__init__(message)
         self.code = code
+        self.reason = reason  # a REFUSALS reason for the broker's metrics, or None
 
 
 class LoadedBundle:
@@ -65,6 +66,7 @@ class LoadedBundle:
         n = bundle.num_segments
         self.segments = SegmentRunner(bundle, runner=runner, intra_op_threads=threads).activate()
         self.batchable = {k: _batch_symbol(bundle, k) is not None for k in range(n)}
+        self.budgets: dict[int, int] = {}  # cut -> raw bytes a request may declare (TailBatcher._budget)
         self.profile: dict | None = None
 
     @property
@@ -82,6 +84,14 @@ class LoadedBundle:
 
     def close(self) -> None:
         self.segments.close()
+
+
+def _check_finite(arrays: dict[str, np.ndarray]) -> None:
+    """Refuse NaN and infinity in float inputs (min and max propagate both; no temporary array)."""
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+            raise _Failure("bad_request", f"tensor {name!r} holds NaN or infinity; this server refuses non-finite "
+                                          f"inputs (ServerConfig.allow_non_finite)", reason="non_finite")
 
 
 def _batch_symbol(bundle: Bundle, k: int) -> str | None:
@@ -115,6 +125,9 @@ class TailBatcher:
         self.send = send
         self._rescan, self._to_local, self._stopping = rescan, to_local, stopping
         self.loaded: dict[str, LoadedBundle] = {}
+        # bundles that could not load: id -> (when, why); reported in the status, tried again
+        # only after rescan_interval_s (a broken bundle must not cost a hash and a load per request)
+        self.failed: dict[str, tuple[float, str]] = {}
         self.queue: deque[_Job] = deque()  # received, not yet run (only the serving thread touches it)
         self.version = 0  # bumped when loaded bundles or profiles change: triggers a heartbeat
         self._codecs: dict[str, Any] = {}
@@ -130,9 +143,10 @@ class TailBatcher:
     def has_requests(self) -> bool:
         return any(j.load is None for j in self.queue)
 
-    def send_error(self, rkey: bytes, rid: str, code: str, message: str) -> None:
+    def send_error(self, rkey: bytes, rid: str, code: str, message: str, reason: str | None = None) -> None:
+        """Answer a request with an error; `reason` (cloud_server.metrics.REFUSALS) is counted by the broker."""
         frames = P.encode(P.error(rid, code, message, worker=self.name))
-        self.send([W.ctl(W.REPLY, rkey, (code, None, 0)), *frames])
+        self.send([W.ctl(W.REPLY, rkey, (code, None, 0, reason)), *frames])
 
     # -- one step -------------------------------------------------------------------------------
     def step(self, wait: Callable[[float], None] | None = None) -> bool:
@@ -205,26 +219,46 @@ class TailBatcher:
                 raise _Failure("deadline", "the deadline passed while the request was queued")
             loaded = self.loaded.get(msg.bundle) or self.load_bundle(msg.bundle)
             if loaded is None:
-                raise _Failure("unknown_bundle", f"this worker cannot load bundle {msg.bundle[:64]!r}")
+                why = self.failed.get(msg.bundle)
+                raise _Failure("unknown_bundle", f"this worker cannot load bundle {msg.bundle[:64]!r}"
+                                                 + (f": {why[1]}" if why else ""))
             n = loaded.bundle.num_segments
             if not 0 <= msg.cut < n:
                 raise _Failure("bad_cut", f"cut {msg.cut} is outside 0..{n - 1} for bundle {loaded.bundle.name}")
-            P.check_tensors(msg, loaded.bundle.cut(msg.cut).specs)
+            # Bound the work before doing it: the declared shapes, the batch and the raw bytes
+            # they imply are checked against the cut's specs at max_request_batch before anything is
+            # decompressed (each decoder then writes into a buffer of exactly the declared size).
+            P.check_tensors(msg, loaded.bundle.cut(msg.cut).specs, max_batch=self.config.max_request_batch,
+                            max_bytes=self._budget(loaded, msg.cut))
             spec = msg.meta.get("reply_codec", "raw")
             if not isinstance(spec, str) or self._codec(spec) is None:
                 raise _Failure("bad_request", f"unknown reply_codec {str(spec)[:40]!r}")
             t = time.perf_counter()
-            job.arrays = {name: decode_tensor(enc) for name, enc in msg.tensors.items()}
+            try:
+                job.arrays = {name: decode_tensor(enc) for name, enc in msg.tensors.items()}
+            except CodecError as exc:
+                raise _Failure("bad_request", str(exc), reason="bad_payload") from None
             job.decode_ms = (time.perf_counter() - t) * 1e3
+            if not self.config.allow_non_finite:
+                _check_finite(job.arrays)
             if loaded.batchable[msg.cut]:
                 job.samples = int(next(iter(job.arrays.values())).shape[0]) if job.arrays else 1
         except _Failure as exc:
-            self.send_error(job.rkey, msg.id, exc.code, str(exc))
+            job.arrays = None
+            self.send_error(job.rkey, msg.id, exc.code, str(exc), exc.reason)
             return False
-        except (ProtocolError, CodecError) as exc:
-            self.send_error(job.rkey, msg.id, "bad_request", str(exc))
+        except ProtocolError as exc:
+            self.send_error(job.rkey, msg.id, "bad_request", str(exc), getattr(exc, "reason", None))
             return False
         return True
+
+    def _budget(self, loaded: LoadedBundle, k: int) -> int:
+        """Raw bytes a request at cut k may declare: its specs at max_request_batch (cached per bundle and cut)."""
+        b = loaded.budgets.get(k)
+        if b is None:
+            b = loaded.budgets[k] = P.tensors_budget(loaded.bundle.cut(k).specs, self.config.max_request_batch,
+                                                     self.config.limits)
+        return b
 
     def _codec(self, spec: str):
         c = self._codecs.get(spec)
@@ -238,6 +272,9 @@ class TailBatcher:
     def load_bundle(self, bid: str) -> LoadedBundle | None:
         if bid in self.loaded:
             return self.loaded[bid]
+        failed = self.failed.get(bid)
+        if failed is not None and time.monotonic() - failed[0] < self.config.rescan_interval_s:
+            return None
         if bid not in self.repository:
             self._rescan()
             self.version += 1  # announce what the rescan found
@@ -248,7 +285,10 @@ class TailBatcher:
             loaded = LoadedBundle(self.repository.load(bid), self.runner, self.config.intra_op_threads)
         except (BundleError, BackendError, ConfigError) as exc:
             log.error("%s: cannot load bundle %s: %s", self.name, bid[:12], exc)
+            self.failed[bid] = (time.monotonic(), str(exc)[:500])
+            self.version += 1  # the broker hears of it at once (readiness does not wait for it)
             return None
+        self.failed.pop(bid, None)
         if self.config.profile_on_load:
             try:
                 loaded.measure(self.device)

@@ -155,6 +155,8 @@ class TailWorker:
         # the backends actually running (e.g. "ort-cuda"), once a bundle is loaded
         st["runner"] = ",".join(sorted({b.runner_name for b in list(loaded.values())})) or self.runner
         st["available"] = self._available
+        # bundles this worker cannot load, and why (start-up readiness does not wait for them)
+        st["failed"] = {b: why for b, (_, why) in list(self._tail.failed.items())}
         return st
 
     @property
@@ -205,6 +207,9 @@ class TailWorker:
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
         s.sndhwm = s.rcvhwm = 10_000
+        # The broker forwards what edges sent; a frame bigger than any request for these bundles
+        # can be (at max_batch) is dropped by libzmq before it is buffered here.
+        s.maxmsgsize = self.socket_bound()
         if self._curve:
             self._curve.apply(s)
         s.connect(self.connect)
@@ -212,6 +217,10 @@ class TailWorker:
         self._last_send = self._last_heard = time.monotonic()
         self._broker_liveness.reset(self._last_heard)  # a new connection: learn the broker again
         return s
+
+    def socket_bound(self) -> int:
+        """ZMQ_MAXMSGSIZE of this worker's socket, from the repository's bundles (ServerConfig.socket_bound)."""
+        return self.config.socket_bound(self.repository.manifest(b) for b in self.repository.ids())
 
     def _send(self, frames: list) -> None:
         if self._outbox is not None:

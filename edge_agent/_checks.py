@@ -65,9 +65,10 @@ class ReplyCheck:
         is_ours: whether a request id was made by this agent (a late answer, not a stray one).
     """
 
-    def __init__(self, bundle: Bundle, is_ours: Callable[[str], bool]):
+    def __init__(self, bundle: Bundle, is_ours: Callable[[str], bool], limits: protocol.Limits = protocol.Limits()):
         self.bundle = bundle
         self._is_ours = is_ours
+        self._limits = limits
 
     def misfit(self, rid, req, server_index: int) -> str | None:
         """None if the reply belongs to `req`; else "ignore", "late", or why to ban its server.
@@ -92,7 +93,9 @@ class ReplyCheck:
 
         Raises ProtocolError, CodecError or UserError for a reply that must not be used.
         """
-        protocol.check_tensors(msg, self.bundle.outputs)
+        # The declared names, dtypes and shapes first, with the request's own dims bound: nothing
+        # is decompressed for a reply that could not answer it (a bomb, or an oversized batch).
+        protocol.check_tensors(msg, self.bundle.outputs, bound=binding, max_bytes=self._limits.max_decoded_bytes)
         t = time.perf_counter()
         outs = {name: codecs.decode(enc) for name, enc in msg.tensors.items()}
         bind_shapes(self.bundle.outputs, outs, f"reply to {msg.id}", bound=binding)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from edgesplit.errors import ConfigError
 from edgesplit.planning import ChooserConfig
+from edgesplit.protocol import Limits
 
 __all__ = ["AgentConfig", "FALLBACK_POLICIES"]
 
@@ -39,6 +40,14 @@ class AgentConfig:
     max_resends: int = 2
     # Codec the cloud should use for the outputs it sends back.
     reply_codec: str = "raw"
+    # Largest batch (leading dim) a request may send to the cloud; a bigger one is finished as
+    # the fallback policy says. It sizes the largest reply the agent accepts: ZMQ_MAXMSGSIZE of
+    # its sockets is the bundle's outputs at this batch (edgesplit.protocol.max_frame_bytes), and
+    # libzmq drops a server's connection that sends a bigger frame, before buffering it.
+    max_batch: int = 64
+    # What a server's message may hold (sizes, counts, nesting), checked before any allocation;
+    # a reply's declared shapes must also match the request before anything is decompressed.
+    limits: Limits = field(default_factory=Limits)
 
     # --- link monitor -----------------------------------------------------------------------
     # Application heartbeat: a ping to every server this often; the pong carries the server load.
@@ -105,6 +114,11 @@ class AgentConfig:
     # --- device -----------------------------------------------------------------------------
     # Timed runs of every segment at start (after one warm-up run); 0 skips warm-up and profile.
     profile_runs: int = 3
+    # The first request of an input shape not profiled yet is profiled again with its own
+    # inputs (profile_runs passes: segment times, cut bytes after the codec), and its cut is
+    # chosen with those; up to this many shapes are kept (then the nearest in size stands in).
+    # 0: only the start-up profile (every symbolic dim set to 1), scaled by the batch.
+    shape_profiles: int = 8
     # ONNX Runtime intra-op threads for the device's segments (None: its default).
     intra_op_threads: int | None = None
     # Threads that run local fallbacks (tails finished on the device).
@@ -138,16 +152,21 @@ class AgentConfig:
                      "reconnect_jitter"):
             positive(name, allow_zero=True)
         for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
-                     "max_resends", "profile_runs"):
+                     "max_resends", "profile_runs", "max_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"AgentConfig.{name} must be an integer, got {v!r}")
-        for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers"):
+        for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
+                     "max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_resends", "profile_runs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"AgentConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if isinstance(self.shape_profiles, bool) or not isinstance(self.shape_profiles, int) or self.shape_profiles < 0:
+            raise ConfigError(f"AgentConfig.shape_profiles must be an integer >= 0, got {self.shape_profiles!r}")
+        if not isinstance(self.limits, Limits):
+            raise ConfigError(f"AgentConfig.limits must be an edgesplit.protocol.Limits, got {type(self.limits).__name__}")
         if not isinstance(self.chooser, ChooserConfig):
             raise ConfigError(f"AgentConfig.chooser must be an edgesplit.planning.ChooserConfig, "
                               f"got {type(self.chooser).__name__}")

@@ -31,7 +31,7 @@ __all__ = [
     "VERSION", "KINDS", "ERROR_CODES", "Limits", "Message", "MessageError",
     "infer", "result", "error", "ping", "pong", "hello", "welcome", "cancel",
     "encode", "decode", "decode_header", "check_tensors", "send", "recv", "send_frames", "recv_frames",
-    "error_code",
+    "error_code", "spec_nbytes", "tensors_budget", "max_frame_bytes", "declared_nbytes",
 ]
 
 VERSION = 1
@@ -75,12 +75,15 @@ class MessageError(ProtocolError):
     Attributes:
         code: the error code a server answers with ("version" or "bad_request").
         request_id: the message's id if it could be read, else None.
+        reason: "oversize" when a batch or byte count is over a limit (for metrics), else None.
     """
 
-    def __init__(self, message: str, code: str = "bad_request", request_id: str | None = None):
+    def __init__(self, message: str, code: str = "bad_request", request_id: str | None = None,
+                 reason: str | None = None):
         super().__init__(message)
         self.code = code
         self.request_id = request_id
+        self.reason = reason
 
 
 def error_code(exc: BaseException) -> str:
@@ -450,11 +453,81 @@ def _tensor(d: Any, view: memoryview, i: int, limits: Limits, rid: str | None) -
 
 
 # -- checks against the bundle -----------------------------------------------------------------
-def check_tensors(msg: Message, specs: Sequence[Any], max_batch: int | None = None) -> dict[str, int]:
+def spec_nbytes(spec: Any, batch: int) -> int | None:
+    """Bytes of one tensor of `spec` (a TensorSpec) with its symbolic leading dim at `batch`.
+
+    None when any other dim is symbolic: then the spec alone bounds nothing.
+    """
+    n = np.dtype(spec.dtype).itemsize
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int) and dim >= 0:
+            n *= dim
+        elif axis == 0:
+            n *= batch
+        else:
+            return None
+    return n
+
+
+def tensors_budget(specs: Iterable[Any], max_batch: int, limits: Limits) -> int:
+    """The most raw bytes a message carrying `specs` at up to `max_batch` samples may declare.
+
+    Specs with another symbolic dim than the leading one leave the budget at
+    `limits.max_decoded_bytes`; the budget never exceeds it.
+    """
+    total = 0
+    for s in specs:
+        n = spec_nbytes(s, max_batch)
+        if n is None:
+            return limits.max_decoded_bytes
+        total += n
+    return min(total, limits.max_decoded_bytes)
+
+
+# A compressor's worst case on incompressible input: zstd adds < 1/256 plus a few block headers,
+# LZ4 < 1/255 + 16 bytes. 1/128 + 4 KiB covers both with room.
+_FRAME_SLACK = 4096
+
+
+def max_frame_bytes(specs: Iterable[Any], max_batch: int, limits: Limits) -> int:
+    """ZMQ_MAXMSGSIZE for a socket whose messages carry tensors of `specs` (up to `max_batch` samples).
+
+    libzmq checks each frame against it as it arrives, before the whole frame is buffered, and
+    drops the connection of a peer that sends a bigger one (without telling it). So it is the
+    largest legitimate frame: the bigger of the header limit and the largest tensor at
+    `max_batch` with a compressor's worst-case expansion; never more than
+    `limits.max_message_bytes`, which is also the bound when a spec has a symbolic dim other
+    than the batch (nothing smaller is known to be safe).
+    """
+    largest = limits.max_header_bytes
+    for s in specs:
+        n = spec_nbytes(s, max_batch)
+        if n is None:
+            return limits.max_message_bytes
+        largest = max(largest, n + n // 128 + _FRAME_SLACK)
+    return min(largest, limits.max_message_bytes)
+
+
+def declared_nbytes(msg: Message) -> int:
+    """Raw bytes the tensors of `msg` decode to, from their declared dtypes and shapes (no decoding)."""
+    total = 0
+    for enc in msg.tensors.values():
+        n = _ITEMSIZE.get(enc.dtype, 8)
+        for d in enc.shape:
+            n *= d
+        total += n
+    return total
+
+
+def check_tensors(msg: Message, specs: Sequence[Any], max_batch: int | None = None,
+                  bound: Mapping[str, int] | None = None, max_bytes: int | None = None) -> dict[str, int]:
     """Check that `msg.tensors` are exactly `specs` (a cut's TensorSpecs): names, dtypes, shapes.
 
-    A symbolic dim (a str such as "N") matches any size, but the same symbol must have the same
-    size in every tensor; with `max_batch`, a symbolic leading dim may not exceed it.
+    Only the declared fields are read: nothing is decoded, so a caller that checks first bounds
+    what decoding may allocate. A symbolic dim (a str such as "N") matches any size, but the same
+    symbol must have the same size in every tensor and in `bound` (sizes fixed already, e.g. the
+    batch a request was sent with); with `max_batch`, a symbolic leading dim may not exceed it;
+    with `max_bytes`, the tensors together may not declare more raw bytes than that.
     Returns the symbol bindings, e.g. {"N": 4}. Raises ProtocolError.
     """
     rid = msg.id
@@ -468,7 +541,8 @@ def check_tensors(msg: Message, specs: Sequence[Any], max_batch: int | None = No
         if extra:
             parts.append(f"unexpected {extra}")
         raise MessageError(f"tensors do not match the cut: {'; '.join(parts)}", request_id=rid)
-    bindings: dict[str, int] = {}
+    given = dict(bound or {})
+    bindings: dict[str, int] = dict(given)
     for name, spec in want.items():
         enc = msg.tensors[name]
         if enc.dtype != spec.dtype:
@@ -482,18 +556,24 @@ def check_tensors(msg: Message, specs: Sequence[Any], max_batch: int | None = No
         for axis, (got, dim) in enumerate(zip(enc.shape, spec.shape)):
             if isinstance(dim, str) or dim is None or (isinstance(dim, int) and dim < 0):
                 sym = dim if isinstance(dim, str) else f"?{name}:{axis}"
-                bound = bindings.setdefault(sym, got)
-                if bound != got:
-                    raise MessageError(
-                        f"tensor {name!r}: dim {axis} ({sym}) is {got} but another tensor has {sym}={bound}",
-                        request_id=rid)
                 if max_batch is not None and axis == 0 and got > max_batch:
                     raise MessageError(f"tensor {name!r}: batch {got} exceeds the limit of {max_batch}",
-                                       request_id=rid)
+                                       request_id=rid, reason="oversize")
+                bound_to = bindings.setdefault(sym, got)
+                if bound_to != got:
+                    where = "the request has" if sym in given else "another tensor has"
+                    raise MessageError(
+                        f"tensor {name!r}: dim {axis} ({sym}) is {got} but {where} {sym}={bound_to}",
+                        request_id=rid)
             elif got != dim:
                 raise MessageError(
                     f"tensor {name!r}: shape {list(enc.shape)} does not match the cut's {list(spec.shape)}",
                     request_id=rid)
+    if max_bytes is not None:
+        declared = declared_nbytes(msg)
+        if declared > max_bytes:
+            raise MessageError(f"tensors declare {declared} bytes, over this cut's budget of {max_bytes}",
+                               request_id=rid, reason="oversize")
     return {k: v for k, v in bindings.items() if not k.startswith("?")}
 
 

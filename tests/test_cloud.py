@@ -132,7 +132,8 @@ def test_results_batching_deadline_busy_and_admin(repo, tmp_path):
     mlp, slow = _bundles(repo)
     with ServeProc(repo, workers=1, heartbeat_ms=HB_MS,
                    extra=["--max-batch", "8", "--max-queue-delay-ms", "20", "--capacity", "8",
-                          "--max-pending", "4"]) as server:
+                          "--max-pending", "4",
+                          "--max-request-batch", "500000"]) as server:  # "long" sends up to 480000 rows
         edge = Edge(server.address)
         # correct answers for both cuts, any batch size
         rng = np.random.default_rng(2)
@@ -398,7 +399,8 @@ def test_library_api_and_byte_bound(repo):
     from cloud_server import Broker, TailWorker
 
     mlp, slow = _bundles(repo)
-    cfg = ServerConfig(heartbeat_interval_s=0.1, max_held_bytes=12 << 20, profile_on_load=False)
+    cfg = ServerConfig(heartbeat_interval_s=0.1, max_held_bytes=12 << 20, profile_on_load=False,
+                       max_request_batch=20_000)  # the blocker is one request of 20000 samples
     with Broker(cfg, "tcp://127.0.0.1:0", repository=repo, context=zmq.Context()) as broker:
         worker = TailWorker(broker.add_inproc_endpoint(), repo, cfg, name="lib-worker", context=broker.ctx)
         thread = threading.Thread(target=worker.run, daemon=True)

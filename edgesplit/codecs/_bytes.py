@@ -1,7 +1,11 @@
 """Byte stages of a codec: lossless transforms of a flat buffer (byte shuffle, zstd, lz4).
 
 Every decoder is told the exact size its output must have (derived from the declared shape, which
-the protocol has already bounded), so a hostile payload can never make it allocate more.
+the protocol has already bounded), so a hostile payload can never make it allocate more: zstd
+decodes one frame that must declare exactly that content size into a buffer of that size (a frame
+without a content size, a skippable frame, a second frame or trailing bytes are refused, and a
+frame whose blocks expand past its declared size fails while decoding); LZ4 decodes into a buffer
+of that size and fails the moment its output would pass it.
 """
 
 from __future__ import annotations
@@ -182,7 +186,10 @@ class ZstdStage(ByteStage):
         if size == 0:
             return b""
         try:
-            out = self._decompressor().decompress(buf, max_output_size=size)
+            # The output buffer is `size` bytes (the frame's content size, checked above equal to
+            # the shape's); a frame that expands past it fails in libzstd, and anything after
+            # the one frame is refused rather than ignored.
+            out = self._decompressor().decompress(buf, max_output_size=size, allow_extra_data=False)
         except self._zstd.ZstdError as exc:
             raise CodecError(f"zstd: corrupt payload ({exc})") from None
         if len(out) != size:
