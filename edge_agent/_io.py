@@ -59,8 +59,8 @@ class IOLoop:
         self.ctx = zmq.Context()
         # Every socket of this context (one pair per server, made in _link) gets the bound: libzmq
         # drops a server's connection that sends a frame bigger than the bundle's outputs at
-        # max_batch, before buffering it (the link then goes down like any lost connection).
-        self.socket_bound = protocol.max_frame_bytes(bundle.outputs, config.max_batch, config.limits)
+        # max_request_batch, before buffering it (the link then goes down like any lost connection).
+        self.socket_bound = protocol.max_frame_bytes(bundle.outputs, config.max_request_batch, config.limits)
         self.ctx.setsockopt(zmq.MAXMSGSIZE, self.socket_bound)
         self._poller = zmq.Poller()
         self.links = [ServerLink(a, i, config, self.ctx, self._poller, bundle.id, requests.count)
@@ -250,10 +250,11 @@ class IOLoop:
         if s is None:
             self._no_server(req)
             return
-        if req.batch > self.config.max_batch:  # its reply could not pass the socket bound
-            self._requests.count("over_max_batch")
-            self._give_up(req, "batch over max_batch", UserError(
-                f"request {req.id}: batch {req.batch} is over AgentConfig.max_batch ({self.config.max_batch})"))
+        if req.batch > self.config.max_request_batch:  # its reply could not pass the socket bound
+            self._requests.count("over_max_request_batch")
+            self._give_up(req, "batch over max_request_batch", UserError(
+                f"request {req.id}: batch {req.batch} is over AgentConfig.max_request_batch "
+                f"({self.config.max_request_batch})"))
             return
         remaining_ms = (req.cloud_deadline - now) * 1e3
         if remaining_ms <= 0:

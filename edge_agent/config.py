@@ -40,11 +40,11 @@ class AgentConfig:
     max_resends: int = 2
     # Codec the cloud should use for the outputs it sends back.
     reply_codec: str = "raw"
-    # Largest batch (leading dim) a request may send to the cloud; a bigger one is finished as
+    # Largest batch (leading dim) a request may send to the cloud (as ServerConfig's); a bigger one is finished as
     # the fallback policy says. It sizes the largest reply the agent accepts: ZMQ_MAXMSGSIZE of
     # its sockets is the bundle's outputs at this batch (edgesplit.protocol.max_frame_bytes), and
     # libzmq drops a server's connection that sends a bigger frame, before buffering it.
-    max_batch: int = 64
+    max_request_batch: int = 32768
     # What a server's message may hold (sizes, counts, nesting), checked before any allocation;
     # a reply's declared shapes must also match the request before anything is decompressed.
     limits: Limits = field(default_factory=Limits)
@@ -152,12 +152,12 @@ class AgentConfig:
                      "reconnect_jitter"):
             positive(name, allow_zero=True)
         for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
-                     "max_resends", "profile_runs", "max_batch"):
+                     "max_resends", "profile_runs", "max_request_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"AgentConfig.{name} must be an integer, got {v!r}")
         for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
-                     "max_batch"):
+                     "max_request_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_resends", "profile_runs"):

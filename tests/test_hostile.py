@@ -176,7 +176,6 @@ def _oversize_frame_attack(server, mlp, size: int) -> float:
         ctx.term()
 
 
-@pytest.mark.slow
 def test_a_600_mb_frame_is_dropped_by_the_socket_not_buffered(server, repo):
     mlp, _ = _bundles(repo)
     secs = _oversize_frame_attack(server, mlp, 600 * MIB)
@@ -318,3 +317,51 @@ def test_a_bundle_that_cannot_load_is_reported_and_does_not_hold_back_ready(tmp_
             assert msg.kind == "error" and msg.meta["code"] == "unknown_bundle" and "cannot load" in msg.meta["message"]
         finally:
             edge.close()
+
+
+# -- the bounds themselves, without a server -----------------------------------------------------
+def test_decoders_never_expand_past_the_declared_shape():
+    import lz4.block
+    import zstandard
+
+    from edgesplit.codecs import decode
+    from edgesplit.errors import CodecError
+
+    shape, size = (1, 1024), 4096
+    good = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(size))
+    cases = {
+        "liar": _zstd_frame(64 * MIB, declare=size),  # blocks expand past the declared size
+        "two frames": good + good,
+        "trailing bytes": good + b"\0" * 8,
+        "no content size": zstandard.ZstdCompressor(write_content_size=False).compress(bytes(size)),
+        "skippable": b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"abcd",
+    }
+    for what, payload in cases.items():
+        with pytest.raises(CodecError, match="zstd"):
+            decode(Encoded("raw+zstd", "float32", shape, {}, payload))
+    with pytest.raises(CodecError, match="lz4"):
+        decode(Encoded("raw+lz4", "float32", shape, {}, lz4.block.compress(bytes(MIB), store_size=False)))
+    assert decode(Encoded("raw+zstd", "float32", shape, {}, good)).shape == shape
+
+
+def test_check_tensors_bounds_batch_bytes_and_bound_dims():
+    from edgesplit.bundle import TensorSpec
+
+    specs = [TensorSpec("y", "float32", ("N", 4))]
+    msg = P.infer("r", "b", 1, {"y": Encoded("raw", "float32", (9, 4), {}, bytes(144))})
+    assert P.check_tensors(msg, specs) == {"N": 9}
+    with pytest.raises(P.MessageError, match="batch 9 exceeds the limit of 8") as e:
+        P.check_tensors(msg, specs, max_batch=8)
+    assert e.value.reason == "oversize"
+    with pytest.raises(P.MessageError, match=r"\(N\) is 9 but the request has N=1"):
+        P.check_tensors(msg, specs, bound={"N": 1})
+    with pytest.raises(P.MessageError, match="declare 144 bytes, over this cut's budget of 100"):
+        P.check_tensors(msg, specs, max_bytes=100)
+    limits = P.Limits()
+    assert P.tensors_budget(specs, 8, limits) == 128
+    assert P.max_frame_bytes(specs, 8, limits) == limits.max_header_bytes  # tiny tensors: the header bounds
+    big = [TensorSpec("h", "float32", ("N", 1 << 20))]
+    assert P.max_frame_bytes(big, 8, limits) == (32 << 20) + (32 << 20) // 128 + 4096
+    free = [TensorSpec("h", "float32", ("N", "S"))]  # a second symbol: the specs bound nothing
+    assert P.max_frame_bytes(free, 8, limits) == limits.max_message_bytes
+    assert P.tensors_budget(free, 8, limits) == limits.max_decoded_bytes
