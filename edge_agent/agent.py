@@ -83,16 +83,17 @@ class EdgeAgent:
         self._calibration = self.bundle.get("calibration") or {}
 
         self._device = open_device(self.bundle, runner, cfg.intra_op_threads, cfg.edge_slowdown)
-        # The device profile: median ms per segment (1.0 each when profile_runs is 0).
+        # The start-up device profile: median ms per segment at batch 1, every symbolic dim 1
+        # (1.0 each when profile_runs is 0). Each new input shape is profiled again (AutoCut).
         if cfg.profile_runs:
-            self.edge_ms = self._device.profile(cfg.profile_runs)
+            edge_ms = self._device.profile(cfg.profile_runs)
             log.info("device profile (%s): %s ms per segment", self._device.runner_name,
-                     ", ".join(f"{t:.2f}" for t in self.edge_ms))
+                     ", ".join(f"{t:.2f}" for t in edge_ms))
         else:
-            self.edge_ms = [1.0] * n
+            edge_ms = [1.0] * n
         self.runner_name = self._device.runner_name
         log.info("edge runner: %s (asked for %r)", self.runner_name, runner)
-        self._auto = AutoCut(self.bundle, self.edge_ms, fixed, codec, cfg)
+        self._auto = AutoCut(self.bundle, edge_ms, fixed, codec, cfg, device=self._device, encode=self._encode)
         self._requests = Requests(self.bundle, cfg, self._device)
         self._head_pool = ThreadPoolExecutor(1, thread_name_prefix="edgesplit-agent-head")
         self._io = IOLoop(self.bundle, self.servers, cfg, self._requests, self._auto)
@@ -146,6 +147,12 @@ class EdgeAgent:
         rtt = self._auto.link.rtt_s
         return LinkStats(rtt * 1e3 if rtt is not None else None, self._auto.link.bandwidth_bps, self._auto.current,
                          tuple(s.stats(now) for s in self._io.links), self._requests.counters())
+
+    @property
+    def edge_ms(self) -> list[float]:
+        """The device profile, ms per segment, of the latest request's input shape (before any
+        request: the start-up profile, batch 1 and every symbolic dim 1)."""
+        return list(self._auto.last.edge_ms)
 
     @property
     def cut(self) -> int | str:
@@ -205,14 +212,17 @@ class EdgeAgent:
                 requests.finish(req, exc=CancelledError())
                 return
             n = self.bundle.num_segments
-            k = req.cut = self._auto.choose(self._io.eligible, self._io.least_wait_ms())
+            # the prices of this request's own input shape (a new shape is profiled first)
+            plan, factor = self._auto.plan_for(req.feeds)
+            left_ms = (req.deadline - time.perf_counter()) * 1e3
+            k = req.cut = self._auto.choose(plan, factor, self._io.eligible, self._io.least_wait_ms(), left_ms)
             t = time.perf_counter()
             cut_tensors = self._device.run(req.feeds, 0, k)
             req.timings["head"] = (time.perf_counter() - t) * 1e3
             req.feeds = None
             req.cut_tensors = cut_tensors
             if k == n:
-                requests.finish_local(req, "cut=auto chose the device")
+                requests.finish_local(req, "chosen")
                 return
             if not self._io.connected():
                 if cfg.fallback == "local":
@@ -226,14 +236,35 @@ class EdgeAgent:
             req.timings["encode"] = (time.perf_counter() - t) * 1e3
             req.encoded = enc
             req.bytes_up = sum(e.nbytes for e in enc.values())
-            self._auto.observe_head(k, req.timings["head"] / max(1, req.batch))
-            if cfg.fallback == "local":
-                # stop waiting for the cloud early enough that the local tail still lands in time
-                tail_ms = sum(self.edge_ms[k:]) * req.batch
-                req.cloud_deadline = req.deadline - (tail_ms + cfg.fallback_margin_ms) / 1e3
+            self._auto.observe_head(plan, k, req.timings["head"] / factor)
+            if cfg.fallback == "local" and not self._fallback_deadline(req, plan, factor, k):
+                requests.count("local_fallback_reserve")
+                requests.finish_local(req, "fallback reserve")
+                return
             self._io.post(("send", req))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
             requests.finish(req, exc=exc)
+
+    def _fallback_deadline(self, req: Request, plan, factor: float, k: int) -> bool:
+        """Under fallback "local": until when the I/O thread waits for the cloud; False: do not send.
+
+        The agent keeps back the device's tail time (and fallback_margin_ms) so that a local
+        answer still lands by the deadline, but only where the cloud's predicted answer fits in
+        what is left: a reserve that leaves the cloud no time would turn every request local.
+        Without room for both, it waits for the cloud up to the deadline, unless the cloud
+        cannot make it and the device is quicker: then it finishes here at once.
+        """
+        tail_ms = plan.tail_ms(k) * factor
+        cloud_ms = self._auto.cloud_ms(plan, factor, k, self._io.least_wait_ms())
+        reserve_s = (tail_ms + self.config.fallback_margin_ms) / 1e3
+        left_s = req.deadline - time.perf_counter()
+        if left_s - reserve_s >= cloud_ms / 1e3:
+            req.cloud_deadline = req.deadline - reserve_s  # room for the cloud and the fallback
+        elif left_s >= cloud_ms / 1e3 or cloud_ms <= tail_ms:
+            req.cloud_deadline = req.deadline  # the cloud, or nothing, answers in time
+        else:
+            return False
+        return True
 
     def _encode(self, name: str, arr: np.ndarray):
         # The codec leaves non-float tensors (ids, masks) exact by itself.

@@ -621,3 +621,61 @@ def test_big_payload_on_a_slow_link_is_not_taken_for_a_dead_link(tmp_path):
         assert [r.where for r in results] == ["cloud"] * 4
         assert all(r.timings["network"] > 200 for r in results)  # the link really was that slow
         assert stats.counters.get("link_down", 0) == 0
+
+
+# -- the deadline, the fallback reserve, the shape of the requests --------------------------
+
+def test_auto_cut_answers_from_the_cloud_when_the_device_cannot_meet_the_deadline(slow, cloud):
+    """The issue's case: deadline_ms=100, a device slower than that, a cloud that is quick. The
+    agent used to keep the device's whole tail time back out of the deadline, leave the cloud no
+    time at all and answer every request locally ("deadline"); now the cloud answers."""
+    bundle, full = slow
+    x = rows(1)
+    cfg = FAST.replace(deadline_ms=100, edge_slowdown=2000.0)
+    with EdgeAgent(bundle, [cloud.address], cut="auto", codec="raw", config=cfg) as agent:
+        assert sum(agent.edge_ms) > 100  # the premise: the device alone misses the deadline
+        wait_all_up(agent)
+        results = [agent.infer({"x": x}) for _ in range(10)]
+    cloud_answers = [r for r in results if r.where == "cloud"]
+    # a busy box may make a cloud answer late now and then; never every one
+    assert len(cloud_answers) >= 7, [(r.where, r.reason, r.cut) for r in results]
+    assert all(r.reason != "fallback reserve" for r in results)
+    for r in results:
+        np.testing.assert_allclose(r.outputs["y"], reference(full, x), **TOL)
+
+
+def test_local_answers_say_why(chain, x, cloud):
+    bundle, full = chain
+    # a device far quicker than any round trip: cut="auto" keeps everything here ("chosen")
+    with EdgeAgent(bundle, [cloud.address], cut="auto", codec="raw", config=FAST) as agent:
+        res = agent.infer({"x": x})
+    assert (res.where, res.reason, res.cut) == ("local", "chosen", bundle.num_segments)
+    # the cloud priced at 1 kbit/s cannot answer within 100 ms, the device's tail can: the time
+    # left is kept for the local fallback and nothing is sent
+    before = cloud.requests()
+    cfg = FAST.replace(chooser=FAST.chooser.replace(assumed_bandwidth_bps=1e3))
+    with EdgeAgent(bundle, [cloud.address], cut=1, codec="raw", config=cfg) as agent:
+        wait_all_up(agent)
+        res = agent.infer({"x": x}, deadline_ms=100)
+        assert agent.link_stats().counters.get("local_fallback_reserve") == 1
+    assert (res.where, res.reason) == ("local", "fallback reserve")
+    np.testing.assert_allclose(res.outputs["y"], reference(full, x), **TOL)
+    assert cloud.requests() == before
+
+
+def test_auto_cut_profiles_each_new_input_shape(slow, cloud):
+    """The start-up profile sets every symbolic dim to 1; a request of another shape is profiled
+    with its own inputs, once, and its cut is priced with those times."""
+    bundle, full = slow
+    with EdgeAgent(bundle, [cloud.address], cut="auto", codec="raw", config=FAST) as agent:
+        start = agent.edge_ms
+        agent.infer({"x": rows(1)})                  # the start-up shape: no new profile
+        assert agent.edge_ms == start
+        big = rows(2048)
+        res = agent.infer({"x": big})
+        profiled = agent.edge_ms
+        assert sum(profiled) > 10 * sum(start)       # 2048 rows are not 1
+        assert agent.predicted_ms()[bundle.num_segments] == pytest.approx(sum(profiled), rel=0.5)
+        agent.infer({"x": big})
+        assert agent.edge_ms == profiled             # cached per shape: measured once
+    np.testing.assert_allclose(res.outputs["y"], reference(full, big), **TOL)

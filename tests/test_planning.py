@@ -298,3 +298,15 @@ def test_rtt_is_a_windowed_minimum_so_queued_pings_do_not_inflate_it():
     time.sleep(0.35)                   # the window passes: a longer path shows
     est.observe(0, 0, rtt_s=0.060)
     assert est.rtt_s == pytest.approx(0.060)
+
+
+def test_chooser_leaves_a_cut_predicted_to_miss_the_deadline_at_once():
+    # all-edge takes 60 ms; on a 20 Mbit/s link cut 2 takes ~54 ms: 10 % better, a small gain
+    m = three_segment_model()
+    cfg = ChooserConfig(margin=0.05, patience=3, fast_margin=0.3)
+    slow = CutChooser(m, initial=3, config=cfg)
+    assert [slow.update(20e6, 0.005) for _ in range(2)] == [3, 3]  # no deadline: patience first
+    quick = CutChooser(m, initial=3, config=cfg)
+    assert quick.update(20e6, 0.005, deadline_ms=58) == 2  # all-edge would be late: move now
+    # and while no cut can make it, the fastest of the late ones is the target
+    assert m.best(20e6, 0.005, deadline_ms=1).cut == m.best(20e6, 0.005).cut

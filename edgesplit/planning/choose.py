@@ -71,17 +71,23 @@ class CutChooser:
     cheaper by more than ``margin`` on ``patience`` consecutive updates (or by more than
     ``fast_margin`` on ``fast_patience`` updates). :meth:`link_down` moves to all-edge at once.
 
+    With a deadline, a cut predicted to answer within it beats every cut predicted to miss it,
+    whatever their latencies (and moving from a late cut to an on-time one is a fast gain);
+    among on-time cuts, or when none is, the objective decides.
+
     Args:
         model: the cost model of the bundle (it may learn online; see CostModel.observe_*).
         initial: the first cut (default: the best one on the assumed link).
         config: the hysteresis settings.
         allowed: the cuts that may be chosen (default: every cut 0..n).
+        deadline_ms: the budget the initial cut is chosen for (None: none).
 
     Thread-safe.
     """
 
     def __init__(self, model: CostModel, initial: int | None = None,
-                 config: ChooserConfig | None = None, allowed: Iterable[int] | None = None):
+                 config: ChooserConfig | None = None, allowed: Iterable[int] | None = None,
+                 deadline_ms: float | None = None):
         self.model = model
         self.config = config or ChooserConfig()
         n = model.num_segments
@@ -90,7 +96,8 @@ class CutChooser:
             raise ConfigError(f"allowed cuts must be a non-empty subset of 0..{n}")
         if initial is None:
             initial = model.best(self.config.assumed_bandwidth_bps, self.config.assumed_rtt_s,
-                                 objective=self.config.objective, allowed=self.allowed).cut
+                                 objective=self.config.objective, allowed=self.allowed,
+                                 deadline_ms=deadline_ms).cut
         elif initial not in self.allowed:
             raise ConfigError(f"initial cut {initial} is not among the allowed cuts {self.allowed}")
         self._cut = initial
@@ -109,13 +116,15 @@ class CutChooser:
     def all_edge(self) -> int:
         return self.model.num_segments
 
-    def update(self, bandwidth_bps: float | None, rtt_s: float | None, queue_s: float = 0.0) -> int:
+    def update(self, bandwidth_bps: float | None, rtt_s: float | None, queue_s: float = 0.0,
+               deadline_ms: float | None = None) -> int:
         """Re-evaluate with the latest estimates; returns the cut to use now.
 
         Args:
             bandwidth_bps: estimated link bandwidth (None: unknown, the cut stays).
             rtt_s: estimated round trip (None: unknown, the cut stays).
             queue_s: the cloud's expected queueing delay (its pong's ``est_wait_ms`` / 1000).
+            deadline_ms: the request's budget (None: none): on-time cuts come first.
         """
         if bandwidth_bps is None or rtt_s is None:
             return self._cut
@@ -124,13 +133,17 @@ class CutChooser:
             costs = self.model.costs(bandwidth_bps, rtt_s, queue_s, self.allowed)
             self.last_costs = costs
             by_cut = {c.cut: c for c in costs}
-            best = min(reversed(costs), key=lambda c: c.objective(obj))
-            current = by_cut[self._cut].objective(obj)
+            best = min(reversed(costs), key=lambda c: _rank(c, obj, deadline_ms))
+            here = by_cut[self._cut]
+            current = here.objective(obj)
             new = best.objective(obj)
             if best.cut == self._cut or not current > 0:
                 self._streak = 0
                 return self._cut
-            gain = 1.0 - new / current if current != float("inf") else 1.0
+            if _late(here, deadline_ms) and not _late(best, deadline_ms):
+                gain = 1.0  # late -> on time: as clear a gain as there is
+            else:
+                gain = 1.0 - new / current if current != float("inf") else 1.0
             cfg = self.config
             if gain > cfg.margin:
                 self._streak += 1
@@ -164,3 +177,12 @@ class CutChooser:
 
     def __repr__(self) -> str:
         return f"CutChooser(cut={self._cut}, switches={self.switches})"
+
+
+def _late(c: CutCost, deadline_ms: float | None) -> bool:
+    return deadline_ms is not None and c.total_ms > deadline_ms
+
+
+def _rank(c: CutCost, objective: str, deadline_ms: float | None) -> tuple[bool, float]:
+    """Sort key: on-time cuts first, then by the objective."""
+    return _late(c, deadline_ms), c.objective(objective)

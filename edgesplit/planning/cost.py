@@ -261,9 +261,15 @@ class CostModel:
         return [self.cost(k, bandwidth_bps, rtt_s, queue_s) for k in ks]
 
     def best(self, bandwidth_bps: float, rtt_s: float, queue_s: float = 0.0,
-             objective: str = "latency", allowed: Iterable[int] | None = None) -> CutCost:
-        """The cheapest cut; ties go to the later cut (less traffic, fewer dependencies)."""
+             objective: str = "latency", allowed: Iterable[int] | None = None,
+             deadline_ms: float | None = None) -> CutCost:
+        """The cheapest cut; ties go to the later cut (less traffic, fewer dependencies).
+
+        With `deadline_ms`, the cheapest of the cuts predicted to answer within it, if any is.
+        """
         costs = self.costs(bandwidth_bps, rtt_s, queue_s, allowed)
+        if deadline_ms is not None:
+            costs = [c for c in costs if c.total_ms <= deadline_ms] or costs
         return min(reversed(costs), key=lambda c: c.objective(objective))
 
     # -- online correction ------------------------------------------------------------------
