@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     labels = find_labels(args.labels, bundle)
     cfg = AgentConfig(fallback=args.fallback, connect_timeout_ms=args.connect_timeout_ms,
                       **({"deadline_ms": args.deadline_ms} if args.deadline_ms else {}))
+    # The agent profiles the device and waits for a server first: say so before that wait.
+    print(f"edgesplit run: {bundle.name}, {args.input}; profiling the device and connecting to "
+          f"{', '.join(args.server) or '(no server: local only)'} ...", flush=True)
     with EdgeAgent(bundle, args.server, runner=args.runner, codec=args.codec, cut=_parse_cut(args.cut),
                    config=cfg) as agent:
         print(f"bundle {bundle.name} ({bundle.id[:12]}), {bundle.num_segments} segments; "
