@@ -126,3 +126,14 @@ def test_the_split_decoder_generates_the_unsplit_tokens(tmp_path):
         out.append(int(ids[0, 0]))
     assert out == list(GREEDY_64)
     assert head["past_key_values.0.key"].shape == (1, 4, len(PROMPT[0]) + 63, 16)
+
+
+def test_inspect_leaves_state_out_of_the_cuts(tmp_path, capsys):
+    path = builders.save(builders.kv_cache2(), tmp_path)
+    assert main(["inspect", str(path), "--json", "--shape", "x=1x1x4"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {(s["output"], s["input"]) for s in doc["state"]} == {("present.0", "past_key_values.0"),
+                                                                ("present.1", "past_key_values.1")}
+    crossing = {t for c in doc["cuts"] for t in c["tensors"]}
+    assert "h" in crossing and not crossing & {"present.0", "present.1", "past_key_values.0", "past_key_values.1"}
+    assert doc["unbound_inputs"] == {}  # a cache's length is no dim the user must bind

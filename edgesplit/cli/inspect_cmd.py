@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from edgesplit.cli.options import add_shape_option, shapes_from_args
+from edgesplit.cli.options import add_shape_option, add_state_option, shapes_from_args, state_pairs
 
 
 def register(subparsers) -> None:
@@ -20,6 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-run", action="store_true",
                    help="never run the model to measure sizes shape inference left unknown (they count as 1)")
     add_shape_option(p)
+    add_state_option(p)
     p.set_defaults(func=run)
 
 
@@ -37,13 +37,15 @@ def _human(n: int) -> str:
 def run(args) -> int:
     from pathlib import Path
 
-    from edgesplit.graph import GraphIndex, cuts_from_index, eval_dim, infer_shapes, load_model
+    from edgesplit.graph import GraphIndex, StatePlan, cuts_from_index, eval_dim, infer_shapes, load_model
 
     shapes = shapes_from_args(args)
     model = load_model(args.model, load_weights=False)
     index = GraphIndex(model)
     info = infer_shapes(model, shapes)
-    cuts = cuts_from_index(index, info, narrow=not args.all, model_path=args.model, run=not args.no_run)
+    pairs = state_pairs(args)
+    plan = StatePlan(index, info, pairs)
+    cuts = cuts_from_index(index, info, narrow=not args.all, model_path=args.model, run=not args.no_run, state=pairs)
 
     def spec(name):
         t = info.symbolic.get(name)
@@ -63,8 +65,9 @@ def run(args) -> int:
             "outputs": outputs,
             "symbols": info.symbols,
             "unbound_symbols": unbound,
-            "unbound_inputs": info.unbound_inputs(),
-            "shape_hint": info.shape_hint() or None,
+            "unbound_inputs": info.unbound_inputs(plan.inputs),
+            "shape_hint": info.shape_hint(plan.inputs) or None,
+            "state": [{"output": o, "input": i} for o, i in plan.pairs],
             "narrow": not args.all,
             "cuts": [c.to_json() for c in cuts],
         }
@@ -77,11 +80,11 @@ def run(args) -> int:
     for kind, specs in (("input ", inputs), ("output", outputs)):
         for s in specs:
             print(f"{kind}  {s['name']}  {s['dtype']} {_dims(s['shape'] or ['?'])}", file=out)
-    free = info.unbound_inputs()
+    free = info.unbound_inputs(plan.inputs)
     if free:
         what = "; ".join(f"input {n} has symbolic dims {', '.join(map(str, d))}" for n, d in free.items())
         print(f"\nnote: {what}: the cuts and their bytes below count them as 1, so they are not the "
-              f"model's real cuts. Bind them, e.g. edgesplit inspect {args.model} {info.shape_hint()}", file=out)
+              f"model's real cuts. Bind them, e.g. edgesplit inspect {args.model} {info.shape_hint(plan.inputs)}", file=out)
     what = "closed cuts" if args.all else "narrow cuts (local minima of bytes per sample)"
     print(f"\n{len(cuts)} {what}; bytes at batch 1"
           + (f", {', '.join(f'{k}={v}' for k, v in info.symbols.items())}" if info.symbols else ""), file=out)
@@ -96,7 +99,7 @@ def run(args) -> int:
         print(f"{c.index:>4}  {c.head_nodes:>4}/{c.total_nodes:<4}  {c.bytes_per_sample:>12,}{mark}"
               f"  {_human(c.bytes_per_sample):>9}  {shown}", file=out)
     if unbound:
-        hint = (f"bind the inputs, e.g. {info.shape_hint()}" if free else
+        hint = (f"bind the inputs, e.g. {info.shape_hint(plan.inputs)}" if free else
                 "inference could not size them" + ("; drop --no-run to measure them" if args.no_run else ""))
         print(f"\n* some dims are unknown and were counted as 1 ({', '.join(unbound[:6])}"
               f"{', ...' if len(unbound) > 6 else ''}): {hint}", file=out)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-__all__ = ["add_shape_option", "shapes_from_args", "add_runner_option", "check_output_file"]
+__all__ = ["add_shape_option", "shapes_from_args", "add_runner_option", "add_state_option", "state_pairs", "check_output_file"]
 
 
 def add_shape_option(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,26 @@ def shapes_from_args(args) -> dict:
         name, dims = parse_shape_option(text)
         shapes[name] = dims
     return shapes
+
+
+def add_state_option(p: argparse.ArgumentParser) -> None:
+    """--state OUT=IN, shared by inspect and partition."""
+    p.add_argument("--state", action="append", default=[], metavar="OUT=IN",
+                   help="model output OUT feeds model input IN at the next step (a recurrent state, a KV "
+                        "cache); the segment that computes it keeps it, so it never crosses a cut. "
+                        "present.* -> past_key_values.* (or past.*) pairs are found without this flag. Repeatable")
+
+
+def state_pairs(args) -> list[tuple[str, str]]:
+    from edgesplit.errors import CutError
+
+    pairs = []
+    for text in getattr(args, "state", None) or []:
+        out, sep, inp = text.partition("=")
+        if not sep or not out.strip() or not inp.strip():
+            raise CutError(f"--state {text!r}: write OUTPUT=INPUT (a model output and the input it feeds)")
+        pairs.append((out.strip(), inp.strip()))
+    return pairs
 
 
 def add_runner_option(p: argparse.ArgumentParser, default: str | None = "auto", what: str = "runner kind",

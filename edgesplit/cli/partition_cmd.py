@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgesplit.cli.options import add_shape_option, shapes_from_args
+from edgesplit.cli.options import add_shape_option, add_state_option, shapes_from_args, state_pairs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,10 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tensor is added). Repeat for a chain of cuts, in order")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="the bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists already")
-    p.add_argument("--state", action="append", default=[], metavar="OUT=IN",
-                   help="model output OUT feeds model input IN at the next step (a recurrent state, a KV "
-                        "cache); the segment that computes it keeps it. present.* -> past_key_values.* "
-                        "(or past.*) pairs are found without this flag. Repeatable")
+    add_state_option(p)
     p.add_argument("--name", default=None, help="the model name in the manifest (default: file stem)")
     add_shape_option(p)
     from edgesplit.cli.plan_cmd import add_auto_arguments  # the planning helper's --auto options
@@ -82,18 +79,6 @@ def _numbered_cuts(args, cuts: list[list[str]]) -> list[list[str]]:
     return out
 
 
-def _state_pairs(args) -> list[tuple[str, str]]:
-    from edgesplit.errors import CutError
-
-    pairs = []
-    for text in getattr(args, "state", None) or []:
-        out, sep, inp = text.partition("=")
-        if not sep or not out.strip() or not inp.strip():
-            raise CutError(f"--state {text!r}: write OUTPUT=INPUT (a model output and the input it feeds)")
-        pairs.append((out.strip(), inp.strip()))
-    return pairs
-
-
 def _check_output(args) -> None:
     from pathlib import Path
 
@@ -115,7 +100,7 @@ def run(args) -> int:
     _check_output(args)
     cuts = cuts_from_args(args)
     bundle = partition(args.model, cuts, args.output, shapes=shapes_from_args(args) or None, name=args.name,
-                       require_bound=True, state=_state_pairs(args))
+                       require_bound=True, state=state_pairs(args))
     print_bundle(bundle)
     return 0
 

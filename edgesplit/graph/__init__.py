@@ -13,12 +13,14 @@ from edgesplit.graph._cuts import CandidateCut, candidate_cuts, cuts_from_index,
 from edgesplit.graph._index import GraphIndex
 from edgesplit.graph._load import file_sha256, has_external_data, load_model, weightless
 from edgesplit.graph._partition import partition
+from edgesplit.graph._state import StatePlan
 from edgesplit.graph._shapes import ShapeInfo, eval_dim, infer_shapes, np_dtype_name, parse_shape_option
 
 __all__ = [
     "CandidateCut",
     "GraphIndex",
     "ShapeInfo",
+    "StatePlan",
     "candidate_cuts",
     "cuts_from_index",
     "eval_dim",

@@ -10,6 +10,7 @@ narrow. `narrow` keeps the local minima of bytes per sample along the order.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,7 @@ import onnx
 
 from edgesplit.bundle import TensorSpec
 from edgesplit.graph._index import GraphIndex
+from edgesplit.graph._state import StatePlan
 from edgesplit.graph._shapes import (WIRE_DTYPES, ShapeInfo, UnknownNamer, infer_shapes, name_batch_axes,
                                      probe_with_onnxruntime)
 
@@ -63,10 +65,13 @@ def crossing_spec(info: ShapeInfo, name: str, namer: UnknownNamer) -> TensorSpec
     return TensorSpec(name, dtype, dims)
 
 
-def all_closed_cuts(index: GraphIndex) -> list[tuple[int, tuple[str, ...]]]:
-    """(head size, crossing tensors) after each position of the order, without duplicates."""
+def all_closed_cuts(index: GraphIndex, local: frozenset = frozenset()) -> list[tuple[int, tuple[str, ...]]]:
+    """(head size, crossing tensors) after each position of the order, without duplicates.
+
+    Tensors in `local` (state inputs and outputs: each side keeps its own) never cross.
+    """
     order = index.order
-    outputs = set(index.outputs)
+    outputs = set(index.outputs) - local
     last_use: dict[str, int] = {}
     for i, n in enumerate(order):
         for v in index.variable_reads(n):
@@ -84,11 +89,11 @@ def all_closed_cuts(index: GraphIndex) -> list[tuple[int, tuple[str, ...]]]:
         for v in index.variable_reads(n):
             if last_use.get(v) == i and v not in outputs:
                 live.pop(v, None)
-        key = frozenset(live)
+        key = frozenset(live) - local
         if key in seen:
             continue
         seen.add(key)
-        cuts.append((i + 1, tuple(live)))
+        cuts.append((i + 1, tuple(v for v in live if v not in local)))
     return cuts
 
 
@@ -142,7 +147,7 @@ def _narrow(sizes: list[int], counts: list[int], before_weights: list[bool], fir
 
 
 def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes: dict | None = None,
-                   narrow: bool = True, run: bool = True) -> list[CandidateCut]:
+                   narrow: bool = True, run: bool = True, state: Sequence[tuple[str, str]] = ()) -> list[CandidateCut]:
     """The closed cuts along a topological order, deduplicated.
 
     Args:
@@ -152,6 +157,8 @@ def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes:
             lists every distinct closed cut.
         run: when shape inference leaves a type or size unknown, run the model once in ONNX
             Runtime to measure it (False: unknown dims count as 1, such cuts are marked inexact).
+        state: (OUT, IN) state pairs besides the present.* -> past_key_values.* ones found by
+            name; state tensors never cross a cut.
 
     Cuts whose tensors cannot travel (strings, sequences, bfloat16) are left out.
     """
@@ -161,7 +168,7 @@ def candidate_cuts(model_or_path: "onnx.ModelProto | str | os.PathLike", shapes:
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model_or_path, load_weights=False)
     path = None if isinstance(model_or_path, onnx.ModelProto) else model_or_path
-    return cuts_from_index(GraphIndex(model), infer_shapes(model, shapes), narrow, path, run)
+    return cuts_from_index(GraphIndex(model), infer_shapes(model, shapes), narrow, path, run, state)
 
 
 def fill_unknown(index: GraphIndex, info: ShapeInfo, names, model_path) -> None:
@@ -197,13 +204,14 @@ def _weighted_nodes(index: GraphIndex) -> set[int]:
 
 
 def cuts_from_index(index: GraphIndex, info: ShapeInfo, narrow: bool = True, model_path=None,
-                    run: bool = True) -> list[CandidateCut]:
+                    run: bool = True, state: Sequence[tuple[str, str]] = ()) -> list[CandidateCut]:
     """candidate_cuts() over an already built GraphIndex and ShapeInfo (what `inspect` needs to
     describe the model beside its cuts)."""
+    plan = StatePlan(index, info, state)
     namer = UnknownNamer()
     total = len(index.order)
     rows = []
-    closed = all_closed_cuts(index)
+    closed = all_closed_cuts(index, frozenset(plan.inputs | plan.outputs))
     if run:
         fill_unknown(index, info, (t for _, ts in closed for t in ts), model_path)
     for head, tensors in closed:

@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
-import numpy as np
 
 from edgesplit.errors import ConfigError
 
