@@ -504,7 +504,8 @@ def test_default_admin_port_taken_falls_back_explicit_one_fails(repo):
         with server:
             assert server.http and not server.http.endswith(":8080")
             assert server.get("/healthz")[0] == 200
-            assert any("free port" in line for line in server.err)
+            # stderr is read by a thread of the helper: wait for the line rather than race it
+            assert _eventually(lambda: any("free port" in line for line in server.err), 30), server.err
         done = subprocess.run([sys.executable, "-m", "cloud_server", "--repository", str(repo), "--bind",
                                "tcp://127.0.0.1:0", "--workers", "0", "--http", "127.0.0.1:8080"],
                               capture_output=True, text=True, timeout=60)
