@@ -106,13 +106,14 @@ def test_many_clients_one_worker_killed_every_request_answered_once(repo):
                 y = Edge.outputs(None, msg)["y"]
                 np.testing.assert_allclose(y, slow_reference(x, slow.path), rtol=1e-4, atol=1e-5)
                 assert set(msg.meta["timings"]) == {"queue_ms", "decode_ms", "compute_ms", "encode_ms"}
-        # the broker noticed within 3 heartbeats of the worker's last sign of life
+        # the broker noticed: the worker was dropped, its silence within the detector's ceiling
+        # (how fast on a quiet machine is benchmarks/chaos.py's figure, not a wall-clock test)
         while victim in server.worker_pids():
             assert time.monotonic() - killed_at < 30
             time.sleep(0.02)
         lost = {w["pid"]: w for w in server.json("/v1/models")["lost_workers"]}
         assert victim in lost
-        assert lost[victim]["silent_ms"] <= 3 * HB_MS + HB_MS / 8 + 5
+        assert lost[victim]["silent_ms"] <= ServerConfig().liveness_max_silence_s * 1e3 + HB_MS
         # /metrics no longer lists the dead worker; the redispatches are counted
         text = server.get("/metrics")[1]
         assert f'worker="{lost[victim]["name"]}"' not in text
