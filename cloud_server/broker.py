@@ -388,6 +388,7 @@ class Broker:
                 changed = self._note_load_errors(w, c[1])
                 if w.apply_status(c[1], self.catalog) or changed:
                     self._update_snapshot()
+                self.dispatcher.sessions.observe(w, c[1])
                 self.dispatcher.dispatch_pending(now)
         elif cmd == W.DRAINING:
             w.draining = True
@@ -438,6 +439,7 @@ class Broker:
         for w in self.registry:
             w.send([stamp])
         self.dispatcher.fail_overdue(now)
+        self.dispatcher.sessions.expire(now)
         self._update_snapshot()
 
     def _drain_step(self, now: float) -> bool:

@@ -82,6 +82,14 @@ class ServerConfig:
     # only come after its answer).
     batch_crowd_memory_s: float = 1.0
 
+    # --- stateful sessions (in each worker) -------------------------------------------------
+    # A session whose worker has not seen a step for this long is dropped (its edge then
+    # replays the steps to rebuild it, or finishes on the device).
+    session_idle_s: float = 600.0
+    # Bytes of session state (recurrent states, KV caches) one worker holds at most; past it
+    # the least recently used sessions are evicted (logged, edgesplit_sessions_evicted_total).
+    session_memory_bytes: int = 1 << 30
+
     # --- execution --------------------------------------------------------------------------
     # Runner kind for the tail segments ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt").
     runner: str = "auto"
@@ -119,12 +127,12 @@ class ServerConfig:
                 raise ConfigError(f"ServerConfig.{f.name} must be a non-negative number, got {v!r}")
         for name in ("heartbeat_interval_s", "worker_capacity", "max_batch", "max_request_batch", "max_attempts",
                      "heartbeat_liveness", "default_deadline_ms", "reconnect_initial_s", "liveness_threshold",
-                     "liveness_min_std_s", "liveness_max_silence_s"):
+                     "liveness_min_std_s", "liveness_max_silence_s", "session_idle_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("worker_capacity", "max_batch", "max_request_batch", "max_attempts", "heartbeat_liveness",
                      "max_pending",
-                     "max_held_bytes", "liveness_window"):
+                     "max_held_bytes", "liveness_window", "session_memory_bytes"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"ServerConfig.{name} must be an int, got {getattr(self, name)!r}")
         if self.liveness_window < 2:

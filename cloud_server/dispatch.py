@@ -16,6 +16,7 @@ from cloud_server import _wire as W
 from cloud_server.config import ServerConfig
 from cloud_server.metrics import Metrics
 from cloud_server.registry import WorkerRecord, WorkerRegistry
+from cloud_server.sticky import SessionRoutes
 
 __all__ = ["Request", "Dispatcher"]
 
@@ -24,9 +25,9 @@ class Request:
     """One edge request the broker holds."""
 
     __slots__ = ("rkey", "ident", "rid", "bundle", "cut", "deadline", "frames", "t0", "worker", "attempts",
-                 "nbytes")
+                 "nbytes", "session")
 
-    def __init__(self, rkey, ident, rid, bundle, cut, deadline, frames, t0, nbytes):
+    def __init__(self, rkey, ident, rid, bundle, cut, deadline, frames, t0, nbytes, session=None):
         self.rkey = rkey
         self.ident = ident
         self.rid = rid
@@ -38,6 +39,7 @@ class Request:
         self.worker: WorkerRecord | None = None
         self.attempts = 0
         self.nbytes = nbytes
+        self.session = session  # a stateful session's id: sticky to the worker holding it
 
 
 class Dispatcher:
@@ -62,6 +64,7 @@ class Dispatcher:
         self.held_bytes = 0  # payload bytes of every request not yet answered
         self.svc_ms = 0.0  # EWMA of a request's time in a worker, for est_wait_ms
         self._keys = itertools.count(1)
+        self.sessions = SessionRoutes(config, registry, metrics)
 
     # -- admission ----------------------------------------------------------------------------
     def in_flight(self, ident: bytes, rid: str) -> bool:
@@ -72,9 +75,10 @@ class Dispatcher:
         return self.held_bytes + nbytes > self.config.max_held_bytes
 
     def submit(self, ident: bytes, rid: str, bundle: str, cut: int, deadline: float, frames: list, now: float,
-               nbytes: int) -> bool:
+               nbytes: int, session: str | None = None) -> bool:
         """Take a request: dispatch it, or queue it; False when the queue is full (nothing kept)."""
-        req = Request(struct.pack("<Q", next(self._keys)), ident, rid, bundle, cut, deadline, frames, now, nbytes)
+        req = Request(struct.pack("<Q", next(self._keys)), ident, rid, bundle, cut, deadline, frames, now, nbytes,
+                      session)
         self.reqs[req.rkey] = req
         self.by_client[(ident, rid)] = req
         self.held_bytes += nbytes
@@ -102,7 +106,17 @@ class Dispatcher:
 
     # -- dispatch -----------------------------------------------------------------------------
     def dispatch(self, req: Request, now: float) -> bool:
-        w = self.registry.pick(req.bundle)
+        if req.session is not None:
+            w = self.sessions.holder(req.session)
+            if w is not None and not w.has_room:
+                return False  # its state is there: wait for room rather than start over elsewhere
+            if w is None:
+                w = self.registry.pick(req.bundle)
+                if w is None:
+                    return False
+            self.sessions.bind(req.session, w, now)
+        else:
+            w = self.registry.pick(req.bundle)
         if w is None:
             return False
         # the worker maps broker times onto its own clock (see _wire.ClockMap): time a request

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from edgesplit import protocol as P
 
+from cloud_server import _wire as W
 from cloud_server.config import ServerConfig
 from cloud_server.dispatch import Dispatcher, Request
 from cloud_server.metrics import REFUSALS, STAGES, Metrics
@@ -123,6 +124,8 @@ class EdgeDesk:
             self.reply(ident, P.pong(rid, load=self.dispatcher.load()))
         elif kind == "hello":
             self._on_hello(ident, rid, h)
+        elif kind == "session_end":
+            self._on_session_end(h, frames)
         elif kind == "cancel":
             if self.dispatcher.cancel(ident, rid):
                 self.outcome("cancelled").inc()
@@ -141,6 +144,11 @@ class EdgeDesk:
             return
         if dl is not None and (type(dl) not in _FLOAT or not math.isfinite(dl)):
             self.error(ident, rid, "bad_request", "deadline_ms must be a finite number")
+            return
+        try:
+            session = P.session_fields(h)
+        except P.MessageError as exc:
+            self.error(ident, rid, "bad_request", str(exc))
             return
         if self._draining():
             self.error(ident, rid, "shutdown", "the server is shutting down",
@@ -167,9 +175,22 @@ class EdgeDesk:
             self.error(ident, rid, "busy", f"the server holds {d.held_bytes} bytes of requests already",
                        retry_after_ms=d.retry_after_ms())
             return
-        if not d.submit(ident, rid, bundle, cut, now + budget / 1e3, frames[1:], now, total):
+        if not d.submit(ident, rid, bundle, cut, now + budget / 1e3, frames[1:], now, total,
+                        session[0] if session else None):
             self.error(ident, rid, "busy", f"{len(d.pending)} requests are already waiting",
                        retry_after_ms=d.retry_after_ms())
+
+    def _on_session_end(self, h: dict, frames: list) -> None:
+        """Pass a session_end to the worker holding the session (never answered; the worker checks the client)."""
+        try:
+            fields = P.session_fields(h, "session_end")
+        except P.MessageError:
+            return
+        w = self.dispatcher.sessions.end(fields[0])
+        if w is not None:
+            now = time.monotonic()
+            # a request control frame whose key no request holds: any answer would be dropped
+            w.send([W.ctl(W.REQUEST, b"", now, now, now), *frames[1:]], small=2)
 
     def _on_hello(self, ident: bytes, rid: str, h: dict) -> None:
         bundle = h.get("bundle")

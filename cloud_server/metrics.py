@@ -52,6 +52,7 @@ class Metrics:
             self.bytes_in = self.bytes_out = self.live_workers = self.queued = self.inflight = n
             self.worker_up = self.worker_inflight = self.redispatched = self.workers_lost = n
             self.refused = self.bundle_load_errors = n
+            self.sessions = self.sessions_evicted = n
             return
         prom = require("prometheus_client", "the /metrics endpoint")
         self.registry = r = prom.CollectorRegistry()
@@ -87,6 +88,13 @@ class Metrics:
         self.bundle_load_errors = prom.Gauge("edgesplit_bundle_load_errors",
                                              "Workers that reported they cannot load a bundle, per bundle",
                                              ["bundle", "name"], registry=r)
+        self.sessions = prom.Gauge("edgesplit_sessions", "Stateful sessions the live workers hold", registry=r)
+        self.sessions_evicted = prom.Counter("edgesplit_sessions_evicted",
+                                             "Sessions a worker dropped before their end, by reason (memory: "
+                                             "the LRU over session_memory_bytes; idle: past session_idle_s)",
+                                             ["reason"], registry=r)
+        for reason in ("memory", "idle"):
+            self.sessions_evicted.labels(reason)
         for stage in STAGES:
             self.stage.labels(stage)
         for reason in REFUSALS:

@@ -24,6 +24,7 @@ from edgesplit.errors import BackendError, BundleError, CodecError, ConfigError,
 from cloud_server import _wire as W
 from cloud_server.config import ServerConfig
 from cloud_server.repository import Repository
+from cloud_server.sessions import SessionRefused, SessionStore
 
 __all__ = ["TailBatcher", "LoadedBundle"]
 
@@ -132,6 +133,8 @@ class TailBatcher:
         self.version = 0  # bumped when loaded bundles or profiles change: triggers a heartbeat
         self._codecs: dict[str, Any] = {}
         self._crowded: dict[tuple, float] = {}  # (bundle, cut) -> until when to wait for batch-mates
+        # stateful sessions: the state of segments [k, n) per session (cloud_server.sessions)
+        self.sessions = SessionStore(config.session_idle_s, config.session_memory_bytes, name)
 
     # -- what comes in -------------------------------------------------------------------------
     def add_request(self, rkey: bytes, msg: P.Message, deadline: float | None, now: float, received: float) -> None:
@@ -143,9 +146,10 @@ class TailBatcher:
     def has_requests(self) -> bool:
         return any(j.load is None for j in self.queue)
 
-    def send_error(self, rkey: bytes, rid: str, code: str, message: str, reason: str | None = None) -> None:
+    def send_error(self, rkey: bytes, rid: str, code: str, message: str, reason: str | None = None,
+                   **meta: Any) -> None:
         """Answer a request with an error; `reason` (cloud_server.metrics.REFUSALS) is counted by the broker."""
-        frames = P.encode(P.error(rid, code, message, worker=self.name))
+        frames = P.encode(P.error(rid, code, message, worker=self.name, **meta))
         self.send([W.ctl(W.REPLY, rkey, (code, None, 0, reason)), *frames])
 
     # -- one step -------------------------------------------------------------------------------
@@ -173,6 +177,8 @@ class TailBatcher:
         if not self._prepare(first):
             return []
         loaded = self.loaded[first.msg.bundle]
+        if "session" in first.msg.meta:
+            return [first]  # a session step runs alone, on its own state
         if not loaded.batchable[first.msg.cut] or cfg.max_batch <= 1 or first.samples >= cfg.max_batch:
             return [first]
         batch, samples = [first], first.samples
@@ -185,7 +191,7 @@ class TailBatcher:
         while samples < cfg.max_batch:
             job = None
             for i, j in enumerate(self.queue):
-                if j.msg is not None and (j.msg.bundle, j.msg.cut) == key:
+                if j.msg is not None and (j.msg.bundle, j.msg.cut) == key and "session" not in j.msg.meta:
                     job = j
                     del self.queue[i]
                     break
@@ -316,6 +322,9 @@ class TailBatcher:
             return
         first = live[0].msg
         loaded = self.loaded[first.bundle]
+        if "session" in first.meta:
+            self._run_session(live[0], loaded)
+            return
         names = list(live[0].arrays)
         t = time.perf_counter()
         try:
@@ -355,6 +364,52 @@ class TailBatcher:
                                        batch_wait_ms=round(live[0].batch_wait_ms, 4)))
             stats = ("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], len(live) if i == 0 else 0)
             self.send([W.ctl(W.REPLY, job.rkey, stats), *frames])
+
+    # -- stateful sessions ----------------------------------------------------------------------
+    def _run_session(self, job: _Job, loaded: LoadedBundle) -> None:
+        """One step of a session: its state from the store, segments [k, n) stepped, the next state kept."""
+        msg = job.msg
+        sid, step, client = msg.meta["session"], msg.meta["step"], msg.meta["client"]
+        bundle, n = loaded.bundle, loaded.bundle.num_segments
+        kept = bundle.state_of(msg.cut, n)
+        bound = P.check_tensors(msg, bundle.cut(msg.cut).specs)  # checked in _prepare: the symbol sizes
+
+        def initial() -> dict:
+            return {st.input: st.initial(bound) for st in kept}
+
+        try:
+            state = self.sessions.begin(sid, client, step, msg.bundle, msg.cut, initial)
+        except SessionRefused as exc:
+            meta = {} if exc.have is None else {"have": exc.have}
+            self.send_error(job.rkey, msg.id, exc.code, str(exc), **meta)
+            return
+        t = time.perf_counter()
+        try:
+            outs, nxt = loaded.segments.step(job.arrays, msg.cut, n, state)
+        except (BackendError, ConfigError, ValueError) as exc:
+            self.send_error(job.rkey, msg.id, "internal", f"the tail failed on session step {step}: {exc}")
+            return
+        compute_ms = (time.perf_counter() - t) * 1e3
+        self.sessions.commit(sid, client, step, msg.bundle, msg.cut, nxt)
+        t = time.perf_counter()
+        try:
+            codec = self._codec(msg.meta.get("reply_codec", "raw"))
+            tensors = {name: codec.encode(np.ascontiguousarray(a)) for name, a in outs.items()}
+        except (CodecError, ValueError) as exc:
+            self.send_error(job.rkey, msg.id, "internal", f"cannot encode the outputs: {exc}")
+            return
+        encode_ms = (time.perf_counter() - t) * 1e3
+        queue_ms = max(0.0, (job.t_start - self._to_local(job.received)) * 1e3)
+        timings = {"queue_ms": round(queue_ms, 4), "decode_ms": round(job.decode_ms, 4),
+                   "compute_ms": round(compute_ms, 4), "encode_ms": round(encode_ms, 4)}
+        frames = P.encode(P.result(msg.id, tensors, timings=timings, worker=self.name, batch=1, step=step))
+        self.send([W.ctl(W.REPLY, job.rkey, ("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], 1)), *frames])
+
+    def end_session(self, msg: P.Message) -> None:
+        """A session_end from its edge: drop the session's state (never answered)."""
+        sid, client = msg.meta.get("session"), msg.meta.get("client")
+        if isinstance(sid, str) and isinstance(client, str):
+            self.sessions.end(sid, client)
 
     def close(self) -> None:
         for b in self.loaded.values():

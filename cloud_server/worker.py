@@ -157,6 +157,7 @@ class TailWorker:
         st["available"] = self._available
         # bundles this worker cannot load, and why (start-up readiness does not wait for them)
         st["failed"] = {b: why for b, (_, why) in list(self._tail.failed.items())}
+        st["sessions"] = self._tail.sessions.report()  # count, bytes, evictions (drops idle ones first)
         return st
 
     @property
@@ -329,6 +330,9 @@ class TailWorker:
             msg = P.decode(msg_frames, self.config.limits)
         except ProtocolError as exc:
             self._tail.send_error(rkey, getattr(exc, "request_id", None) or "", P.error_code(exc), str(exc))
+            return
+        if msg.kind == "session_end":
+            self._tail.end_session(msg)  # never answered
             return
         if msg.kind != "infer":
             self._tail.send_error(rkey, msg.id, "bad_request", f"expected an infer message, got {msg.kind!r}")

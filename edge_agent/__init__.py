@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 from edge_agent import inputs
-from edge_agent.agent import EdgeAgent, InferenceResult, LinkStats, ServerStats
+from edge_agent.agent import EdgeAgent, InferenceResult, LinkStats, ServerStats, Session, StepResult
 from edge_agent.config import FALLBACK_POLICIES, AgentConfig
 
-__all__ = ["EdgeAgent", "AgentConfig", "InferenceResult", "LinkStats", "ServerStats", "FALLBACK_POLICIES", "inputs"]
+__all__ = ["EdgeAgent", "AgentConfig", "InferenceResult", "LinkStats", "ServerStats", "Session", "StepResult",
+           "FALLBACK_POLICIES", "inputs"]

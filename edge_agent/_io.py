@@ -126,6 +126,13 @@ class IOLoop:
                 return True
             if op == "send":
                 self._dispatch(req)
+            elif op == "notify":  # a message nobody answers (session_end) to every up server
+                for s in self.links:
+                    if s.state == "up" and s.sock is not None:
+                        try:
+                            s.send(req)
+                        except ProtocolError:
+                            pass
 
     # --- the loop
 
@@ -263,7 +270,7 @@ class IOLoop:
             return
         try:
             msg = protocol.infer(req.id, self.bundle.id, req.cut, req.encoded, deadline_ms=remaining_ms,
-                                 reply_codec=self.config.reply_codec)
+                                 reply_codec=self.config.reply_codec, **(req.meta or {}))
             sent = s.send(msg)
         except ProtocolError as exc:  # nothing a server could answer: finish it here
             log.error("request %s cannot be encoded: %s", req.id, exc)
@@ -400,6 +407,7 @@ class IOLoop:
         text = str(msg.meta.get("message", ""))
         self._requests.count(f"remote_{code}")
         err = RemoteError(code, text, msg.meta.get("retry_after_ms"))
+        err.meta = msg.meta  # the code's own fields (session_state: have)
         # busy: the server asked for a pause; route around it for that long (not a bad server)
         if code == "busy" and s.pause(now, msg.meta.get("retry_after_ms")):
             self._update_eligible(now)
@@ -407,7 +415,7 @@ class IOLoop:
             log.warning("server %s does not hold bundle %s: %s", s.address, self.bundle.id[:12], text)
             s.held = False
             self._update_eligible(now)
-        elif code not in RemoteError.RETRYABLE and code != "deadline":
+        elif code not in RemoteError.RETRYABLE and code not in ("deadline", "session_state"):
             log.warning("server %s refused request %s: %s", s.address, req.id, err)
         if code == "deadline":
             self._forget(req)

@@ -36,9 +36,10 @@ from edge_agent._device import open_device
 from edge_agent._io import IOLoop
 from edge_agent._requests import Request, Requests
 from edge_agent._results import InferenceResult, LinkStats, ServerStats
+from edge_agent._session import Session, StepResult
 from edge_agent.config import AgentConfig
 
-__all__ = ["EdgeAgent", "InferenceResult", "LinkStats", "ServerStats"]
+__all__ = ["EdgeAgent", "InferenceResult", "LinkStats", "ServerStats", "Session", "StepResult"]
 
 log = logging.getLogger("edge_agent")
 
@@ -140,6 +141,13 @@ class EdgeAgent:
                 raise
         self._head_pool.submit(self._run_head, req)
         return await asyncio.wrap_future(req.future)
+
+    def session(self, cut: int | None = None, deadline_ms: float | None = None) -> Session:
+        """A stateful session (edge_agent/_session.py): ``with agent.session() as s: r = s.step(feeds)``.
+
+        Each side keeps its own segments' state; the cut is pinned for the whole session.
+        """
+        return Session(self, cut, deadline_ms)
 
     def link_stats(self) -> LinkStats:
         """RTT and bandwidth EWMAs from real traffic, each server's state, and counters."""

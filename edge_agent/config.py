@@ -38,6 +38,9 @@ class AgentConfig:
     # How many times a request is resent to another live server after a failed hop
     # (server died, bad reply, retryable error) before it is finished locally.
     max_resends: int = 2
+    # How many times one session step rebuilds the cloud's state (replays the session's earlier
+    # steps to a worker that lost or lacks them, `session_state`) before it finishes on the device.
+    session_rebuilds: int = 2
     # Codec the cloud should use for the outputs it sends back.
     reply_codec: str = "raw"
     # Largest batch (leading dim) a request may send to the cloud (as ServerConfig's); a bigger one is finished as
@@ -154,7 +157,7 @@ class AgentConfig:
                      "reconnect_jitter"):
             positive(name, allow_zero=True)
         for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
-                     "max_resends", "profile_runs", "max_request_batch"):
+                     "max_resends", "profile_runs", "max_request_batch", "session_rebuilds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"AgentConfig.{name} must be an integer, got {v!r}")

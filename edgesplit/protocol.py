@@ -29,19 +29,24 @@ from edgesplit.errors import CodecError, ConfigError, ProtocolError
 
 __all__ = [
     "VERSION", "KINDS", "ERROR_CODES", "Limits", "Message", "MessageError",
-    "infer", "result", "error", "ping", "pong", "hello", "welcome", "cancel",
+    "infer", "result", "error", "ping", "pong", "hello", "welcome", "cancel", "session_end",
+    "session_fields", "SESSION_ID_CHARS",
     "encode", "decode", "decode_header", "check_tensors", "send", "recv", "send_frames", "recv_frames",
     "error_code", "spec_nbytes", "tensors_budget", "max_frame_bytes", "declared_nbytes",
 ]
 
 VERSION = 1
-KINDS = frozenset({"infer", "result", "error", "ping", "pong", "hello", "welcome", "cancel"})
+KINDS = frozenset({"infer", "result", "error", "ping", "pong", "hello", "welcome", "cancel", "session_end"})
 # Kinds whose messages may carry tensors.
 TENSOR_KINDS = frozenset({"infer", "result"})
 ERROR_CODES = frozenset(
     {"bad_request", "version", "unknown_bundle", "bad_cut", "busy", "deadline", "internal",
-     "shutdown", "worker_lost"}
+     "shutdown", "worker_lost", "session_state", "forbidden"}
 )
+# A session id and a client token are 32 lowercase hex chars (16 random bytes) each.
+SESSION_ID_CHARS = 32
+_HEX = frozenset("0123456789abcdef")
+_MAX_STEP = 1 << 40
 RESERVED = frozenset({"v", "kind", "id", "bundle", "cut", "deadline_ms", "tensors"})
 _TENSOR_KEYS = frozenset({"name", "dtype", "shape", "codec", "params", "nbytes"})
 # The codecs' dtype table is the one list of what may cross the wire.
@@ -146,6 +151,44 @@ def welcome(id: str = "", bundle: str | None = None, **meta: Any) -> Message:
 def cancel(id: str, **meta: Any) -> Message:
     """The edge no longer wants the answer to request `id` (best effort)."""
     return Message("cancel", id, meta=meta)
+
+
+def session_end(id: str, session: str, client: str, **meta: Any) -> Message:
+    """The edge is done with `session`: the worker holding it may drop its state (never answered)."""
+    return Message("session_end", id, meta={"session": session, "client": client, **meta})
+
+
+def _token(value: Any) -> bool:
+    return type(value) is str and len(value) == SESSION_ID_CHARS and _HEX.issuperset(value)
+
+
+def session_fields(header: Mapping[str, Any], kind: str = "infer") -> tuple[str, int, str] | None:
+    """(session, step, client) of a stateful infer (step is -1 for session_end), or None for a stateless one.
+
+    `session` and `client` are 32 lowercase hex chars, `step` an int in [0, 2**40); an infer
+    with a session carries all three, a session_end the first and the last. Raises
+    MessageError (bad_request) otherwise. Reads only these fields: the broker calls it on the
+    header alone.
+    """
+    rid = header.get("id") if type(header.get("id")) is str else None
+    sid = header.get("session")
+    if sid is None:
+        if kind == "session_end" or "step" in header or "client" in header:
+            _fail("'step' and 'client' come only with a 'session'" if kind == "infer"
+                  else "a session_end message needs a 'session'", rid)
+        return None
+    if not _token(sid):
+        _fail(f"session must be {SESSION_ID_CHARS} lowercase hex chars, got {_short(sid)}", rid)
+    client = header.get("client")
+    if not _token(client):
+        _fail(f"a session needs a client token of {SESSION_ID_CHARS} lowercase hex chars, got {_short(client)}",
+              rid)
+    if kind == "session_end":
+        return sid, -1, client
+    step = header.get("step")
+    if not (_int(step) and 0 <= step < _MAX_STEP):
+        _fail(f"a session step must be an int in [0, 2**40), got {_short(step)}", rid)
+    return sid, step, client
 
 
 _ENCODE_LIMITS = Limits()
@@ -386,6 +429,8 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
     if kind == "infer":
         if bundle is None or cut is None:
             _fail("an infer message needs 'bundle' and 'cut'", rid)
+    if kind in ("infer", "session_end"):
+        session_fields(header, kind)
     if kind == "error":
         _str(header.get("code"), "error code", limits, rid, allow_empty=False)
         if not isinstance(header.get("message", ""), str):

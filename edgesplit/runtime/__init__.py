@@ -164,6 +164,10 @@ class SegmentRunner:
             raise ConfigError(f"profile runs must be >= 1, got {runs}")
         n = self.bundle.num_segments
         feeds = _zeros(self.bundle.inputs, 1) if feeds is None else feeds
+        if self.bundle.state:
+            # a stateful bundle is timed at its first step: every state fresh (a past sequence empty)
+            bound = {d: 1 for s in self.bundle.inputs for d in s.shape if isinstance(d, str)}
+            feeds = {**{st.input: st.initial(bound) for st in self.bundle.state}, **feeds}
         passes = []
         for rep in range(runs + 1):
             t: list[float] = []
