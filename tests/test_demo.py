@@ -76,3 +76,19 @@ def test_demo_stops_its_server_when_terminated():
     while processes_mentioning("edgesplit-demo-") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_mentioning("edgesplit-demo-") == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--photos", "/no/such/folder"], "no such folder of photos"),
+    (["--photos", str(REPO / "models" / "zoo" / "external")], "no photos to classify"),
+    (["--model", "/no/such/model.onnx"], "no such model"),
+    (["--model", str(REPO / "models" / "zoo" / "lstm.onnx")], "needs one NCHW image input with 3 channels"),
+    (["--cut", "7"], "--cut must be 1, 2, 3 or auto"),
+    (["--delay", "soon"], "bad duration"),
+])
+def test_demo_user_errors_are_one_line_before_anything_starts(argv, says, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "edgesplit", "demo", *argv], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == ""  # nothing partitioned, no server started
+    assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
