@@ -32,8 +32,9 @@ class ServerConfig:
     # 10^-liveness_threshold for the gaps seen so far (8: Akka's and Cassandra's default).
     liveness_threshold: float = 8.0
     # Floor on the gaps' standard deviation (a quiet machine's jitter): on a quiet machine a
-    # dead peer is found after about heartbeat_interval_s + 5.6 * this (0.64 s by default).
-    liveness_min_std_s: float = 0.025
+    # dead peer is found after about heartbeat_interval_s + 5.6 * this (0.78 s by default;
+    # 25 ms gave false losses of live thread workers on a box at load 30, as on the agent side).
+    liveness_min_std_s: float = 0.05
     # Bounds on that limit: never dead sooner than min (whatever the history), always dead
     # after max (however late the heartbeats came on a loaded box).
     liveness_min_silence_s: float = 0.2
