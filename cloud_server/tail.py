@@ -231,6 +231,9 @@ class TailBatcher:
             n = loaded.bundle.num_segments
             if not 0 <= msg.cut < n:
                 raise _Failure("bad_cut", f"cut {msg.cut} is outside 0..{n - 1} for bundle {loaded.bundle.name}")
+            if "session" not in msg.meta and loaded.bundle.state_of(msg.cut, n):
+                raise _Failure("bad_request", f"bundle {loaded.bundle.name} keeps state in segments [{msg.cut}, {n}): "
+                                              f"send its steps in a session (session, step, client)")
             # Bound the work before doing it: the declared shapes, the batch and the raw bytes
             # they imply are checked against the cut's specs at max_request_batch before anything is
             # decompressed (each decoder then writes into a buffer of exactly the declared size).
