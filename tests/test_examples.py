@@ -17,6 +17,7 @@ CASES = {
                           "24 frames in"),
     "asyncio_app": ("app.py", ["--clients", "2", "--requests", "3"], "6 answers"),
     "curve_deployment": ("secure_deployment.py", ["--requests", "2"], "the known robot was served"),
+    "decoder_generation": ("generate.py", ["--tokens", "16"], "equal to the unsplit model: True"),
 }
 
 
