@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export import calibrate_bn, max_rel_error
+
 HERE = Path(__file__).resolve().parent
 OPSET = 17
 SEED = 0
@@ -153,33 +155,6 @@ def vit_mini():
 BUILDERS = {"resnet_branching": resnet_branching, "vit_mini": vit_mini}
 
 
-def _calibrate_bn(module) -> None:
-    """Sets BatchNorm statistics from data, as training would, with random weights.
-
-    With default statistics (mean 0, var 1) the random network's activations shrink
-    block by block and the logits barely depend on the input (differences of 1e-4);
-    measured statistics keep every BatchNorm output at unit scale, so the output
-    depends on the input and split-verification errors mean something. The data is
-    smooth random images (noise upsampled from 28x28), seeded.
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(SEED)
-    bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    if not bns:
-        return
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
-    module.train()
-    with torch.no_grad():
-        for _ in range(4):
-            x = torch.nn.functional.interpolate(torch.randn(8, 3, 28, 28, generator=g), size=224,
-                                                mode="bilinear", align_corners=False)
-            module(x)
-    module.eval()
-
-
 def build(name: str, out: Path) -> None:
     import onnx
     import onnxruntime as ort
@@ -187,7 +162,7 @@ def build(name: str, out: Path) -> None:
 
     torch.manual_seed(SEED)
     module = BUILDERS[name]().eval()
-    _calibrate_bn(module)
+    calibrate_bn(module, (3, 224, 224), (28, 28), batches=4, seed=SEED)
     example = torch.randn(1, 3, 224, 224)
     torch.onnx.export(module, (example,), str(out), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
@@ -204,7 +179,7 @@ def build(name: str, out: Path) -> None:
     (got,) = session.run(["logits"], {"input": x})
     with torch.no_grad():
         expected = module(torch.from_numpy(x)).numpy()
-    err = float(np.abs(got - expected).max()) / max(1.0, float(np.abs(expected).max()))
+    err = max_rel_error(got, expected)
     params = sum(p.numel() for p in module.parameters())
     spread = float(np.abs(expected[0] - expected[1]).max())
     print(f"{out.name}: {out.stat().st_size / 1e6:.1f} MB, {params / 1e6:.2f} M parameters, "

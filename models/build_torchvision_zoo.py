@@ -23,30 +23,20 @@ import torch
 import torchvision
 from torch import nn
 
+from export import calibrate_bn, max_rel_error
+
 OUT = Path(os.environ.get("EDGESPLIT_TVZOO", "/work/tvzoo"))
 OPSET = 17
 
 
-def calibrate_bn(model, size=224):
-    """BatchNorm statistics from smooth random images, so the random CNN's output depends on its input."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns:
-        return model
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            x = torch.randn(8, 3, size // 8, size // 8, generator=g)
-            model(nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
-    return model.eval()
+def _calibrate(model, size=224):
+    """BatchNorm statistics from smooth random images (noise at 1/8 of the size, 3 batches of 8)."""
+    return calibrate_bn(model, (3, size, size), (size // 8, size // 8), batches=3, seed=0)
 
 
 def classifier(fn, size=224):
     def make():
-        model = calibrate_bn(fn(weights=None), size)
+        model = _calibrate(fn(weights=None), size)
         x = torch.randn(1, 3, size, size)
         return dict(module=model, example=(x,), input_names=["input"], output_names=["logits"],
                     dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
@@ -62,7 +52,7 @@ def vit_b_16():
 
 
 def googlenet():
-    model = calibrate_bn(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True))
+    model = _calibrate(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True))
     x = torch.randn(1, 3, 224, 224)
     return dict(module=model, example=(x,), input_names=["input"], output_names=["logits"],
                 dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
@@ -241,7 +231,7 @@ def export(name: str) -> dict:
         elif g.shape != e.shape:
             errs.append(f"shape {g.shape} vs torch {e.shape}")
         else:
-            errs.append(f"{float(np.abs(g.astype(np.float64) - e).max()) / max(1.0, float(np.abs(e).max())):.1e}")
+            errs.append(f"{max_rel_error(g, e):.1e}")
 
     def shape(v):
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]

@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from export import calibrate_bn, max_rel_error
+
 HERE = Path(__file__).resolve().parent
 ZOO = HERE / "zoo"
 OPSET = 17
@@ -154,29 +156,11 @@ def _randomize_bn(torch, module):
 
 
 def _calibrate_bn(module, example: dict[str, np.ndarray]) -> None:
-    """Sets BatchNorm statistics from data, as training would, with random weights.
-
-    With default statistics a random CNN's activations shrink block by block and the
-    output barely depends on the input; measured statistics keep each BatchNorm
-    output at unit scale, so the output depends on the input and a partitioning
-    error shows. Data: smooth random images (noise upsampled 4x) shaped like the
-    export example, batch 8, seeded.
-    """
-    import torch
-
-    bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
-    g = torch.Generator().manual_seed(SEED)
-    (name,) = example  # the CNNs here take one image
+    """BatchNorm statistics from smooth random images shaped like the export example (the CNNs
+    here take one image): noise at a quarter of its size, 4 batches of 8."""
+    (name,) = example
     _, c, h, w = example[name].shape
-    module.train()
-    with torch.no_grad():
-        for _ in range(4):
-            x = torch.randn(8, c, h // 4, w // 4, generator=g)
-            module(torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False))
-    module.eval()
+    calibrate_bn(module, (c, h, w), (h // 4, w // 4), batches=4, seed=SEED)
 
 
 def inception_net() -> ZooModel:
@@ -534,8 +518,7 @@ def _compare(path: Path, module, spec: ZooModel) -> float:
         e = e.numpy()
         if g.shape != e.shape:
             raise SystemExit(f"{spec.name}: output {name} has shape {g.shape}, torch gives {e.shape}")
-        scale = max(1.0, float(np.abs(e).max()))
-        worst = max(worst, float(np.abs(g - e).max()) / scale)
+        worst = max(worst, max_rel_error(g, e))
     if worst > TOLERANCE:
         raise SystemExit(f"{spec.name}: ONNX Runtime differs from torch by {worst:.2e}")
     return worst
