@@ -101,7 +101,9 @@ def register_worker(subparsers) -> None:
     p = subparsers.add_parser("worker", help="add a tail worker to a running broker (any host)",
                               description="One tail worker: connects to a broker's worker address and runs "
                                           "the tails of the bundles in --repository.")
-    p.add_argument("--connect", required=True, metavar="tcp://BROKER:PORT", help="the broker's worker address")
+    p.add_argument("--connect", required=True, action="append", metavar="tcp://BROKER:PORT",
+                   help="a broker's worker address; repeat it to serve several brokers at once (capacity split "
+                        "between them)")
     p.add_argument("--repository", required=True, metavar="DIR", help="folder of bundles this worker can load")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--name", default=None, help="worker name in metrics (default host-pid)")
@@ -174,9 +176,15 @@ def run_worker(args) -> int:
         raise ConfigError(f"--repository {args.repository}: no such directory")
     # A long-running command says at once that it started and what it is doing.
     print(f"edgesplit worker: pid {os.getpid()}, device {args.device}, repository {args.repository}, "
-          f"connecting to {args.connect}", flush=True)
-    worker = TailWorker(args.connect, args.repository, _config(args), device=args.device, name=args.name,
-                        curve_server_key=args.curve_server_key, curve_secret=args.curve_secret)
+          f"connecting to {', '.join(args.connect)}", flush=True)
+    if len(args.connect) == 1:
+        worker = TailWorker(args.connect[0], args.repository, _config(args), device=args.device, name=args.name,
+                            curve_server_key=args.curve_server_key, curve_secret=args.curve_secret)
+    else:
+        from cloud_server.multi import MultiWorker
+
+        worker = MultiWorker(args.connect, args.repository, _config(args), device=args.device, name=args.name,
+                             curve_server_key=args.curve_server_key, curve_secret=args.curve_secret)
 
     def handler(signum, frame):
         worker.stop()

@@ -98,6 +98,9 @@ class WorkerRecord:
         q = status.get("queued")
         if isinstance(q, int):
             self.queued = q
+        cap = status.get("capacity")  # a worker serving several brokers grants each what it can give now
+        if isinstance(cap, int) and not isinstance(cap, bool) and 0 <= cap <= 4096:
+            self.capacity = cap
         profiles = status.get("profiles")
         if isinstance(profiles, dict):
             for bid, prof in profiles.items():

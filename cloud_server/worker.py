@@ -34,7 +34,7 @@ from cloud_server.curve import ClientKeys
 from cloud_server.repository import Repository, bundle_summary
 from cloud_server.tail import TailBatcher
 
-__all__ = ["TailWorker"]
+__all__ = ["TailWorker", "admit_request"]
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -84,6 +84,7 @@ class TailWorker:
         self._broker_liveness = config.failure_detector(self._last_heard)  # fed by every broker message
         self._sent_version = 0
         self._said_bye = False
+        self._draining_sent = False
         self._available: list[dict] = []  # summaries of the repository's bundles (announced)
 
     # -- the step API: run() drives it from its own socket, attach() lets another loop drive it --
@@ -131,17 +132,20 @@ class TailWorker:
         Once stopping with no request left it says goodbye instead; False from then on.
         `every_s` defaults to the heartbeat interval.
         """
-        if self._said_bye:
-            return False
-        if self._stop_at is not None and not self._tail.has_requests():
-            self._send([W.ctl(W.BYE)])
-            self._said_bye = True
+        if self._said_goodbye():
             return False
         every = self.config.heartbeat_interval_s if every_s is None else every_s
         if self._tail.version != self._sent_version or now - self._last_send >= every:
             self._sent_version = self._tail.version
             self._send([W.ctl(W.HEARTBEAT, self.status())])
         return True
+
+    def _said_goodbye(self) -> bool:
+        """True once stopping with no request left (the goodbye goes out the first time)."""
+        if not self._said_bye and self._stop_at is not None and not self._tail.has_requests():
+            self._send([W.ctl(W.BYE)])
+            self._said_bye = True
+        return self._said_bye
 
     def status(self, full: bool = False) -> dict:
         """What the broker is told: queue, loaded bundles, profiles (full: who this worker is)."""
@@ -177,8 +181,7 @@ class TailWorker:
         """Serve until stop() (or a STOP from the broker) and the queue is drained; returns 0."""
         self._wait = self._receive
         self._get_ready()
-        with self._lock:
-            self._sock = self._open()
+        self._open_sockets()
         beat = threading.Thread(target=self._heartbeat_loop, name=f"{self.name}-heartbeat", daemon=True)
         beat.start()
         try:
@@ -186,12 +189,19 @@ class TailWorker:
         finally:
             self._done.set()
             beat.join(5)
-            with self._lock:
-                if self._sock is not None:
-                    self._sock.close(0)
-                    self._sock = None
+            self._close_sockets()
             self.close()
         return 0
+
+    def _open_sockets(self) -> None:
+        with self._lock:
+            self._sock = self._open()
+
+    def _close_sockets(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close(0)
+                self._sock = None
 
     def _get_ready(self) -> None:
         self._scan()
@@ -204,7 +214,8 @@ class TailWorker:
     # thread boundary inside the worker. The heartbeat thread only speaks when that thread has
     # been quiet for a heartbeat interval (a long batch, a bundle loading), so the broker never
     # takes a busy worker for a dead one.
-    def _open(self) -> zmq.Socket:
+    def _dealer(self, address: str) -> zmq.Socket:
+        """A DEALER connected to a broker's worker address."""
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
         s.sndhwm = s.rcvhwm = 10_000
@@ -213,7 +224,11 @@ class TailWorker:
         s.maxmsgsize = self.socket_bound()
         if self._curve:
             self._curve.apply(s)
-        s.connect(self.connect)
+        s.connect(address)
+        return s
+
+    def _open(self) -> zmq.Socket:
+        s = self._dealer(self.connect)
         s.send(W.ctl(W.READY, self.status(full=True)))
         self._last_send = self._last_heard = time.monotonic()
         self._broker_liveness.reset(self._last_heard)  # a new connection: learn the broker again
@@ -274,20 +289,25 @@ class TailWorker:
         for frames in got:
             self.accept(frames)
 
+    def _keep_serving(self, now: float) -> bool:
+        """Heartbeat, and the graceful stop (draining, goodbye, drain timeout); False: the loop ends."""
+        if self._stop_at is not None and not self._draining_sent:
+            self._send([W.ctl(W.DRAINING)])
+            self._draining_sent = True
+        if not self.heartbeat(now):
+            time.sleep(0.05)  # let libzmq flush the goodbye before the socket closes
+            return False
+        if self._stop_at is not None and now - self._stop_at > self.config.drain_timeout_s:
+            log.warning("%s: drain timeout; %d requests unanswered", self.name, len(self._tail.queue))
+            return False
+        return True
+
     def _serve_loop(self) -> None:
         cfg = self.config
         backoff = cfg.reconnect_initial_s
-        draining_sent = False
         while True:
             now = time.monotonic()
-            if self._stop_at is not None and not draining_sent:
-                self._send([W.ctl(W.DRAINING)])
-                draining_sent = True
-            if not self.heartbeat(now):
-                time.sleep(0.05)  # let libzmq flush the goodbye before the socket closes
-                return
-            if self._stop_at is not None and now - self._stop_at > cfg.drain_timeout_s:
-                log.warning("%s: drain timeout; %d requests unanswered", self.name, len(self._tail.queue))
+            if not self._keep_serving(now):
                 return
             if self._broker_liveness.suspect(now) and self._stop_at is None:
                 # After a long batch (or our own stall on a loaded box) the broker's messages may
@@ -319,25 +339,37 @@ class TailWorker:
             self.step()
 
     def _on_request(self, c: list, msg_frames: list) -> None:
-        now = time.monotonic()
-        try:
-            rkey = c[1]
-            deadline_b, received_b, now_b = float(c[2]), float(c[3]), float(c[4])
-        except (ValueError, TypeError):
-            return  # not from our broker
-        self._clock.observe(now_b, now)
-        try:
-            msg = P.decode(msg_frames, self.config.limits)
-        except ProtocolError as exc:
-            self._tail.send_error(rkey, getattr(exc, "request_id", None) or "", P.error_code(exc), str(exc))
-            return
-        if msg.kind == "session_end":
-            self._tail.end_session(msg)  # never answered
-            return
-        if msg.kind != "infer":
-            self._tail.send_error(rkey, msg.id, "bad_request", f"expected an infer message, got {msg.kind!r}")
-            return
-        if self._stop_at is not None and self._stop_at < now - 0.5:
-            self._tail.send_error(rkey, msg.id, "shutdown", "this worker is shutting down")
-            return
-        self._tail.add_request(rkey, msg, self._clock.to_local(deadline_b), now, received_b)
+        admit_request(self._tail, self.config, self._clock, self._stop_at, c, msg_frames)
+
+
+def admit_request(tail: TailBatcher, config: ServerConfig, clock: W.ClockMap, stop_at: float | None, c: list,
+                  msg_frames: list, received_local: bool = False) -> bool:
+    """One REQUEST from a broker: decode it and queue it on `tail` (True), or answer it at once (False).
+
+    `clock` maps that broker's times onto ours; `received_local` hands the batcher the receipt
+    time already mapped (cloud_server.multi: one batcher, several brokers' clocks).
+    """
+    now = time.monotonic()
+    try:
+        rkey = c[1]
+        deadline_b, received_b, now_b = float(c[2]), float(c[3]), float(c[4])
+    except (ValueError, TypeError):
+        return False  # not from our broker
+    clock.observe(now_b, now)
+    try:
+        msg = P.decode(msg_frames, config.limits)
+    except ProtocolError as exc:
+        tail.send_error(rkey, getattr(exc, "request_id", None) or "", P.error_code(exc), str(exc))
+        return False
+    if msg.kind == "session_end":
+        tail.end_session(msg)  # never answered
+        return False
+    if msg.kind != "infer":
+        tail.send_error(rkey, msg.id, "bad_request", f"expected an infer message, got {msg.kind!r}")
+        return False
+    if stop_at is not None and stop_at < now - 0.5:
+        tail.send_error(rkey, msg.id, "shutdown", "this worker is shutting down")
+        return False
+    received = clock.to_local(received_b) if received_local else received_b
+    tail.add_request(rkey, msg, clock.to_local(deadline_b), now, received)
+    return True
