@@ -24,7 +24,8 @@ IR_VERSION = 8
 __all__ = ["OPSET", "TINY_MODELS", "attention", "chain", "example_inputs", "if_model", "loop_model",
            "residual", "save", "two_in_two_out", "function_model", "reshape_model", "contrib_model",
            "mlp_bundle", "mlp_reference", "echo_bundle", "slow_bundle", "slow_reference",
-           "chain_bundle", "slow_tail_bundle", "reference", "DIM", "WIDTHS", "SLOW_WIDTH"]
+           "chain_bundle", "slow_tail_bundle", "reference", "DIM", "WIDTHS", "SLOW_WIDTH",
+           "recurrent2", "kv_cache2", "gemm_mlp_bundle"]
 
 
 def _w(name: str, *shape: int, seed: int = 0, scale: float = 0.5) -> onnx.TensorProto:
@@ -495,3 +496,27 @@ def kv_cache2(width: int = 4) -> onnx.ModelProto:
                           _f("past_key_values.1", "N", "P1", width)],
                   [_f("y", "N", width), _f("present.0", "N", "Q0", width), _f("present.1", "N", "Q1", width)],
                   inits, "kv_cache2")
+
+
+# -- the conftest fixture's bundle -------------------------------------------------------------
+def _gemm_segment(name: str, x: str, y: str, n_in: int, n_out: int, seed: int, relu: bool) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((n_in, n_out)).astype(np.float32), f"{name}_w")
+    b = numpy_helper.from_array(rng.standard_normal(n_out).astype(np.float32), f"{name}_b")
+    nodes = [helper.make_node("Gemm", [x, w.name, b.name], [y + ("_pre" if relu else "")])]
+    if relu:
+        nodes.append(helper.make_node("Relu", [y + "_pre"], [y]))
+    return _model(nodes, [_f(x, "N", n_in)], [_f(y, "N", n_out)], [w, b], name)
+
+
+def gemm_mlp_bundle(out: Path) -> Bundle:
+    """A 2-segment MLP bundle (x[N,16] -> relu(Gemm) = h[N,32] -> Gemm = y[N,4]), written with the
+    bundle API itself (the `mlp_bundle` fixture of tests/conftest.py)."""
+    head = _gemm_segment("head", "x", "h", 16, 32, seed=0, relu=True)
+    tail = _gemm_segment("tail", "h", "y", 32, 4, seed=1, relu=False)
+    h_spec = TensorSpec("h", "float32", ("N", 32))
+    model = {"name": "mlp", "source_sha256": "0" * 64,
+             "inputs": [TensorSpec("x", "float32", ("N", 16)).to_json()],
+             "outputs": [TensorSpec("y", "float32", ("N", 4)).to_json()]}
+    return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
+                        [Cut(1, ("h",), h_spec.bytes_per_sample(), (h_spec,))])
