@@ -216,25 +216,38 @@ class Session:
     # -- the cloud ----------------------------------------------------------------------------
     def _cloud(self, i: int, deadline: float) -> tuple[InferenceResult, int]:
         """Step i on the session's worker, replaying what it lacks first; (its answer, steps replayed)."""
-        replayed = 0
+        first = i
         for _ in range(1 + self._agent.config.session_rebuilds):
             try:
-                return self._send(i, deadline), replayed
+                return self._send_range(first, i, deadline), i - first
             except RemoteError as exc:
                 if exc.code != "session_state":
                     raise
                 have = (getattr(exc, "meta", None) or {}).get("have", 0)
                 # a worker ahead of this step (it ran it, the answer was lost) starts over: step 0 resets
-                start = have if type(have) is int and 0 <= have <= i else 0
+                first = have if type(have) is int and 0 <= have <= i else 0
                 self._agent._requests.count("session_rebuilds")
-                for j in range(start, i):
-                    self._send(j, deadline)
-                replayed += i - start
         raise RemoteError("session_state", f"session {self.id[:8]}: the cloud's state could not be rebuilt after "
                                            f"{self._agent.config.session_rebuilds} replays")
 
-    def _send(self, j: int, deadline: float) -> InferenceResult:
-        """Send step j as it was sent the first time; its answer (raises what the request failed with)."""
+    def _send_range(self, first: int, last: int, deadline: float) -> InferenceResult:
+        """Send steps first..last as they were sent the first time, pipelined (up to max_in_flight at
+        once: the broker and the worker keep a session's steps in order); the answer to `last`.
+
+        Raises what the first failed step failed with (the replays' answers are dropped).
+        """
+        futures = [self._post(j, deadline) for j in range(first, last + 1)]
+        failed = None
+        for f in futures:
+            try:
+                res = f.result()
+            except (TransportError, RemoteError) as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+        return res
+
+    def _post(self, j: int, deadline: float):
         agent = self._agent
         left_ms = (deadline - time.perf_counter()) * 1e3
         if left_ms <= 0:
@@ -247,7 +260,7 @@ class Session:
         req.bytes_up = h.nbytes
         req.meta = {"session": self.id, "step": j, "client": self._client}
         agent._io.post(("send", req))
-        return req.future.result()
+        return req.future
 
     # -- the device ---------------------------------------------------------------------------
     def _go_local(self, i: int, reason: str) -> None:
