@@ -254,6 +254,10 @@ class IOLoop:
             return
         now = time.perf_counter()
         s = self._pick(now, exclude)
+        if req.prefer is not None and s is not None:  # a session stays with the broker that holds it
+            p = self.links[req.prefer]
+            if p is not exclude and p.usable(now):
+                s = p
         if s is None:
             self._no_server(req)
             return

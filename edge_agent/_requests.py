@@ -33,7 +33,7 @@ class Request:
 
     __slots__ = ("id", "seq", "feeds", "binding", "batch", "future", "t0", "deadline", "cloud_deadline",
                  "cut", "cut_tensors", "encoded", "bytes_up", "timings", "server", "sent_at",
-                 "attempts", "waited_ms", "done", "lock", "sent_to", "meta")
+                 "attempts", "waited_ms", "done", "lock", "sent_to", "meta", "prefer")
 
     def __init__(self, rid: str, seq: int, feeds, binding, batch: int, deadline: float):
         self.id = rid
@@ -58,6 +58,7 @@ class Request:
         self.done = False
         self.lock = threading.Lock()
         self.meta: dict | None = None     # more header fields (a session step: session, step, client)
+        self.prefer: int | None = None    # the server to use while it is usable (a session's broker)
 
 
 class Requests:

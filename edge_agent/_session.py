@@ -104,6 +104,7 @@ class Session:
         self._lock = threading.Lock()  # one step at a time
         self._closed = False
         self._used_cloud = False
+        self._server: int | None = None  # the index of the server that answered last: the next steps go there
 
     # -- public -------------------------------------------------------------------------------
     @property
@@ -245,6 +246,8 @@ class Session:
                 failed = failed or exc
         if failed is not None:
             raise failed
+        servers = self._agent.servers
+        self._server = servers.index(res.server) if res.server in servers else None
         return res
 
     def _post(self, j: int, deadline: float):
@@ -259,6 +262,7 @@ class Session:
         req.encoded = h.encoded
         req.bytes_up = h.nbytes
         req.meta = {"session": self.id, "step": j, "client": self._client}
+        req.prefer = self._server
         agent._io.post(("send", req))
         return req.future
 

@@ -132,6 +132,23 @@ def test_async_steps_and_interleaved_decoder_sessions(repo):
     assert got == [list(GREEDY_64[:24])] * 2  # neither sees the other's cache
 
 
+def test_a_session_stays_with_one_of_several_servers(repo):
+    root, gpt, _ = repo
+    with RealCloud(root) as one, RealCloud(root) as two, \
+            EdgeAgent(gpt, [one.address, two.address], cut=1, codec="raw", config=AgentConfig(**AGENT)) as agent:
+        assert wait_for(lambda: all(s.state == "up" for s in agent.link_stats().servers))
+
+        def one(_):
+            with agent.session() as s:
+                return generate(s, 24)
+
+        with ThreadPoolExecutor(3) as pool:  # concurrent sessions spread over both servers by load
+            runs = list(pool.map(one, range(3)))
+    for tokens, results in runs:
+        assert tokens == list(GREEDY_64[:24])
+        assert len({r.server for r in results}) == 1 and all(r.replayed == 0 for r in results)
+
+
 def _process_server(root: Path, workers: int = 2):
     from cloud_server import Server, ServerConfig
 
