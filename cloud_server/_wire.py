@@ -7,8 +7,10 @@ replies) the edge's message frames, forwarded as they came::
                        [ctl("hb", status)]                   status: queued, loaded, profiles, ...
                        [ctl("reply", rkey, stats), *msg]     stats: [outcome, stage ms, batch size]
                        [ctl("draining")] / [ctl("bye")]
+                       [ctl("fetch", bundle, offset)]        a bundle it does not hold (cloud_server.fetch)
     broker -> worker   [ctl("req", rkey, deadline, received, now), *msg]   (broker monotonic seconds)
                        [ctl("hb", now)] / [ctl("stop")] / [ctl("reconnect")] / [ctl("load", bundle)]
+                       [ctl("bundle", bundle, offset, info), *data]   the index, or a chunk of it
 
 with ctl(cmd, *fields) = msgpack ["ESW1", cmd, *fields]. `rkey` is the broker's key of one
 dispatch; a reply whose key the broker no longer holds (the request was re-dispatched or timed
@@ -33,6 +35,8 @@ REQUEST = "req"
 STOP = "stop"
 RECONNECT = "reconnect"
 LOAD = "load"
+FETCH = "fetch"
+BUNDLE = "bundle"
 
 # Internal frames are small; anything larger is a bug or an impostor.
 MAX_CONTROL_BYTES = 1 << 20

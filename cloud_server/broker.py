@@ -35,6 +35,7 @@ from cloud_server.front import EdgeDesk
 from cloud_server.inline import InlineWorker
 from cloud_server.metrics import Metrics
 from cloud_server.registry import BundleCatalog, SocketLink, WorkerRecord, WorkerRegistry
+from cloud_server.fetch import BundleSource
 from cloud_server.repository import Repository
 from cloud_server.snapshot import AdminView
 
@@ -103,6 +104,9 @@ class Broker:
         self._lock = threading.Lock()
         self.catalog = BundleCatalog(self.repository, config.rescan_interval_s)
         self.registry = WorkerRegistry(config, self.metrics, self._lock)
+        # workers fetch the bundles of this broker's repository that they do not hold (cloud_server.fetch)
+        self.bundle_source = BundleSource(self.repository, config)
+        self.registry.fetchable = lambda b: self.repository is not None and b in self.repository
         self.desk = EdgeDesk(config, self.metrics, self.catalog, self.registry, None, lambda: self._draining)
         self.dispatcher = Dispatcher(config, self.registry, self.metrics, self.desk.error)
         self.desk.dispatcher = self.dispatcher
@@ -390,6 +394,10 @@ class Broker:
                     self._update_snapshot()
                 self.dispatcher.sessions.observe(w, c[1])
                 self.dispatcher.dispatch_pending(now)
+        elif cmd == W.FETCH:
+            reply = self.bundle_source.answer(c)
+            if reply is not None:
+                w.send(reply)
         elif cmd == W.DRAINING:
             w.draining = True
         elif cmd == W.BYE:

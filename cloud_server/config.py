@@ -83,6 +83,17 @@ class ServerConfig:
     # only come after its answer).
     batch_crowd_memory_s: float = 1.0
 
+    # --- bundles that travel (cloud_server.fetch) -------------------------------------------
+    # Largest bundle (manifest + segment files) a worker fetches from its broker when asked for
+    # one it does not hold; 0: never fetch (a missing bundle is "unknown_bundle"). A worker that
+    # may fetch reads its broker's frames up to limits.max_message_bytes (the broker's edge-facing
+    # socket bounds them by its own bundles already).
+    fetch_max_bytes: int = 16 << 30
+    # A fetch travels in chunks of this many bytes, a few in flight at once.
+    fetch_chunk_bytes: int = 1 << 20
+    # A fetch that gets no chunk for this long fails (its waiting requests get "unknown_bundle").
+    fetch_timeout_s: float = 30.0
+
     # --- stateful sessions (in each worker) -------------------------------------------------
     # A session whose worker has not seen a step for this long is dropped (its edge then
     # replays the steps to rebuild it, or finishes on the device).
@@ -128,12 +139,14 @@ class ServerConfig:
                 raise ConfigError(f"ServerConfig.{f.name} must be a non-negative number, got {v!r}")
         for name in ("heartbeat_interval_s", "worker_capacity", "max_batch", "max_request_batch", "max_attempts",
                      "heartbeat_liveness", "default_deadline_ms", "reconnect_initial_s", "liveness_threshold",
-                     "liveness_min_std_s", "liveness_max_silence_s", "session_idle_s"):
+                     "liveness_min_std_s", "liveness_max_silence_s", "session_idle_s", "fetch_chunk_bytes",
+                     "fetch_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("worker_capacity", "max_batch", "max_request_batch", "max_attempts", "heartbeat_liveness",
                      "max_pending",
-                     "max_held_bytes", "liveness_window", "session_memory_bytes"):
+                     "max_held_bytes", "liveness_window", "session_memory_bytes", "fetch_max_bytes",
+                     "fetch_chunk_bytes"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"ServerConfig.{name} must be an int, got {getattr(self, name)!r}")
         if self.liveness_window < 2:
@@ -150,6 +163,8 @@ class ServerConfig:
             raise ConfigError(f"ServerConfig.runner must be a runner kind, got {self.runner!r}")
         if not isinstance(self.limits, Limits):
             raise ConfigError("ServerConfig.limits must be an edgesplit.protocol.Limits")
+        if self.fetch_chunk_bytes > self.limits.max_message_bytes // 2:
+            raise ConfigError("ServerConfig.fetch_chunk_bytes must be at most half of limits.max_message_bytes")
         for name in ("preload", "profile_on_load", "allow_non_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ServerConfig.{name} must be true or false, got {getattr(self, name)!r}")

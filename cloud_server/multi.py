@@ -248,6 +248,12 @@ class MultiWorker(TailWorker):
             self._send_to(link, [W.ctl(W.READY, self.link_status(link, self.grants()[link.index], full=True))])
         elif cmd == W.LOAD and len(c) >= 2 and isinstance(c[1], str):
             self._tail.add_load(c[1])
+        elif cmd == W.BUNDLE:
+            self._fetcher.on_message(c, frames[1:])
+
+    def _fetch_sender(self, job):
+        link = self.links[job.rkey[0]] if job.rkey and job.rkey[0] < len(self.links) else self.links[0]
+        return lambda frames: self._send_to(link, frames)
 
     def accept(self, frames: list) -> None:
         self._accept_from(self.links[0], frames)

@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from edgesplit import protocol as P
 from edgesplit.liveness import FailureDetector, StallGuard
@@ -43,7 +43,7 @@ class WorkerRecord:
     """What the broker knows of one worker: who it is, what it holds, what it computes now."""
 
     __slots__ = ("ident", "name", "device", "runner", "pid", "capacity", "available", "loaded", "inflight",
-                 "last_heard", "draining", "queued", "joined", "host", "link", "liveness")
+                 "last_heard", "draining", "queued", "joined", "host", "link", "liveness", "fetches")
 
     def __init__(self, ident: bytes, info: dict, capacity: int, now: float, link,
                  liveness: FailureDetector | None = None):
@@ -56,6 +56,7 @@ class WorkerRecord:
         cap = info.get("capacity")
         self.capacity = cap if isinstance(cap, int) and 0 < cap <= 4096 else capacity
         self.available: set[str] = set()
+        self.fetches = info.get("fetch") is True  # fetches a bundle it does not hold from the broker
         self.loaded: set[str] = set()
         self.inflight: dict[bytes, Any] = {}  # rkey -> the broker's Request
         self.last_heard = now
@@ -134,6 +135,8 @@ class WorkerRegistry:
         self._lock = lock
         self._workers: dict[bytes, WorkerRecord] = {}
         self.lost: list[dict] = []  # the last workers dropped for silence (for /v1/models)
+        # bundles a worker may fetch from the broker when none holds them (the broker sets it)
+        self.fetchable: Callable[[str], bool] = lambda bundle: False
         # The broker's own wake-ups: after it slept past a check (a loaded box), it reads its
         # sockets before judging anyone silent.
         self._awake = StallGuard(max(0.1, config.heartbeat_interval_s / 2), 0.02, time.monotonic())
@@ -221,6 +224,10 @@ class WorkerRegistry:
             key = (load, bundle not in w.loaded)
             if best_key is None or key < best_key:
                 best, best_key = w, key
+        if best is None and self.fetchable(bundle) and not self.serves(bundle):
+            # nobody holds it: a worker that fetches bundles gets it from this broker's repository
+            room = [w for w in self._workers.values() if w.fetches and not w.draining and len(w.inflight) < w.capacity]
+            best = min(room, key=lambda w: len(w.inflight), default=None)
         return best
 
     def live(self) -> list[WorkerRecord]:

@@ -135,6 +135,8 @@ class TailBatcher:
         self._crowded: dict[tuple, float] = {}  # (bundle, cut) -> until when to wait for batch-mates
         # stateful sessions: the state of segments [k, n) per session (cloud_server.sessions)
         self.sessions = SessionStore(config.session_idle_s, config.session_memory_bytes, name)
+        # park(job) -> True: the job's bundle is not here and is being fetched (the worker sets it)
+        self.park: Callable[[_Job], bool] | None = None
 
     # -- what comes in -------------------------------------------------------------------------
     def add_request(self, rkey: bytes, msg: P.Message, deadline: float | None, now: float, received: float) -> None:
@@ -224,6 +226,9 @@ class TailBatcher:
             if job.deadline is not None and job.t_start >= job.deadline:
                 raise _Failure("deadline", "the deadline passed while the request was queued")
             loaded = self.loaded.get(msg.bundle) or self.load_bundle(msg.bundle)
+            if loaded is None and msg.bundle not in self.repository and self.park is not None \
+                    and self.park(job):
+                return False  # waits for the bundle to arrive (cloud_server.fetch), then queued again
             if loaded is None:
                 why = self.failed.get(msg.bundle)
                 raise _Failure("unknown_bundle", f"this worker cannot load bundle {msg.bundle[:64]!r}"

@@ -31,6 +31,7 @@ from edgesplit.errors import ProtocolError
 from cloud_server import _wire as W
 from cloud_server.config import ServerConfig
 from cloud_server.curve import ClientKeys
+from cloud_server.fetch import BundleFetcher
 from cloud_server.repository import Repository, bundle_summary
 from cloud_server.tail import TailBatcher
 
@@ -71,6 +72,9 @@ class TailWorker:
         self._clock = W.ClockMap()
         self._tail = TailBatcher(config, self.repository, device, self.runner, self.name, self._send, self._scan,
                                  self._clock.to_local, lambda: self._stop_at is not None)
+        # a bundle asked for but not held is fetched from the broker (cloud_server.fetch)
+        self._fetcher = BundleFetcher(self.repository, config, self.name, self._fetched)
+        self._tail.park = self._park
         self._lock = threading.Lock()  # guards the socket: the serving thread and the heartbeat thread
         self._stop_at: float | None = None
         self._done = threading.Event()
@@ -116,6 +120,26 @@ class TailWorker:
             self._send([W.ctl(W.READY, self.status(full=True))])
         elif cmd == W.LOAD and len(c) >= 2 and isinstance(c[1], str):
             self._tail.add_load(c[1])
+        elif cmd == W.BUNDLE:
+            self._fetcher.on_message(c, frames[1:])
+
+    # -- bundles fetched from the broker (cloud_server.fetch) -----------------------------------
+    def _park(self, job) -> bool:
+        return self._fetcher.want(job.msg.bundle, job, self._fetch_sender(job))
+
+    def _fetch_sender(self, job) -> Callable[[list], None]:
+        """Where the fetch for `job`'s bundle is asked: the broker that sent the job."""
+        return self._send
+
+    def _fetched(self, bundle: str, jobs: list, error: str | None) -> None:
+        if error is None:
+            self._scan()
+            self._tail.version += 1  # the broker hears at once that it is here
+            self._tail.queue.extend(jobs)
+            return
+        for job in jobs:
+            self._tail.send_error(job.rkey, job.msg.id, "unknown_bundle",
+                                  f"this worker could not fetch bundle {bundle[:12]} from the broker: {error}")
 
     def step(self) -> bool:
         """Run the next queued job (a batch, or a bundle to load); False when nothing was queued."""
@@ -155,7 +179,7 @@ class TailWorker:
                               "draining": self._stop_at is not None}
         if full:
             st.update(name=self.name, device=self.device, pid=os.getpid(), host=socket.gethostname(),
-                      capacity=self.config.worker_capacity)
+                      capacity=self.config.worker_capacity, fetch=self._fetcher.enabled)
         # the backends actually running (e.g. "ort-cuda"), once a bundle is loaded
         st["runner"] = ",".join(sorted({b.runner_name for b in list(loaded.values())})) or self.runner
         st["available"] = self._available
@@ -235,7 +259,14 @@ class TailWorker:
         return s
 
     def socket_bound(self) -> int:
-        """ZMQ_MAXMSGSIZE of this worker's socket, from the repository's bundles (ServerConfig.socket_bound)."""
+        """ZMQ_MAXMSGSIZE of this worker's socket, from the repository's bundles (ServerConfig.socket_bound).
+
+        A worker that may fetch bundles takes frames up to limits.max_message_bytes: a bundle it
+        fetches later may need more than those it holds now, and its broker's edge-facing socket
+        bounds every request by the broker's bundles already.
+        """
+        if self._fetcher.enabled:
+            return self.config.limits.max_message_bytes
         return self.config.socket_bound(self.repository.manifest(b) for b in self.repository.ids())
 
     def _send(self, frames: list) -> None:
@@ -297,6 +328,8 @@ class TailWorker:
         if not self.heartbeat(now):
             time.sleep(0.05)  # let libzmq flush the goodbye before the socket closes
             return False
+        if self._fetcher.active:
+            self._fetcher.expire(now)
         if self._stop_at is not None and now - self._stop_at > self.config.drain_timeout_s:
             log.warning("%s: drain timeout; %d requests unanswered", self.name, len(self._tail.queue))
             return False

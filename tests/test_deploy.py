@@ -215,7 +215,7 @@ def test_commands_parse_with_the_real_cli_and_ports_line_up():
     address = res[("ConfigMap", "edgesplit-config")]["data"]["broker-worker-address"]
     assert address == f"tcp://{back['metadata']['name']}:{back['spec']['ports'][0]['port']}"
     env = {e["name"]: e for e in w["env"]}
-    assert worker_args.connect == "$(BROKER_WORKER_ADDRESS)"
+    assert worker_args.connect == ["$(BROKER_WORKER_ADDRESS)"]  # --connect repeats (one per broker)
     assert env["BROKER_WORKER_ADDRESS"]["valueFrom"]["configMapKeyRef"] == {"name": "edgesplit-config",
                                                                             "key": "broker-worker-address"}
     assert env["EDGESPLIT_SERVER_INTRA_OP_THREADS"]["valueFrom"]["resourceFieldRef"]["containerName"] == w["name"]
