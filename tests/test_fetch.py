@@ -4,6 +4,7 @@ in chunks, hash-checked, written atomically; tampered, truncated and hostile tra
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from cloud_server import _wire as W
 from cloud_server.config import ServerConfig
 from cloud_server.fetch import SCRATCH, BundleFetcher, BundleSource, bundle_files
 from cloud_server.repository import Repository
-from edgesplit.bundle import Bundle
+from edgesplit.bundle import Bundle, update_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,6 +190,17 @@ def test_a_remote_worker_with_an_empty_repository_fetches_and_serves(broker_repo
             assert mlp.id in server.json("/v1/models")["workers"][0]["available"]
             edge.send_infer("second", mlp.id, 1, {"h": np.ones((1, 32), np.float32)}, deadline_ms=30_000)
             assert edge.recv(timeout_ms=30_000).kind == "result"
+            # roll-out: version 2 (another id) is added to the broker's repository and served beside
+            # version 1; an edge moves over by asking for the new id (the worker fetches it too)
+            shutil.copytree(broker_repo / "mlp", broker_repo / "mlp-v2")
+            v2 = update_manifest(broker_repo / "mlp-v2", release="2")
+            assert v2.id != mlp.id
+            edge.send_infer("v2", v2.id, 0, {"x": x}, deadline_ms=30_000)
+            edge.send_infer("v1", mlp.id, 0, {"x": x}, deadline_ms=30_000)
+            got = {m.id: m for m in (edge.recv(timeout_ms=30_000), edge.recv(timeout_ms=30_000))}
+            assert {k: m.kind for k, m in got.items()} == {"v1": "result", "v2": "result"}, \
+                {k: m.meta for k, m in got.items()}
+            assert (empty / v2.id).is_dir() and (empty / mlp.id).is_dir()   # both versions, side by side
         finally:
             edge.close()
             worker.terminate()
