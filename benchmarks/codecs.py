@@ -46,7 +46,7 @@ PHOTOS = ROOT / "edge_agent" / "demo_data" / "photos"
 RESULTS = ROOT / "benchmarks" / "results"
 
 # (label, spec, uses the bundle's calibration). Int stages: ":pt" per tensor, ":pc" per channel,
-# ":bN" per channel per block of N rows; no option: b8 on maps with H >= 56, else per channel.
+# ":bN" per channel per block of N rows; no option: b8 on every map ([N, F]: groups of 128).
 # Ranges come from each message unless "cal" (the bundle's calibration, recorded on other crops).
 CODECS = [
     ("raw+zstd", "raw+zstd", False),
@@ -65,7 +65,11 @@ CODECS = [
     ("int8:b32+zstd", "int8:b32+zstd", False),
     ("int8:b64+zstd", "int8:b64+zstd", False),
     ("int8:b128+zstd", "int8:b128+zstd", False),
+    ("int8+delta+zstd", "int8+delta+zstd", False),
     ("int8+pred+zstd", "int8+pred+zstd:3:mm7", False),
+    ("int8:pt+pred+zstd", "int8:pt+pred+zstd:3:mm7", False),
+    ("int8:pc+pred+zstd", "int8:pc+pred+zstd:3:mm7", False),
+    ("int8:b8+pred+zstd", "int8:b8+pred+zstd:3:mm7", False),
     ("int6:pt+zstd", "int6:pt+zstd", False),
     ("int6:pt+pred+zstd", "int6:pt+pred+zstd:3:mm7", False),
     ("int5:pt+zstd", "int5:pt+zstd", False),
@@ -431,6 +435,32 @@ def write_report(res: dict, out: Path) -> None:
         for r in c["rows"]:
             L.append(f"| {r['cut']} | {r['codec']} | {r['ratio']:.2f}x | {100 * r['agreement']:.2f}% | "
                      f"{r['disagree']} of {c['samples']} | {r['bytes_wire']:.0f} |")
+    for key in sorted(k for k in res if k.startswith("confirm_seed")):
+        c = res[key]
+        L.append(f"\n## More fresh crops: {c['samples']} (seed {c['seed']}), `{c['command']}` "
+                 f"({c['elapsed_s'] / 60:.1f} min)\n")
+        L.append(f"Machine: {c['machine']}.\n")
+        L.append("| cut | codec | ratio | agreement | images that differ | wire bytes |")
+        L.append("| --- | --- | --- | --- | --- | --- |")
+        for r in c["rows"]:
+            L.append(f"| {r['cut']} | {r['codec']} | {r['ratio']:.2f}x | {100 * r['agreement']:.2f}% | "
+                     f"{r['disagree']} of {c['samples']} | {r['bytes_wire']:.0f} |")
+    L += pareto_report(res)
+    if res.get("timing_cuts"):
+        t = res["timing_cuts"]
+        L.append(f"\n## Encode + decode at every cut, one core, thread CPU time (`{t['command']}`)\n")
+        L.append(f"Machine: {t['machine']}. Per MiB of fp32 activations: the cut's tensors of "
+                 f"{t['images']} crops stacked to about 1 MiB (throughput), and one image at a time "
+                 "(batch 1, what the agent sends: small tensors pay a fixed per-call cost of some tens "
+                 f"of microseconds). Minimum / median of {t['repeats']} runs, in ms per MiB.\n")
+        specs = t["specs"]
+        L.append("| cut | map | " + " | ".join(f"{sp} 1 MiB (min / med)" for sp in specs) + " | "
+                 + " | ".join(f"{sp} batch 1 us (min)" for sp in specs) + " |")
+        L.append("| --- | --- |" + " --- |" * (2 * len(specs)))
+        for row in t["rows"]:
+            cells = [f"{row[sp]['mib_min']:.2f} / {row[sp]['mib_med']:.2f}" for sp in specs]
+            cells += [f"{row[sp]['one_us_min']:.0f} ({row[sp]['one_ms_per_mib_min']:.1f} ms/MiB)" for sp in specs]
+            L.append(f"| {row['cut']} | {row['map']} | " + " | ".join(cells) + " |")
     if res.get("extras_machine"):
         L.append(f"\nThe sections below were measured later by `{res['extras_command']}` "
                  f"({res['extras_elapsed_s'] / 60:.1f} min) on: {res['extras_machine']}.")
@@ -477,6 +507,98 @@ def write_report(res: dict, out: Path) -> None:
     (out / "codecs.md").write_text("\n".join(L))
 
 
+def confirm_sets(res: dict) -> list[dict]:
+    return [res[k] for k in ["confirm"] + sorted(k for k in res if k.startswith("confirm_seed")) if k in res]
+
+
+def pareto_report(res: dict, default: str = "int8+delta+zstd", slack: float = 0.05) -> list[str]:
+    """Per cut, over every confirmation set together: the default's images that differ and ratio
+    against every other int8 codec measured on the same crops; a codec beats the default when it
+    differs on no more images and its wire bytes are more than `slack` smaller."""
+    sets = confirm_sets(res)
+    if not sets:
+        return []
+    keys = [{(r["cut"], r["codec"]): r for r in c["rows"]} for c in sets]
+    labels = {lab for kk in keys for (_, lab) in kk}
+    cuts = sorted({k for kk in keys for (k, _) in kk})
+    n = sum(c["samples"] for c in sets)
+    L = [f"\n## Pareto check over all fresh crops ({n}: {' + '.join(str(c['samples']) for c in sets)})\n",
+         f"Per cut: the images that differ and the wire bytes (sum over the sets) of `{default}` and of every "
+         f"other int8 codec measured on all the same crops; 'beaten by' lists codecs that differ on no "
+         f"more images and send more than {100 * slack:.0f}% fewer bytes.\n",
+         "| cut | default: differ / ratio | best other (differ / ratio) | beaten by |", "| --- | --- | --- | --- |"]
+    for k in cuts:
+        def total(lab):
+            rs = [kk.get((k, lab)) for kk in keys]
+            if any(r is None for r in rs):
+                return None
+            fp32 = sum(r["bytes_fp32"] * c["samples"] for r, c in zip(rs, sets))
+            wire = sum(r["bytes_wire"] * c["samples"] for r, c in zip(rs, sets))
+            return sum(r["disagree"] for r in rs), fp32 / wire, wire
+        d = total(default)
+        if d is None:
+            continue
+        others = {lab: total(lab) for lab in labels if lab != default and lab.startswith("int8") and "cal" not in lab}
+        others = {lab: v for lab, v in others.items() if v is not None}
+        beaten = sorted((lab for lab, v in others.items() if v[0] <= d[0] and v[2] < (1 - slack) * d[2]),
+                        key=lambda lab: others[lab][2])
+        best = max(others.items(), key=lambda kv: (-kv[1][0], kv[1][1]), default=None)
+        L.append(f"| {k} | {d[0]} / {d[1]:.2f}x | " + (f"{best[0]} ({best[1][0]} / {best[1][1]:.2f}x)" if best else "-")
+                 + " | " + (", ".join(f"{lab} ({others[lab][0]} / {others[lab][1]:.2f}x)" for lab in beaten) or "none")
+                 + " |")
+    return L
+
+
+def timing_cuts(out: Path, args) -> int:
+    """Encode + decode of every cut's real activations, one core, thread CPU time: stacked to about
+    1 MiB (throughput) and one image at a time (batch 1)."""
+    from edgesplit.runtime import SegmentChain
+
+    res = json.loads((out / "codecs.json").read_text())
+    bundle = build_bundle(Path(tempfile.mkdtemp(prefix="codecs-timing.")))
+    images, repeats = 64, 15
+    specs = args.timing_specs.split(",")
+    env = {bundle.inputs[0].name: views(photo_sources(), images, seed=1)}
+    rows = []
+    unpin = pin_one_core()
+    try:
+        for k in range(1, bundle.num_segments):
+            with SegmentChain(bundle, k - 1, k, runner="ort-cpu", intra_op_threads=1) as seg:
+                env = run_batched(seg.run, env, 16)
+            (t,) = bundle.cut(k).tensors
+            a = env[t]
+            stack = np.ascontiguousarray(a[:max(1, round(2**20 / a[0].nbytes))])
+            row = {"cut": k, "map": "x".join(str(d) for d in a.shape[1:])}
+            for sp in specs:
+                codec = get_codec(sp)
+                mib = []
+                for _ in range(repeats):
+                    t0 = time.thread_time()
+                    enc = codec.encode(stack)
+                    decode(enc)
+                    mib.append((time.thread_time() - t0) * 2**20 / stack.nbytes * 1e3)
+                one = []
+                for _ in range(repeats):
+                    for i in range(0, images, 4):
+                        x = a[i:i + 1]
+                        t0 = time.thread_time()
+                        decode(codec.encode(x))
+                        one.append(time.thread_time() - t0)
+                row[sp] = {"mib_min": min(mib), "mib_med": statistics.median(mib), "one_us_min": 1e6 * min(one),
+                           "one_us_med": 1e6 * statistics.median(one),
+                           "one_ms_per_mib_min": min(one) * 1e3 * 2**20 / a[0].nbytes}
+                print(f"cut {k:2d} {row['map']:12s} {sp:18s} 1 MiB {row[sp]['mib_min']:.2f}/{row[sp]['mib_med']:.2f} "
+                      f"ms/MiB; batch 1 {row[sp]['one_us_min']:.0f} us", flush=True)
+            rows.append(row)
+    finally:
+        unpin()
+    res["timing_cuts"] = {"rows": rows, "specs": specs, "images": images, "repeats": repeats, "machine": machine(),
+                          "command": f"python benchmarks/codecs.py --timing-cuts --timing-specs '{args.timing_specs}'"}
+    (out / "codecs.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_report(res, out)
+    return 0
+
+
 def plot(res: dict, out: Path) -> None:
     import matplotlib
 
@@ -521,7 +643,7 @@ def confirm(out: Path, args) -> int:
     work = Path(tempfile.mkdtemp(prefix="codecs-confirm."))
     bundle = build_bundle(work)
     sources = photo_sources()
-    xs = views(sources, args.samples, seed=3)
+    xs = views(sources, args.samples, seed=args.seed)
     in_name = bundle.inputs[0].name
     cal = calibrate(bundle, {in_name: views(sources, res["calib_samples"], seed=2)}, percentile=res["percentile"],
                     batch=16, runner="ort-cpu")
@@ -539,8 +661,11 @@ def confirm(out: Path, args) -> int:
             for r in rows[-len(labs):]:
                 print(f"cut {k}: {r['codec']} {r['ratio']:.2f}x {100 * r['agreement']:.2f}% "
                       f"({r['disagree']} of {len(xs)})", flush=True)
-    old = res.get("confirm")
-    command = f"python benchmarks/codecs.py --confirm '{args.confirm}' --samples {args.samples}"
+    # Seed 3 is "confirm"; other seeds (more fresh crops) are kept apart under "confirm_more".
+    key = "confirm" if args.seed == 3 else f"confirm_seed{args.seed}"
+    old = res.get(key)
+    command = f"python benchmarks/codecs.py --confirm '{args.confirm}' --samples {args.samples}" + (
+        f" --seed {args.seed}" if args.seed != 3 else "")
     elapsed = time.time() - started
     if old and old["samples"] == len(xs):  # same crops (same seed and count): add to the earlier rows
         new = {(r["cut"], r["codec"]) for r in rows}
@@ -548,8 +673,8 @@ def confirm(out: Path, args) -> int:
                       key=lambda r: (r["cut"], r["codec"]))
         command = old["command"] + "; " + command
         elapsed += old["elapsed_s"]
-    res["confirm"] = {"rows": rows, "samples": len(xs), "seed": 3, "machine": machine(), "command": command,
-                      "elapsed_s": elapsed}
+    res[key] = {"rows": rows, "samples": len(xs), "seed": args.seed, "machine": machine(), "command": command,
+                "elapsed_s": elapsed}
     (out / "codecs.json").write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, out)
     return 0
@@ -604,7 +729,7 @@ def extras_only(out: Path, args) -> int:
     return 0
 
 
-EXTRA_SPECS = ["int8+zstd", "int8:pc+zstd", "int8:b8+zstd", "int8:pt+zstd", "int8+lz4", "int8", "fp16", "fp16+lz4", "raw+zstd", "int4:pt+zstd",
+EXTRA_SPECS = ["int8+delta+zstd", "int8+zstd", "int8:pc+zstd", "int8:b8+zstd", "int8:pt+zstd", "int8+lz4", "int8", "fp16", "fp16+lz4", "raw+zstd", "int4:pt+zstd",
                "int5:pt+zstd", "int6:pt+zstd", "int6:pt+pred+zstd:3:mm7", "int8+pred+zstd:3:mm7"]
 
 
@@ -624,8 +749,13 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true", help="rewrite codecs.md and codecs.png from codecs.json")
     ap.add_argument("--confirm", default=None, metavar="CUT:LABEL,...",
                     help="re-measure these (cut, codec) pairs on --samples fresh crops; adds to codecs.json/md")
+    ap.add_argument("--seed", type=int, default=3, help="crop seed for --confirm (default 3; the main run uses 1)")
     ap.add_argument("--timing-only", action="store_true",
                     help="keep everything in OUT/codecs.json; redo only the 1 MiB encode + decode timing")
+    ap.add_argument("--timing-cuts", action="store_true",
+                    help="keep everything in OUT/codecs.json; time encode + decode at every cut (1 MiB and batch 1)")
+    ap.add_argument("--timing-specs", default="int8+delta+zstd,int8+zstd,int8:pc+zstd,int8:pt+zstd",
+                    help="codecs for --timing-cuts")
     ap.add_argument("--extras-only", action="store_true",
                     help="keep the codec rows of OUT/codecs.json; redo the 1 MiB timing, folding and protocol")
     args = ap.parse_args(argv)
@@ -640,6 +770,8 @@ def main(argv=None) -> int:
         return extras_only(out, args)
     if args.timing_only:
         return timing_only(out, args)
+    if args.timing_cuts:
+        return timing_cuts(out, args)
     if args.confirm:
         return confirm(out, args)
     if args.report_only:

@@ -12,11 +12,12 @@ from edgesplit.codecs import pack_bits, unpack_bits
 from edgesplit.errors import CodecError
 
 LOSSLESS = ["raw", "zstd", "lz4", "raw+shuffle+zstd", "raw+lz4", "shuffle+lz4", "zstd:3", "raw+pred+zstd",
-            "pred+lz4", "zstd:3:mm7"]
+            "pred+lz4", "zstd:3:mm7", "raw+delta+zstd", "delta+lz4"]
 LOSSY = ["fp16", "bf16", "int8", "int8:pc", "int6", "int5", "int4", "int4:pc", "int3", "int2",
          "int8+zstd", "int8+lz4", "fp16+lz4", "fp16+zstd", "bf16+zstd", "int4:pc+zstd", "int6:u+zstd",
          "int4:u+lz4", "int6:pt+pred+zstd:3:mm7", "int8+pred+lz4", "int4:p+pred+zstd", "int8:b8",
-         "int8:b3+zstd", "int4:b2", "int8:b1+pred+zstd"]
+         "int8:b3+zstd", "int4:b2", "int8:b1+pred+zstd", "int8+delta+zstd", "int8:pt+delta+lz4",
+         "int4:u+delta+zstd", "int8:pc:f4+zstd", "int8:f2"]
 
 
 def _sample(dtype: str, shape, rng) -> np.ndarray:

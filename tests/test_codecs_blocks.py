@@ -10,7 +10,7 @@ import pytest
 
 from edgesplit import protocol as P
 from edgesplit.codecs import Encoded, decode, get_codec, validate
-from edgesplit.codecs import AUTO_BLOCK, AUTO_BLOCK_MIN_ROWS, AUTO_FEATURE_GROUP
+from edgesplit.codecs import AUTO_BLOCK, AUTO_FEATURE_GROUP, AUTO_MIN_BLOCK_VALUES
 from edgesplit.errors import CodecError, ProtocolError
 
 
@@ -60,9 +60,12 @@ def test_blocks_beat_per_channel_when_rows_differ():
     assert err["b8"] < err["pc"] / 2
 
 
-def test_default_int8_uses_blocks_on_large_maps_only():
-    big = _rows_scaled((1, 4, AUTO_BLOCK_MIN_ROWS, AUTO_BLOCK_MIN_ROWS))
-    small = _rows_scaled((1, 4, AUTO_BLOCK_MIN_ROWS // 2, AUTO_BLOCK_MIN_ROWS // 2))
+def test_default_int8_uses_blocks_on_maps_with_long_enough_rows():
+    # Behaviour change (issue 13): every EfficientNet-Lite0 map, 14x14 included, now gets blocks;
+    # per channel only where a block would hold < AUTO_MIN_BLOCK_VALUES values.
+    big = _rows_scaled((1, 4, 14, 14))
+    narrow = AUTO_MIN_BLOCK_VALUES // AUTO_BLOCK - 1
+    small = _rows_scaled((1, 4, 64, narrow))
     for spec in ["int8", "int8+zstd", "int8+lz4"]:
         enc = get_codec(spec).encode(big)
         assert enc.params["block"] == AUTO_BLOCK

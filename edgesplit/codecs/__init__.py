@@ -1,6 +1,6 @@
-"""Activation codecs: shrink the tensors at a cut (raw, fp16, bf16, int8..int2, + shuffle/zstd/lz4).
+"""Activation codecs: shrink the tensors at a cut (raw, fp16, bf16, int8..int2, + shuffle/delta/zstd/lz4).
 
-    codec = get_codec("int8+zstd")
+    codec = get_codec(DEFAULT_CODEC)     # "int8+delta+zstd"
     enc = codec.encode(array)            # Encoded(codec, dtype, shape, params, payload)
     array2 = decode(enc)                 # or codec.decode(enc)
 
@@ -11,9 +11,11 @@ before anything is allocated, and every failure is a CodecError.
 from __future__ import annotations
 
 from edgesplit.codecs.stages import StageSpec, register_stage, stage_spec
-from edgesplit.codecs._quant import AUTO_BLOCK, AUTO_BLOCK_MIN_ROWS, AUTO_FEATURE_GROUP, pack_bits, unpack_bits
+from edgesplit.codecs._bytes import DELTA_MIN_ROW
+from edgesplit.codecs._quant import AUTO_BLOCK, AUTO_MIN_BLOCK_VALUES, AUTO_FEATURE_GROUP, pack_bits, unpack_bits
 from edgesplit.codecs._codec import (
     BYTE_STAGES,
+    DEFAULT_CODEC,
     DTYPES,
     NUMERIC_STAGES,
     Codec,
@@ -27,8 +29,9 @@ from edgesplit.codecs._codec import (
 )
 
 __all__ = [
-    "Codec", "Encoded", "get_codec", "decode", "validate", "parse_spec",
+    "Codec", "Encoded", "DEFAULT_CODEC", "get_codec", "decode", "validate", "parse_spec",
     "NUMERIC_STAGES", "BYTE_STAGES", "DTYPES", "is_codec_name",
     "StageSpec", "register_stage", "stage_spec", "nominal_ratio",
-    "pack_bits", "unpack_bits", "AUTO_BLOCK", "AUTO_BLOCK_MIN_ROWS", "AUTO_FEATURE_GROUP",
+    "pack_bits", "unpack_bits", "AUTO_BLOCK", "AUTO_MIN_BLOCK_VALUES", "AUTO_FEATURE_GROUP",
+    "DELTA_MIN_ROW",
 ]

@@ -23,6 +23,10 @@ _DTYPE_NAMES = {np.dtype(name): name for name in DTYPES}
 NUMERIC_STAGES = numeric_stage_names()
 BYTE_STAGES = byte_stage_names()
 MAX_RANK = 32
+# The codec the agent, the CLI and the demo use unless told otherwise: int8 codes with ranges
+# from the map's shape, left-neighbour differences on wide maps, zstd level 1. Chosen from
+# benchmarks/codecs.py on EfficientNet-Lite0 (docs/codecs.md, "Measured").
+DEFAULT_CODEC = "int8+delta+zstd"
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,11 @@ class Codec:
 
     def __init__(self, spec: str, *, per_channel: bool | None = None, axis: int = 1,
                  level: int | None = None, packed: bool | None = None, shuffle: bool | None = None,
-                 use_calibration: bool = True, block: int | str | None = None):
+                 use_calibration: bool = True, block: int | str | None = None, floor: int | None = None):
         (name, opts), byte_tokens = parse_spec(spec)
         # What the stages' builders may read besides their own options (StageSpec.make).
         self._params = {"per_channel": per_channel, "axis": axis, "level": level, "packed": packed,
-                        "use_calibration": use_calibration, "block": block,
+                        "use_calibration": use_calibration, "block": block, "floor": floor,
                         "compressed": any(stage_spec(n).compresses for n, _ in byte_tokens)}
         self.numeric: _quant.NumericStage = stage_spec(name).make(opts, self._params)
         self.level = level
@@ -296,15 +300,16 @@ def get_codec(spec: str, **params: Any) -> Codec:
     """The codec named by `spec`, e.g. "raw", "fp16+lz4", "int8+zstd", "int4:pc+zstd:3".
 
     Stages are joined by "+": one numeric stage first (raw, fp16, bf16, int8..int2; default raw),
-    then byte stages (shuffle, zstd, lz4). Stage options follow colons: ``int8:pt`` per tensor,
+    then byte stages (shuffle, pred, delta, zstd, lz4). Stage options follow colons: ``int8:pt`` per tensor,
     ``int8:pc`` per channel along axis 1 (when each channel has >= 128 values), ``int8:b8`` per
-    channel per block of 8 rows (of a [..., C, H, W] tensor); default: b8 where H >= 56 or H <= 8,
+    channel per block of 8 rows (of a [..., C, H, W] tensor); default: b8 where H >= 28 or H <= 8,
     per channel in between, groups of 128 features on [N, F] (see _quant.IntStage._block_rows).
     ``int4:p`` / ``int4:u``
     packed densely / one code per byte (default: packed unless a compressor follows),
-    ``int8:nocal`` ignore calibration, ``zstd:3`` level 3 (default 1). Keyword params override
-    them: per_channel, axis, level, packed, shuffle (False: no implicit byte shuffle before a
-    compressor), use_calibration, block (rows per block, or "auto").
+    ``int8:nocal`` ignore calibration, ``int8:pc:f4`` no step finer than the per-tensor step / 4,
+    ``zstd:3`` level 3 (default 1). Keyword params override them: per_channel, axis, level,
+    packed, shuffle (False: no implicit byte shuffle before a compressor), use_calibration, block
+    (rows per block, or "auto"), floor.
     """
     key = (spec, tuple(sorted(params.items())))
     codec = _CACHE.get(key)

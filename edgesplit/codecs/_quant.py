@@ -18,14 +18,23 @@ FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 # Fewest values per channel (per message) for which per-channel quantisation is used.
 MIN_PER_CHANNEL = 128
 # Row blocks ("int8:b8"): one scale and zero point per channel per BLOCK rows of H. The default
-# int8 uses them on large early feature maps (H >= AUTO_BLOCK_MIN_ROWS), where per-channel ranges
-# lost top-1 agreement on near-tie images (benchmarks/results/codecs.md); elsewhere per channel.
+# int8 uses them on every feature map of EfficientNet-Lite0 (112x112 down to 7x7, where one block
+# is a channel): per-channel ranges lost top-1 agreement on near-tie images at 56x56, and at
+# 28x28 and 14x14 per-tensor ones matched per channel at fewer bytes, while blocks kept both
+# (benchmarks/results/codecs.md). Only maps whose blocks would hold fewer than
+# AUTO_MIN_BLOCK_VALUES values (3 header bytes each: > 5% of their codes) go per channel.
 AUTO_BLOCK = 8
-AUTO_BLOCK_MIN_ROWS = 56
+AUTO_MIN_BLOCK_VALUES = 64
 # ... and on small maps (H <= AUTO_BLOCK: one block per channel, i.e. per channel with compact
 # scales, where per-tensor ranges lost agreement at 7x7); feature vectors [N, F] get one scale per
 # AUTO_FEATURE_GROUP consecutive features.
 AUTO_FEATURE_GROUP = 128
+# Step floor ("int8:f4"): no channel's or block's step finer than the per-tensor step / FLOOR.
+# Behind zstd a step costs log2(range / step) bits, so a narrow channel at its own full 8-bit
+# resolution pays up to several bits per value for precision the tail does not use; the floor
+# caps that (and leaves the wire format alone: the decoder reads the scales it is sent).
+AUTO_FLOOR = None
+MAX_FLOOR = 1 << 12
 MAX_BLOCK = 1 << 16
 _F16_MIN_NORMAL = np.float32(2.0 ** -14)
 _F16_MAX = np.float32(65504.0)
@@ -165,13 +174,17 @@ class IntStage(NumericStage):
     lossy = True
 
     def __init__(self, bits: int, per_channel: bool = False, axis: int = 1, packed: bool = True,
-                 use_calibration: bool = True, block: int | str | None = None):
+                 use_calibration: bool = True, block: int | str | None = None, floor: int | None = None):
         if not 2 <= bits <= 8:
             raise CodecError(f"int{bits}: bit width must be 2..8")
         if block is not None and block != "auto" and (
                 isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_BLOCK):
             raise CodecError(f"int{bits}: block must be 'auto' or an int in [1, {MAX_BLOCK}], got {block!r}")
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int)
+                                  or not 1 <= floor <= MAX_FLOOR):
+            raise CodecError(f"int{bits}: floor must be an int in [1, {MAX_FLOOR}], got {floor!r}")
         self.bits = bits
+        self.floor = floor
         self.name = f"int{bits}"
         self.per_channel = per_channel
         self.axis = axis
@@ -185,8 +198,10 @@ class IntStage(NumericStage):
     def mode(self) -> str:
         """'pt', 'pc', 'bN' or 'auto': what decides the ranges (benchmarks key results by it)."""
         if self.block is not None:
-            return "auto" if self.block == "auto" else f"b{self.block}"
-        return "pc" if self.per_channel else "pt"
+            m = "auto" if self.block == "auto" else f"b{self.block}"
+        else:
+            m = "pc" if self.per_channel else "pt"
+        return m if self.floor is None else f"{m}:f{self.floor}"
 
     def _block_rows(self, x: np.ndarray, calibration: Any) -> int | None:
         """Rows per block for this tensor, or None for per-channel / per-tensor ranges.
@@ -206,12 +221,8 @@ class IntStage(NumericStage):
             if x.ndim < 3:
                 return None
             h, w = x.shape[-2], x.shape[-1]
-            # Large maps: a block holds >= 8 * 56 values, so its 3 header bytes cost < 1% of its
-            # codes. Small maps (7x7): one block per channel. In between (28x28, 14x14) per
-            # channel kept agreement at fewer bytes (benchmarks/results/codecs.md).
-            if h >= AUTO_BLOCK_MIN_ROWS and AUTO_BLOCK * w >= MIN_PER_CHANNEL:
-                return AUTO_BLOCK
-            return AUTO_BLOCK if h <= AUTO_BLOCK else None
+            # A small map (H <= 8, e.g. 7x7) is one block per channel.
+            return AUTO_BLOCK if h <= AUTO_BLOCK or AUTO_BLOCK * w >= AUTO_MIN_BLOCK_VALUES else None
         return self.block
 
     def out_itemsize(self, dtype):
@@ -239,17 +250,41 @@ class IntStage(NumericStage):
         if x.size == 0:
             z = np.zeros(x.shape[axis], np.float32)
             return z, z, axis
-        return x.min(axis=others).astype(np.float32), x.max(axis=others).astype(np.float32), axis
+        # [lead, C, rest]: first over the batch (elementwise over whole [C, rest] planes), then
+        # over each channel's contiguous values: numpy reduces several strided axes at once, or
+        # many short rows, 3-6x slower.
+        lead = _count(x.shape[:axis])
+        x3 = x.reshape(lead, x.shape[axis], -1)
+        lo, hi = (x3.min(axis=0), x3.max(axis=0)) if lead > 1 else (x3[0], x3[0])
+        lo, hi = lo.min(axis=1), hi.max(axis=1)
+        return lo.astype(np.float32, copy=False), hi.astype(np.float32, copy=False), axis
 
-    def _scale_zero(self, lo, hi):
+    def _scale_zero(self, lo, hi, floor: int | None = None):
         qmax = (1 << self.bits) - 1
+        if type(lo) is np.float32 and type(hi) is np.float32:
+            return self._scalar_scale_zero(lo, hi, qmax)
         lo = np.minimum(lo, 0).astype(np.float32)
         hi = np.maximum(hi, 0).astype(np.float32)
         if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
             raise CodecError(f"{self.name}: the tensor holds NaN or infinity; use raw, fp16 or bf16")
         scale = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+        if floor is not None and scale.size > 1:
+            # A coarser step still holds the range (fewer codes used); see MAX_FLOOR.
+            np.maximum(scale, (hi.max() - lo.min()) / np.float32(qmax * floor), out=scale)
         scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
         zero = np.clip(np.rint(-lo / scale), 0, qmax).astype(np.uint8)
+        return scale, zero
+
+    def _scalar_scale_zero(self, lo: np.float32, hi: np.float32, qmax: int):
+        """_scale_zero for one range, in float32 scalars (the same numbers, a tenth of the calls)."""
+        lo = min(lo, np.float32(0))
+        hi = max(hi, np.float32(0))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise CodecError(f"{self.name}: the tensor holds NaN or infinity; use raw, fp16 or bf16")
+        scale = (hi - lo) / np.float32(qmax)
+        if not scale > 0:
+            scale = np.float32(1.0)
+        zero = np.uint8(min(max(np.rint(-lo / scale), 0), qmax))
         return scale, zero
 
     def encode(self, arr, calibration):
@@ -262,7 +297,8 @@ class IntStage(NumericStage):
         if b is not None:
             return self._encode_blocks(x, b)
         lo, hi, axis = self._ranges(x, calibration)
-        scale, zero = self._scale_zero(lo, hi)
+        cal = self.use_calibration and isinstance(calibration, dict)
+        scale, zero = self._scale_zero(lo, hi, None if cal else self.floor)
         qmax = (1 << self.bits) - 1
         if axis is None:
             inv = np.float32(1.0) / scale
@@ -290,31 +326,31 @@ class IntStage(NumericStage):
         """One scale and zero point per (leading index, block of b rows): x as [L, H, W]."""
         h, w = _plane(x.shape)
         x3 = x.reshape(-1, h, w)
-        if h % b == 0:
-            # Whole blocks: [L, blocks, b * W], so every reduction and broadcast runs over a long
-            # contiguous inner axis (3x faster than per row at 112x112).
-            x3 = x3.reshape(x3.shape[0], h // b, b * w)
-            lo, hi = x3.min(axis=2), x3.max(axis=2)
-        else:
-            starts = np.arange(0, h, b)
-            # Row minima/maxima (contiguous reductions), then per block of rows.
-            lo = np.minimum.reduceat(x3.min(axis=2), starts, axis=1)
-            hi = np.maximum.reduceat(x3.max(axis=2), starts, axis=1)
+        n_lead = x3.shape[0]
+        # Whole blocks as [L, blocks, rows * W] (and a last, shorter block apart), so every
+        # reduction and broadcast runs over a long contiguous inner axis: 3x faster than per row
+        # at 112x112, 4-10x at 28x28 and 14x14 (blocks of 8 and a remainder) and at 7x7.
+        pieces = [(x3[:, r].reshape(n_lead, nb, rpb * w), r, blk, nb, rpb) for r, blk, nb, rpb in _block_pieces(h, b)]
+        lo = [p[0].min(axis=2) for p in pieces]
+        hi = [p[0].max(axis=2) for p in pieces]
+        lo, hi = (lo[0], hi[0]) if len(pieces) == 1 else (np.concatenate(lo, axis=1), np.concatenate(hi, axis=1))
         qmax = (1 << self.bits) - 1
-        scale, zero = self._scale_zero(lo, hi)
+        scale, zero = self._scale_zero(lo, hi, self.floor)
         scale, scale_bytes = _compact_scales(scale)
         if scale_bytes is not None:  # scales were rounded up to float16: zero points follow them
             zero = np.clip(np.rint(-np.minimum(lo, 0) / scale), 0, qmax).astype(np.uint8)
         else:
             scale_bytes = scale.astype("<f4").tobytes()
-        # Per block (whole blocks) or per row (each row's block), broadcast over the inner axis.
-        rows = slice(None) if h % b == 0 else np.arange(h) // b
-        inv = (np.float32(1.0) / scale)[:, rows, None]
-        off = (zero.astype(np.float32) + np.float32(0.5))[:, rows, None]
-        tmp = np.multiply(x3, inv, dtype=np.float32)
-        np.add(tmp, off, out=tmp)
-        np.clip(tmp, 0, np.float32(qmax) + np.float32(0.5), out=tmp)
-        q = tmp.astype(np.uint8).reshape(-1)
+        inv = np.float32(1.0) / scale
+        off = zero.astype(np.float32) + np.float32(0.5)
+        top = np.float32(qmax) + np.float32(0.5)
+        q3 = np.empty((n_lead, h, w), np.uint8)
+        for xp, r, blk, nb, rpb in pieces:
+            tmp = np.multiply(xp, inv[:, blk, None], dtype=np.float32)
+            np.add(tmp, off[:, blk, None], out=tmp)
+            np.clip(tmp, 0, top, out=tmp)
+            np.copyto(_block_view(q3, r, nb, rpb * w), tmp, casting="unsafe")
+        q = q3.reshape(-1)
         params = {"bits": self.bits, "block": b, "scales": scale_bytes, "zeros": zero.tobytes(),
                   "packed": self.packed}
         if self.packed:
@@ -392,12 +428,9 @@ class IntStage(NumericStage):
             raise CodecError(f"{self.name}: a zero point exceeds {qmax}")
         if groups == 0 or w == 0:
             return np.float32(1), np.float32(0)  # nothing to decode (and lead * h may be huge)
-        # [L, blocks, 1] for whole blocks (the codes are viewed as [L, blocks, b * W]), else
-        # [L, H, 1]: lead * h <= the element count, which the caller has bounded.
-        rows = slice(None) if h % b == 0 else np.arange(h) // b
+        # [L, blocks]: groups <= the element count, which the caller has bounded.
         nb = groups // lead
-        return (scale.reshape(lead, nb)[:, rows, None],
-                zero.reshape(lead, nb).astype(np.float32)[:, rows, None])
+        return scale.reshape(lead, nb), zero.reshape(lead, nb).astype(np.float32)
 
     def validate(self, dtype, shape, params):
         self._check(dtype, shape, params)
@@ -411,17 +444,41 @@ class IntStage(NumericStage):
         q = unpack_bits(raw, self.bits, n) if packed else raw
         if "block" in params and n:
             (h, w), b = _plane(shape), params["block"]
-            # [L, blocks, b * W] or [L, H, W], matching _block_scale_zero_from.
-            q = q.reshape(-1, h // b, b * w) if h % b == 0 else q.reshape(-1, h, w)
+            q3 = q.reshape(-1, h, w)
+            out3 = np.empty(q3.shape, np.float32)
+            # The same pieces as the encoder: [L, blocks, rows * W] with scales [L, blocks, 1].
+            for r, blk, nb, rpb in _block_pieces(h, b):
+                o = _block_view(out3, r, nb, rpb * w)
+                np.subtract(_block_view(q3, r, nb, rpb * w), zero[:, blk, None], out=o, dtype=np.float32)
+                np.multiply(o, scale[:, blk, None], out=o)
+            out = out3.reshape(shape)
         else:
             q = q.reshape(shape if shape else (1,))
-        out = np.subtract(q, zero, dtype=np.float32)
-        np.multiply(out, scale, out=out)
-        out = out.reshape(shape)
+            out = np.subtract(q, zero, dtype=np.float32)
+            np.multiply(out, scale, out=out)
+            out = out.reshape(shape)
         if dtype == "float32":
             return out
         with np.errstate(over="ignore"):  # a hostile scale may overflow float16: inf, not a warning
             return out.astype(dtype)
+
+
+def _block_pieces(h: int, b: int) -> list[tuple[slice, slice, int, int]]:
+    """Blocks of b rows of H as at most two runs of equal blocks: (rows, blocks, number of blocks,
+    rows per block) for the full blocks, then the last, shorter one."""
+    nb = -(-h // b)
+    if h % b == 0 or nb == 1:
+        return [(slice(0, h), slice(0, nb), nb, h // nb)]
+    full = h // b
+    return [(slice(0, full * b), slice(0, full), full, b), (slice(full * b, h), slice(full, nb), 1, h - full * b)]
+
+
+def _block_view(a3: np.ndarray, rows: slice, nb: int, inner: int) -> np.ndarray:
+    """a3[:, rows] ([L, R, W], contiguous a3) as [L, nb, inner], always a view (written through)."""
+    v = a3[:, rows].reshape(a3.shape[0], nb, inner)
+    if v.base is None:  # reshape copied: cannot happen for row slices of a contiguous array
+        raise AssertionError("block view is not a view")
+    return v
 
 
 def _plane(shape: tuple[int, ...]) -> tuple[int, int]:

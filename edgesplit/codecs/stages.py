@@ -129,27 +129,32 @@ def _float_ratio(bytes_per_value: float) -> Callable[[list[str], np.dtype], floa
 def _int_stage(bits: int) -> StageSpec:
     def make(opts: list[str], params: dict) -> _quant.IntStage:
         blocks = [o for o in opts if o.startswith("b") and o[1:].isdigit()]
-        unknown = set(opts) - {"pc", "pt", "u", "p", "nocal"} - set(blocks)
+        floors = [o for o in opts if o.startswith("f") and o[1:].isdigit()]
+        unknown = set(opts) - {"pc", "pt", "u", "p", "nocal"} - set(blocks) - set(floors)
         modes = [o for o in opts if o in ("pc", "pt")] + blocks
-        if unknown or len(modes) > 1:
+        if unknown or len(modes) > 1 or len(floors) > 1:
             raise CodecError(f"bad option(s) {opts} for int{bits}: at most one of pc, pt, bN (N rows "
-                             f"per block); and u, p, nocal")
+                             f"per block); at most one fN (steps >= the per-tensor step / N); and u, p, nocal")
         per_channel, block = params.get("per_channel"), params.get("block")
         # Per channel by default: per-tensor int8 loses top-1 agreement at early cuts where a few
         # channels hold the outliers; on large early maps ("auto") per block of 8 rows too:
         # per channel alone lost agreement there on near-tie images (benchmarks/results/codecs.md).
         pc = per_channel if per_channel is not None else ("pt" not in opts)
+        floor = params.get("floor")
         if block is None and per_channel is None and not modes:
             block = "auto"
+            floor = floor if floor is not None else _quant.AUTO_FLOOR
         elif block is None and blocks:
             block = int(blocks[0][1:])
+        if floors:
+            floor = int(floors[0][1:]) or None  # f0: no floor
         # Dense bit packing, unless a compressor follows: zstd's Huffman stage codes one code per
         # byte better than it codes packed ones.
         packed = params.get("packed")
         pk = packed if packed is not None else ("p" in opts or ("u" not in opts and not params["compressed"]))
         return _quant.IntStage(bits, per_channel=pc, axis=params.get("axis", 1), packed=pk,
                                use_calibration=params.get("use_calibration", True) and "nocal" not in opts,
-                               block=block)
+                               block=block, floor=floor)
 
     def ratio(opts: list[str], dtype: np.dtype) -> float:
         per_value = bits / 8.0 if "u" not in opts else 1.0
@@ -175,5 +180,6 @@ for _bits in range(8, 1, -1):
     register_stage(_int_stage(_bits))
 register_stage(StageSpec("shuffle", False, _no_options("shuffle", _bytes.ShuffleStage), _bytes.ShuffleStage))
 register_stage(StageSpec("pred", False, _no_options("pred", _bytes.PredictStage), _bytes.PredictStage))
+register_stage(StageSpec("delta", False, _no_options("delta", _bytes.DeltaStage), _bytes.DeltaStage))
 register_stage(StageSpec("zstd", False, _zstd, _bytes.ZstdStage, compresses=True))
 register_stage(StageSpec("lz4", False, _no_options("lz4", _bytes.Lz4Stage), _bytes.Lz4Stage, compresses=True))
