@@ -103,6 +103,7 @@ class Broker:
 
         self._lock = threading.Lock()
         self.catalog = BundleCatalog(self.repository, config.rescan_interval_s)
+        self.catalog.on_new = lambda bundle, summary: self.metrics.know_bundle(bundle, summary.get("name"))
         self.registry = WorkerRegistry(config, self.metrics, self._lock)
         # workers fetch the bundles of this broker's repository that they do not hold (cloud_server.fetch)
         self.bundle_source = BundleSource(self.repository, config)

@@ -189,6 +189,7 @@ class Dispatcher:
         self.forget(req)
         if req.worker is not None:
             req.worker.inflight.pop(req.rkey, None)
+        self.metrics.bundle(req.bundle).outcome(code).inc()
         self.reply_error(req.ident, req.rid, code, message)
 
     def fail_overdue(self, now: float) -> None:

@@ -24,6 +24,12 @@ __all__ = ["EdgeDesk"]
 
 _FLOAT = (int, float)
 _ANSWERS = frozenset({"result", "error", "pong", "welcome"})  # never answered: no ping-pong storms
+_OUTCOMES = frozenset(P.ERROR_CODES | {"ok", "cancelled"})  # label values of request outcomes
+
+
+def _outcome_label(outcome: Any) -> str:
+    """An outcome as a label value: ok, cancelled or an error code; anything else is "other"."""
+    return outcome if isinstance(outcome, str) and outcome in _OUTCOMES else "other"
 
 
 class EdgeDesk:
@@ -63,8 +69,7 @@ class EdgeDesk:
             outcome = "other"
         child = self._outcomes.get(outcome)
         if child is None:
-            key = outcome if outcome in P.ERROR_CODES | {"ok", "cancelled"} else "other"
-            child = self._outcomes[outcome] = self.metrics.requests.labels(key)
+            child = self._outcomes[outcome] = self.metrics.requests.labels(_outcome_label(outcome))
         return child
 
     def forward_reply(self, req: Request, out: list, stats: Any, now: float) -> None:
@@ -76,6 +81,8 @@ class EdgeDesk:
         m = self.metrics
         m.bytes_out.inc(nbytes)
         m.latency.observe(now - req.t0)
+        per_bundle = m.bundle(req.bundle)
+        per_bundle.latency.observe(now - req.t0)
         try:
             outcome, times, batch = stats[0], stats[1], stats[2]
             if times is not None and not (type(times) is list and all(type(t) is float for t in times)):
@@ -85,6 +92,7 @@ class EdgeDesk:
         except (TypeError, IndexError, KeyError):
             outcome, times, batch, reason = "ok", None, 0, None
         self.outcome(outcome).inc()
+        per_bundle.outcome(_outcome_label(outcome)).inc()
         if type(reason) is str and reason in REFUSALS:
             m.refused.labels(reason).inc()
         if times:
@@ -169,14 +177,17 @@ class EdgeDesk:
         now = time.monotonic()
         budget = self.config.default_deadline_ms if dl is None else dl
         if budget <= 0:
+            self.metrics.bundle(bundle).outcome("deadline").inc()
             self.error(ident, rid, "deadline", "the request's deadline had passed when it arrived")
             return
         if d.over_budget(total):
+            self.metrics.bundle(bundle).outcome("busy").inc()
             self.error(ident, rid, "busy", f"the server holds {d.held_bytes} bytes of requests already",
                        retry_after_ms=d.retry_after_ms())
             return
         if not d.submit(ident, rid, bundle, cut, now + budget / 1e3, frames[1:], now, total,
                         session[0] if session else None):
+            self.metrics.bundle(bundle).outcome("busy").inc()
             self.error(ident, rid, "busy", f"{len(d.pending)} requests are already waiting",
                        retry_after_ms=d.retry_after_ms())
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from edgesplit.deps import require
 
-__all__ = ["Metrics", "STAGES", "REFUSALS"]
+__all__ = ["Metrics", "BundleSeries", "STAGES", "REFUSALS"]
 
 STAGES = ("queue", "decode", "compute", "encode")
 # Why a worker refused a request before computing it (the `reason` of edgesplit_refused_requests).
@@ -36,6 +36,24 @@ class _Null:
         pass
 
 
+class BundleSeries:
+    """One bundle's series: answered-request latency and outcomes (label children cached: used per request)."""
+
+    def __init__(self, metrics: "Metrics", bundle: str, name: str):
+        self._requests = metrics.bundle_requests
+        self._labels = (bundle, name)
+        self.latency = metrics.bundle_latency.labels(bundle, name)
+        self._outcomes: dict[str, Any] = {}
+        for outcome in ("ok", "deadline", "busy"):
+            self.outcome(outcome)
+
+    def outcome(self, outcome: str):
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self._requests.labels(*self._labels, outcome)
+        return child
+
+
 class Metrics:
     """The broker's metrics in their own registry (several servers may share a process in tests).
 
@@ -53,6 +71,9 @@ class Metrics:
             self.worker_up = self.worker_inflight = self.redispatched = self.workers_lost = n
             self.refused = self.bundle_load_errors = n
             self.sessions = self.sessions_evicted = n
+            self.bundle_requests = self.bundle_latency = n
+            self._bundles: dict[str, BundleSeries] = {}
+            self._null_series = BundleSeries(self, "", "")
             return
         prom = require("prometheus_client", "the /metrics endpoint")
         self.registry = r = prom.CollectorRegistry()
@@ -93,6 +114,20 @@ class Metrics:
                                              "Sessions a worker dropped before their end, by reason (memory: "
                                              "the LRU over session_memory_bytes; idle: past session_idle_s)",
                                              ["reason"], registry=r)
+        # per bundle, for the bundles the broker knows (ids from its catalogue only: an edge
+        # cannot add label values by asking for made-up ids)
+        self.bundle_requests = prom.Counter("edgesplit_bundle_requests",
+                                            "Requests for a bundle the broker knows, by bundle and outcome",
+                                            ["bundle", "name", "outcome"], registry=r)
+        self.bundle_latency = prom.Histogram("edgesplit_bundle_request_seconds",
+                                             "Broker receive to reply sent, per answered infer request, by bundle",
+                                             ["bundle", "name"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._bundles = {}
+        self._null_series = BundleSeries(Metrics(enabled=False), "", "")
+        # the standard process_* (RSS, CPU seconds, open fds; Linux), python_info and python_gc_* series
+        prom.ProcessCollector(registry=r)
+        prom.PlatformCollector(registry=r)
+        prom.GCCollector(registry=r)
         for reason in ("memory", "idle"):
             self.sessions_evicted.labels(reason)
         for stage in STAGES:
@@ -101,6 +136,15 @@ class Metrics:
             self.refused.labels(reason)
         for outcome in ("ok", "busy", "deadline", "bad_request"):
             self.requests.labels(outcome)
+
+    def know_bundle(self, bundle: str, name: Any) -> None:
+        """Make the series of a bundle the broker learnt of (they exist, at 0, from then on)."""
+        if bundle not in self._bundles:
+            self._bundles[bundle] = BundleSeries(self, bundle, str(name or "?")[:64])
+
+    def bundle(self, bundle: str) -> BundleSeries:
+        """The series of `bundle`; a stand-in that counts nothing for an id the broker does not know."""
+        return self._bundles.get(bundle) or self._null_series
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

@@ -252,6 +252,7 @@ class BundleCatalog:
         self.rescan_interval_s = rescan_interval_s
         self.bundles: dict[str, dict] = {}  # id -> summary
         self.profiles: dict[str, dict] = {}  # id -> {"segment_ms": [...], "device": str}
+        self.on_new: Callable[[str, dict], None] = lambda bundle, summary: None  # a bundle first heard of
         self._last_scan = -math.inf
 
     def get(self, bundle: str) -> dict | None:
@@ -262,7 +263,9 @@ class BundleCatalog:
         return info
 
     def announce(self, summary: dict) -> None:
-        self.bundles.setdefault(summary["id"], summary)
+        if summary["id"] not in self.bundles:
+            self.bundles[summary["id"]] = summary
+            self.on_new(summary["id"], summary)
 
     def rescan(self, force: bool = False) -> bool:
         """Re-read the repository (rate-limited); True when it was read."""
@@ -276,4 +279,5 @@ class BundleCatalog:
         for bid in self.repository.ids():
             if bid not in self.bundles:
                 self.bundles[bid] = bundle_summary(self.repository.manifest(bid))
+                self.on_new(bid, self.bundles[bid])
         return True
