@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -44,16 +44,21 @@ class SlowSegmentRunner(SegmentRunner):
         self._files = [str(seg.path) for seg in self.bundle.segments]
 
     def run(self, tensors: Mapping[str, np.ndarray], start: int, stop: int,
-            times: list[float] | None = None) -> dict[str, np.ndarray]:
+            times: list[float] | None = None, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
         if start == stop:
-            return super().run(tensors, start, stop, times)
-        # one segment at a time, so that each is known by the shapes that enter it
-        env: Mapping[str, np.ndarray] = tensors
+            return super().run(tensors, start, stop, times, extra)
+        # one segment at a time, so that each is known by the shapes that enter it; what the
+        # caller passed in (state inputs a later segment reads) stays available all the way
+        env: dict[str, np.ndarray] = dict(tensors)
+        kept: dict[str, np.ndarray] = {}
         extra_ms = 0.0
         for i in range(start, stop):
             key = (self._files[i], tuple(sorted((name, np.shape(arr)) for name, arr in env.items())))
             took: list[float] = []
-            env = super().run(env, i, i + 1, times=took)
+            mine = [e for e in extra if e in self.bundle.segments[i].outputs]
+            out = super().run(env, i, i + 1, times=took, extra=mine)
+            kept.update({e: out[e] for e in mine})
+            env.update(out)
             ms = took[0]
             best = self._best_ms[key] = min(ms, self._best_ms.get(key, ms))
             target = self.factor * best
@@ -62,4 +67,4 @@ class SlowSegmentRunner(SegmentRunner):
                 times.append(max(ms, target))
         if extra_ms > 0:
             time.sleep(extra_ms / 1e3)
-        return dict(env)
+        return {**{t: env[t] for t in self.bundle.cut(stop).tensors}, **kept}

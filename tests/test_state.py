@@ -137,3 +137,21 @@ def test_inspect_leaves_state_out_of_the_cuts(tmp_path, capsys):
     crossing = {t for c in doc["cuts"] for t in c["tensors"]}
     assert "h" in crossing and not crossing & {"present.0", "present.1", "past_key_values.0", "past_key_values.1"}
     assert doc["unbound_inputs"] == {}  # a cache's length is no dim the user must bind
+
+
+def test_a_slowed_device_steps_a_stateful_bundle(tmp_path):
+    """edge_slowdown runs segment by segment: state inputs and outputs must survive that path."""
+    from edge_agent import AgentConfig, EdgeAgent
+
+    path = builders.save(builders.recurrent2(), tmp_path)
+    b = partition(path, [["a"]], tmp_path / "b", state=[("s0.out", "s0"), ("s1.out", "s1")])
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((2, 8)).astype(np.float32) for _ in range(4)]
+    sess, s0, s1 = _full(path), np.zeros((2, 8), np.float32), np.zeros((2, 8), np.float32)
+    with EdgeAgent(b, servers=[], cut=1, runner="ort-cpu", codec="raw",
+                   config=AgentConfig(edge_slowdown=2.0, connect_timeout_ms=0)) as agent, agent.session() as s:
+        for x in xs:
+            r = s.step({"x": x})
+            want, s0, s1 = sess.run(["y", "s0.out", "s1.out"], {"x": x, "s0": s0, "s1": s1})
+            assert r.where == "local"
+            np.testing.assert_allclose(r.outputs["y"], want, rtol=1e-5, atol=1e-6)
