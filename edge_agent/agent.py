@@ -29,7 +29,7 @@ import zmq
 
 from edgesplit import codecs
 from edgesplit.bundle import Bundle
-from edgesplit.errors import ConfigError, LinkDownError
+from edgesplit.errors import ConfigError, LinkDownError, UserError
 
 from edge_agent._auto import AutoCut
 from edge_agent._device import open_device
@@ -60,7 +60,7 @@ class EdgeAgent:
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, servers: Sequence[str] | str = (),
-                 runner: str = "auto", codec: str = "int8+zstd", cut: int | str = "auto",
+                 runner: str = "auto", codec: str = "int8+delta+zstd", cut: int | str = "auto",
                  config: AgentConfig | None = None):
         self.config = cfg = config if config is not None else AgentConfig()
         if not isinstance(cfg, AgentConfig):
@@ -107,6 +107,7 @@ class EdgeAgent:
 
     def infer(self, feeds: Mapping[str, np.ndarray], deadline_ms: float | None = None) -> InferenceResult:
         """Run the model on `feeds` and return one answer (cloud or local)."""
+        self._stateless()
         req = self._requests.admit(feeds, deadline_ms, copy=False, block=True)
         self._run_head(req)
         return req.future.result()
@@ -117,6 +118,7 @@ class EdgeAgent:
         Up to ``config.max_in_flight`` requests may be pending at once (then submit blocks), so a
         camera loop keeps several frames in flight. The arrays are copied; reuse them freely.
         """
+        self._stateless()
         req = self._requests.admit(feeds, deadline_ms, copy=True, block=True)
         self._head_pool.submit(self._run_head, req)
         return req.future
@@ -124,6 +126,7 @@ class EdgeAgent:
     async def infer_async(self, feeds: Mapping[str, np.ndarray],
                           deadline_ms: float | None = None) -> InferenceResult:
         """The asyncio face of infer(): same arguments, same answer."""
+        self._stateless()
         requests = self._requests
         req = requests.admit(feeds, deadline_ms, copy=True, block=False)
         if req is None:  # every slot busy: wait for one without blocking the event loop
@@ -141,6 +144,11 @@ class EdgeAgent:
                 raise
         self._head_pool.submit(self._run_head, req)
         return await asyncio.wrap_future(req.future)
+
+    def _stateless(self) -> None:
+        if self.bundle.state:
+            raise UserError(f"bundle {self.bundle.name} keeps state between steps ({len(self.bundle.state)} state "
+                            f"pairs): run it with agent.session(), whose step() carries the state")
 
     def session(self, cut: int | None = None, deadline_ms: float | None = None) -> Session:
         """A stateful session (edge_agent/_session.py): ``with agent.session() as s: r = s.step(feeds)``.

@@ -17,7 +17,7 @@ def register_run(subparsers) -> None:
     p.add_argument("--input", required=True, metavar="FILE", help=".npy, .npz, .jpg or .png")
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="run N times and print the median timings")
     p.add_argument("--cut", default="auto", help="cut index (segments [0, cut) run here) or 'auto' (default)")
-    p.add_argument("--codec", default="int8+zstd", help="codec for the cut tensors (default int8+zstd)")
+    p.add_argument("--codec", default="int8+delta+zstd", help="codec for the cut tensors (default int8+delta+zstd)")
     p.add_argument("--runner", default="auto", help="device backend: auto, ort-cpu, ort-cuda, ort-trt, trt")
     p.add_argument("--deadline-ms", type=float, default=None, help="per-request deadline (default: AgentConfig's)")
     p.add_argument("--fallback", choices=("local", "error", "wait"), default="local",

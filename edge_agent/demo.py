@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="ONNX image classifier (default: the shipped one)")
     p.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of .jpg/.png photos")
     p.add_argument("--cut", default="2", help="cut index of the demo bundle (1..3) or 'auto' (default 2)")
-    p.add_argument("--codec", default="int8+zstd", help="codec for the cut tensors (default int8+zstd)")
+    p.add_argument("--codec", default="int8+delta+zstd", help="codec for the cut tensors (default int8+delta+zstd)")
     p.add_argument("--rate", default=None, help="emulated link rate, e.g. 20mbit (default: unlimited)")
     p.add_argument("--delay", default="2ms", help="emulated one-way delay (default 2ms)")
     p.add_argument("--max-photos", type=int, default=None, help="use at most this many photos")
