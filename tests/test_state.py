@@ -155,3 +155,19 @@ def test_a_slowed_device_steps_a_stateful_bundle(tmp_path):
             want, s0, s1 = sess.run(["y", "s0.out", "s1.out"], {"x": x, "s0": s0, "s1": s1})
             assert r.where == "local"
             np.testing.assert_allclose(r.outputs["y"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stateful_bundle_asks_for_a_session(tmp_path):
+    from edge_agent import AgentConfig, EdgeAgent
+    from edgesplit.errors import UserError
+
+    path = builders.save(builders.recurrent2(), tmp_path)
+    b = partition(path, [["a"]], tmp_path / "b", state=[("s0.out", "s0"), ("s1.out", "s1")])
+    with EdgeAgent(b, servers=[], cut=1, runner="ort-cpu", codec="raw",
+                   config=AgentConfig(connect_timeout_ms=0)) as agent:
+        with pytest.raises(UserError, match="agent.session"):
+            agent.infer({"x": np.zeros((1, 8), np.float32)})
+        with pytest.raises(UserError, match="agent.session"):
+            agent.submit({"x": np.zeros((1, 8), np.float32)})
+        with agent.session() as s:
+            assert s.step({"x": np.zeros((1, 8), np.float32)}).where == "local"
