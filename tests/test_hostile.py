@@ -365,3 +365,49 @@ def test_check_tensors_bounds_batch_bytes_and_bound_dims():
     free = [TensorSpec("h", "float32", ("N", "S"))]  # a second symbol: the specs bound nothing
     assert P.max_frame_bytes(free, 8, limits) == limits.max_message_bytes
     assert P.tensors_budget(free, 8, limits) == limits.max_decoded_bytes
+
+
+def test_a_thousand_connections_and_a_client_that_never_reads(server, repo):
+    """1000 DEALERs connected at once (each says hello with a ping), and one client that floods
+    1 MiB requests without ever reading an answer: the broker keeps serving a good client, its
+    memory stays bounded (replies to a peer that does not read are dropped at the socket's
+    high-water mark, never queued without end)."""
+    mlp, echo = _bundles(repo)
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)
+    crowd, reader = [], None
+    edge = Edge(server.address)
+    try:
+        for i in range(1000):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.connect(server.address)
+            P.send(s, P.ping(f"crowd-{i}"))
+            crowd.append(s)
+        _good_client_ok(edge, mlp, "among-the-crowd")
+        pongs = sum(1 for s in crowd[:50] if s.poll(30_000) and s.recv_multipart())
+        assert pongs == 50  # the crowd is answered too, not just ignored
+        reader = ctx.socket(zmq.DEALER)
+        reader.linger = 0
+        reader.sndhwm = 0  # the flood is bounded by the broker's side, not by this socket
+        reader.connect(server.address)
+        x = get_codec("raw").encode(np.zeros((1, ECHO_ELEMS), np.float32))
+        sent = 0
+        for i in range(300):  # 300 MiB asked for, 300 MiB of answers nobody reads
+            P.send(reader, P.infer(f"flood-{i}", echo.id, 1, {"h": x}))
+            sent += 1
+            if i % 50 == 0:
+                _good_client_ok(edge, mlp, f"during-flood-{i}", seed=i)
+        _good_client_ok(edge, mlp, "after-the-flood", seed=1)
+        peaks = {k: vm_hwm(p) for k, p in _pids(server).items()}
+        print(f"  1000 connections + {sent} unread 1 MiB requests: peak RSS "
+              + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in peaks.items()))
+        assert peaks["broker"] < 400 * MIB
+        assert all(v < 1024 * MIB for k, v in peaks.items() if k.startswith("worker"))
+    finally:
+        edge.close()
+        for s in crowd:
+            s.close(0)
+        if reader is not None:
+            reader.close(0)
+        ctx.term()
