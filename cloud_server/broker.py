@@ -110,6 +110,10 @@ class Broker:
         self.registry.fetchable = lambda b: self.repository is not None and b in self.repository
         self.desk = EdgeDesk(config, self.metrics, self.catalog, self.registry, None, lambda: self._draining)
         self.dispatcher = Dispatcher(config, self.registry, self.metrics, self.desk.error)
+        if config.tracing:
+            from cloud_server.traces import BrokerTrace
+
+            self.dispatcher.trace = BrokerTrace()
         self.desk.dispatcher = self.dispatcher
         self.view = AdminView(self.metrics, self._lock, self.registry, self.dispatcher, self.catalog)
         self._shutdown_at: float | None = None

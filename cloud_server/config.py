@@ -130,10 +130,17 @@ class ServerConfig:
     # in edgesplit_refused_requests{reason="non_finite"}; they would poison a whole batch).
     allow_non_finite: bool = False
 
+    # --- observability ----------------------------------------------------------------------
+    # OpenTelemetry spans of each request that carries a traceparent: the broker's queue, the
+    # worker's decode / compute / encode (pip install 'edgesplit[otel]'; the process installs the
+    # TracerProvider: an OTLP exporter configured by OTEL_* variables, or a test's in-memory one).
+    tracing: bool = False
+
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("limits", "runner", "intra_op_threads", "preload", "profile_on_load", "allow_non_finite"):
+            if f.name in ("limits", "runner", "intra_op_threads", "preload", "profile_on_load", "allow_non_finite",
+                          "tracing"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"ServerConfig.{f.name} must be a non-negative number, got {v!r}")
@@ -165,7 +172,7 @@ class ServerConfig:
             raise ConfigError("ServerConfig.limits must be an edgesplit.protocol.Limits")
         if self.fetch_chunk_bytes > self.limits.max_message_bytes // 2:
             raise ConfigError("ServerConfig.fetch_chunk_bytes must be at most half of limits.max_message_bytes")
-        for name in ("preload", "profile_on_load", "allow_non_finite"):
+        for name in ("preload", "profile_on_load", "allow_non_finite", "tracing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ServerConfig.{name} must be true or false, got {getattr(self, name)!r}")
 

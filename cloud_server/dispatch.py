@@ -25,9 +25,9 @@ class Request:
     """One edge request the broker holds."""
 
     __slots__ = ("rkey", "ident", "rid", "bundle", "cut", "deadline", "frames", "t0", "worker", "attempts",
-                 "nbytes", "session")
+                 "nbytes", "session", "trace")
 
-    def __init__(self, rkey, ident, rid, bundle, cut, deadline, frames, t0, nbytes, session=None):
+    def __init__(self, rkey, ident, rid, bundle, cut, deadline, frames, t0, nbytes, session=None, trace=None):
         self.rkey = rkey
         self.ident = ident
         self.rid = rid
@@ -40,6 +40,7 @@ class Request:
         self.attempts = 0
         self.nbytes = nbytes
         self.session = session  # a stateful session's id: sticky to the worker holding it
+        self.trace = trace  # the edge's traceparent when the broker traces (cloud_server.traces)
 
 
 class Dispatcher:
@@ -57,6 +58,7 @@ class Dispatcher:
         self.config = config
         self.registry = registry
         self.metrics = metrics
+        self.trace = None  # a cloud_server.traces.BrokerTrace when ServerConfig.tracing
         self.reply_error = reply_error
         self.reqs: dict[bytes, Request] = {}  # every request not yet answered, by rkey
         self.by_client: dict[tuple[bytes, str], Request] = {}
@@ -75,10 +77,10 @@ class Dispatcher:
         return self.held_bytes + nbytes > self.config.max_held_bytes
 
     def submit(self, ident: bytes, rid: str, bundle: str, cut: int, deadline: float, frames: list, now: float,
-               nbytes: int, session: str | None = None) -> bool:
+               nbytes: int, session: str | None = None, trace: str | None = None) -> bool:
         """Take a request: dispatch it, or queue it; False when the queue is full (nothing kept)."""
         req = Request(struct.pack("<Q", next(self._keys)), ident, rid, bundle, cut, deadline, frames, now, nbytes,
-                      session)
+                      session, trace)
         self.reqs[req.rkey] = req
         self.by_client[(ident, rid)] = req
         self.held_bytes += nbytes
@@ -121,7 +123,11 @@ class Dispatcher:
             return False
         # the worker maps broker times onto its own clock (see _wire.ClockMap): time a request
         # spends in the worker's socket buffer counts against its deadline too
-        w.send([W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now), *req.frames], small=2)
+        if req.trace is None:
+            w.send([W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now), *req.frames], small=2)
+        else:  # the broker's queue span is the parent of the worker's spans
+            tp = self.trace.queued(req.trace, req.bundle, req.t0, now)
+            w.send([W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now, tp), *req.frames], small=2)
         req.worker = w
         req.attempts += 1
         w.inflight[req.rkey] = req

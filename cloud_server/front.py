@@ -185,8 +185,9 @@ class EdgeDesk:
             self.error(ident, rid, "busy", f"the server holds {d.held_bytes} bytes of requests already",
                        retry_after_ms=d.retry_after_ms())
             return
+        trace = d.trace.accept(h.get("traceparent")) if d.trace is not None else None
         if not d.submit(ident, rid, bundle, cut, now + budget / 1e3, frames[1:], now, total,
-                        session[0] if session else None):
+                        session[0] if session else None, trace):
             self.metrics.bundle(bundle).outcome("busy").inc()
             self.error(ident, rid, "busy", f"{len(d.pending)} requests are already waiting",
                        retry_after_ms=d.retry_after_ms())

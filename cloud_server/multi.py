@@ -137,6 +137,8 @@ class MultiWorker(TailWorker):
             return
         link = self.links[i]
         link.held.discard(key)
+        if self._trace is not None:
+            self._trace.replied_parsed(key, c[2] if len(c) > 2 else None)
         self._send_to(link, [W.ctl(W.REPLY, key[1:], *c[2:]), *frames[1:]])
         self._last_send = time.monotonic()
 
@@ -234,7 +236,7 @@ class MultiWorker(TailWorker):
         if cmd == W.REQUEST and len(c) >= 5 and len(frames) >= 2 and isinstance(c[1], bytes):
             key = link.prefix + c[1]
             if admit_request(self._tail, self.config, link.clock, self._stop_at, [c[0], key, *c[2:]], frames[1:],
-                             received_local=True):
+                             received_local=True, trace=self._trace):
                 link.held.add(key)
         elif cmd == W.HEARTBEAT:
             if len(c) >= 2 and isinstance(c[1], float):

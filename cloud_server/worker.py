@@ -75,6 +75,11 @@ class TailWorker:
         # a bundle asked for but not held is fetched from the broker (cloud_server.fetch)
         self._fetcher = BundleFetcher(self.repository, config, self.name, self._fetched)
         self._tail.park = self._park
+        self._trace = None
+        if config.tracing:
+            from cloud_server.traces import WorkerTrace
+
+            self._trace = WorkerTrace(self.name)
         self._lock = threading.Lock()  # guards the socket: the serving thread and the heartbeat thread
         self._stop_at: float | None = None
         self._done = threading.Event()
@@ -270,6 +275,8 @@ class TailWorker:
         return self.config.socket_bound(self.repository.manifest(b) for b in self.repository.ids())
 
     def _send(self, frames: list) -> None:
+        if self._trace is not None and self._trace.waiting:
+            self._trace.replied(frames[0])
         if self._outbox is not None:
             self._outbox(frames)
         else:
@@ -372,11 +379,11 @@ class TailWorker:
             self.step()
 
     def _on_request(self, c: list, msg_frames: list) -> None:
-        admit_request(self._tail, self.config, self._clock, self._stop_at, c, msg_frames)
+        admit_request(self._tail, self.config, self._clock, self._stop_at, c, msg_frames, trace=self._trace)
 
 
 def admit_request(tail: TailBatcher, config: ServerConfig, clock: W.ClockMap, stop_at: float | None, c: list,
-                  msg_frames: list, received_local: bool = False) -> bool:
+                  msg_frames: list, received_local: bool = False, trace=None) -> bool:
     """One REQUEST from a broker: decode it and queue it on `tail` (True), or answer it at once (False).
 
     `clock` maps that broker's times onto ours; `received_local` hands the batcher the receipt
@@ -403,6 +410,8 @@ def admit_request(tail: TailBatcher, config: ServerConfig, clock: W.ClockMap, st
     if stop_at is not None and stop_at < now - 0.5:
         tail.send_error(rkey, msg.id, "shutdown", "this worker is shutting down")
         return False
+    if trace is not None and len(c) > 5:
+        trace.expect(rkey, c[5])  # the broker's span: the parent of this worker's spans
     received = clock.to_local(received_b) if received_local else received_b
     tail.add_request(rkey, msg, clock.to_local(deadline_b), now, received)
     return True

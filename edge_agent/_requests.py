@@ -85,6 +85,7 @@ class Requests:
         self.closed = False
         self._close_lock = threading.Lock()
         self._local_pool = ThreadPoolExecutor(config.local_workers, thread_name_prefix="edgesplit-agent-local")
+        self.trace = None  # an edge_agent._trace.AgentTrace when AgentConfig.tracing
 
     # --- counters
 
@@ -135,6 +136,8 @@ class Requests:
                 return False
             req.done = True
         req.cut_tensors = req.encoded = req.feeds = None
+        if self.trace is not None:
+            self.trace.finished(req, result.where if result is not None else None)
         try:
             if exc is not None:
                 self.count("errors")

@@ -96,6 +96,10 @@ class EdgeAgent:
         log.info("edge runner: %s (asked for %r)", self.runner_name, runner)
         self._auto = AutoCut(self.bundle, edge_ms, fixed, codec, cfg, device=self._device, encode=self._encode)
         self._requests = Requests(self.bundle, cfg, self._device)
+        if cfg.tracing:
+            from edge_agent._trace import AgentTrace
+
+            self._requests.trace = AgentTrace(self.bundle.id)
         self._head_pool = ThreadPoolExecutor(1, thread_name_prefix="edgesplit-agent-head")
         self._io = IOLoop(self.bundle, self.servers, cfg, self._requests, self._auto)
         if self.servers and cfg.connect_timeout_ms > 0:
@@ -257,6 +261,8 @@ class EdgeAgent:
                 requests.count("local_fallback_reserve")
                 requests.finish_local(req, "fallback reserve")
                 return
+            if requests.trace is not None:
+                requests.trace.sending(req)
             self._io.post(("send", req))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
             requests.finish(req, exc=exc)

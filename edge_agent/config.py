@@ -132,6 +132,11 @@ class AgentConfig:
     # segment takes this many times its fastest time here, the rest slept. 1: the real device.
     edge_slowdown: float = 1.0
 
+    # --- observability ----------------------------------------------------------------------
+    # OpenTelemetry spans per request (head, encode, uplink), their W3C traceparent sent to the
+    # server (pip install 'edgesplit[otel]'; the application installs the TracerProvider).
+    tracing: bool = False
+
     # --- security ---------------------------------------------------------------------------
     # CURVE: the server's public key, and this agent's key pair (Z85 text, 40 characters each).
     # All three set: encrypted and authenticated; none set: plain TCP.
@@ -192,6 +197,8 @@ class AgentConfig:
         if self.intra_op_threads is not None and (not isinstance(self.intra_op_threads, int)
                                                   or self.intra_op_threads < 1):
             raise ConfigError(f"AgentConfig.intra_op_threads must be None or >= 1, got {self.intra_op_threads!r}")
+        if not isinstance(self.tracing, bool):
+            raise ConfigError(f"AgentConfig.tracing must be true or false, got {self.tracing!r}")
         if not isinstance(self.reply_codec, str) or not self.reply_codec:
             raise ConfigError(f"AgentConfig.reply_codec must be a codec spec, got {self.reply_codec!r}")
         keys = (self.curve_server_key, self.curve_public_key, self.curve_secret_key)

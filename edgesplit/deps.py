@@ -21,6 +21,7 @@ _EXTRAS = {
     "PIL": "edgesplit[images]",
     "matplotlib": "edgesplit[plot]",
     "cuda": "edgesplit[trt]",
+    "opentelemetry": "edgesplit[otel]",
 }
 
 
