@@ -446,21 +446,10 @@ def write_report(res: dict, out: Path) -> None:
             L.append(f"| {r['cut']} | {r['codec']} | {r['ratio']:.2f}x | {100 * r['agreement']:.2f}% | "
                      f"{r['disagree']} of {c['samples']} | {r['bytes_wire']:.0f} |")
     L += pareto_report(res)
-    if res.get("timing_cuts"):
-        t = res["timing_cuts"]
-        L.append(f"\n## Encode + decode at every cut, one core, thread CPU time (`{t['command']}`)\n")
-        L.append(f"Machine: {t['machine']}. Per MiB of fp32 activations: the cut's tensors of "
-                 f"{t['images']} crops stacked to about 1 MiB (throughput), and one image at a time "
-                 "(batch 1, what the agent sends: small tensors pay a fixed per-call cost of some tens "
-                 f"of microseconds). Minimum / median of {t['repeats']} runs, in ms per MiB.\n")
-        specs = t["specs"]
-        L.append("| cut | map | " + " | ".join(f"{sp} 1 MiB (min / med)" for sp in specs) + " | "
-                 + " | ".join(f"{sp} batch 1 us (min)" for sp in specs) + " |")
-        L.append("| --- | --- |" + " --- |" * (2 * len(specs)))
-        for row in t["rows"]:
-            cells = [f"{row[sp]['mib_min']:.2f} / {row[sp]['mib_med']:.2f}" for sp in specs]
-            cells += [f"{row[sp]['one_us_min']:.0f} ({row[sp]['one_ms_per_mib_min']:.1f} ms/MiB)" for sp in specs]
-            L.append(f"| {row['cut']} | {row['map']} | " + " | ".join(cells) + " |")
+    for key, title in [("timing_cuts", "Encode + decode at every cut, one core, thread CPU time"),
+                       ("timing_cuts_before", "The same timing on the code before")]:
+        if res.get(key):
+            L += timing_cuts_table(res[key], title)
     if res.get("extras_machine"):
         L.append(f"\nThe sections below were measured later by `{res['extras_command']}` "
                  f"({res['extras_elapsed_s'] / 60:.1f} min) on: {res['extras_machine']}.")
@@ -505,6 +494,24 @@ def write_report(res: dict, out: Path) -> None:
                      f"{p['overhead_cpu_us']:+.1f} us | {p['encode_decode_cpu_us']:.1f} us |")
     L.append("")
     (out / "codecs.md").write_text("\n".join(L))
+
+
+def timing_cuts_table(t: dict, title: str) -> list[str]:
+    """--timing-cuts results as a markdown table."""
+    L = [f"\n## {title} ({t.get('code', 'this code')}; `{t['command']}`)\n",
+         f"Machine: {t['machine']}. Per MiB of fp32 activations: the cut's tensors of {t['images']} crops "
+         "stacked to about 1 MiB (throughput), and one image at a time (batch 1, what the agent sends: small "
+         f"tensors pay a fixed per-call cost of some tens of microseconds). Minimum / median of {t['repeats']} "
+         "runs, in ms per MiB.\n"]
+    specs = t["specs"]
+    L.append("| cut | map | " + " | ".join(f"{sp} 1 MiB (min / med)" for sp in specs) + " | "
+             + " | ".join(f"{sp} batch 1 us (min)" for sp in specs) + " |")
+    L.append("| --- | --- |" + " --- |" * (2 * len(specs)))
+    for row in t["rows"]:
+        cells = [f"{row[sp]['mib_min']:.2f} / {row[sp]['mib_med']:.2f}" for sp in specs]
+        cells += [f"{row[sp]['one_us_min']:.0f} ({row[sp]['one_ms_per_mib_min']:.1f} ms/MiB)" for sp in specs]
+        L.append(f"| {row['cut']} | {row['map']} | " + " | ".join(cells) + " |")
+    return L
 
 
 def confirm_sets(res: dict) -> list[dict]:
