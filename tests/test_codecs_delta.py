@@ -123,3 +123,27 @@ def test_floor_caps_how_fine_a_channel_step_gets():
 def test_bad_floor_options_are_refused(spec):
     with pytest.raises(CodecError):
         get_codec(spec)
+
+
+# -- blocks: the two-run layout (full blocks, then a shorter last one) -------------------------
+@pytest.mark.parametrize("shape,b", [((2, 3, 14, 14), 8), ((1, 2, 28, 5), 8), ((1, 4, 7, 7), 8), ((3, 17), 5),
+                                     ((2, 1, 9, 3), 4), ((1, 1, 1, 1), 8), ((5,), 2), ((1, 2, 16, 4), 8)])
+def test_blocks_match_a_per_row_reference(shape, b):
+    """Scales, zero points and codes equal a plain per-row computation of the same rules."""
+    x = np.random.default_rng(sum(shape) + b).standard_normal(shape).astype(np.float32) * 3
+    enc = get_codec(f"int8:b{b}").encode(x)
+    h, w = (shape[-2], shape[-1]) if len(shape) >= 3 else (shape[-1], 1)
+    x3 = x.reshape(-1, h, w)
+    nb = -(-h // b)
+    lo = np.stack([[x3[i, j * b:(j + 1) * b].min() for j in range(nb)] for i in range(len(x3))])
+    hi = np.stack([[x3[i, j * b:(j + 1) * b].max() for j in range(nb)] for i in range(len(x3))])
+    scale = (np.maximum(hi, 0) - np.minimum(lo, 0)) / np.float32(255)
+    sent = np.frombuffer(enc.params["scales"], "<f2").astype(np.float32).reshape(len(x3), nb)
+    assert np.all(sent >= scale * (1 - 1e-6)) and np.all(sent <= scale * 1.001 + 1e-30)
+    zeros = np.frombuffer(enc.params["zeros"], np.uint8).reshape(len(x3), nb).astype(np.float32)
+    rows = np.arange(h) // b
+    inv = (np.float32(1) / sent)[:, rows, None]
+    expect = np.clip(x3 * inv + (zeros[:, rows, None] + np.float32(0.5)), 0, np.float32(255.5)).astype(np.uint8)
+    assert np.array_equal(np.frombuffer(enc.payload, np.uint8), expect.reshape(-1))
+    y = decode(enc).reshape(len(x3), h, w)
+    assert np.allclose(y, (expect.astype(np.float32) - zeros[:, rows, None]) * sent[:, rows, None])
