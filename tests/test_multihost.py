@@ -1,4 +1,5 @@
-"""More than one machine: a worker serving two brokers, one broker SIGKILLed and restarted under load."""
+"""More than one machine: a worker serving two brokers, one broker SIGKILLed and restarted under load,
+then the other stopped gracefully (SIGTERM) under load."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def test_two_brokers_one_worker_broker_killed_and_restarted(tmp_path):
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out: list[str] = []
     threading.Thread(target=lambda: out.extend(worker.stdout), daemon=True).start()
-    n = 600
+    n, n_killed = 800, 600
     rng = np.random.default_rng(3)
     xs = rng.standard_normal((n, 1, 16)).astype(np.float32)
     refs = reference(full, xs.reshape(n, 16))
@@ -130,12 +131,23 @@ def test_two_brokers_one_worker_broker_killed_and_restarted(tmp_path):
             restart_at = len(futures)
             a.start()                                 # A is back on the same ports
             assert _eventually(lambda: a.workers() and a.workers()[0]["capacity"] == 4), out
-            for i in range(400, n):
+            for i in range(400, n_killed):
                 submit(i)
                 time.sleep(0.005)
             results = [f.result(timeout=60) for f in futures]
             back_on_a = _eventually(lambda: any(r.server == a.front for r in
                                                 [agent.infer({"x": xs[0]}) for _ in range(20)]), 30)
+            # B stopped gracefully under load: it drains, says goodbye to the worker, which serves A alone
+            stop_at = len(futures)
+            stopper = threading.Thread(target=b.stop)
+            for i in range(n_killed, n):
+                submit(i)
+                if i == n_killed + 50:
+                    stopper.start()
+                time.sleep(0.005)
+            stopper.join(60)
+            results = [f.result(timeout=60) for f in futures]
+            assert _eventually(lambda: a.workers()[0]["capacity"] == 8), a.workers()
         assert _eventually(lambda: sum(answers) == n, 10)
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -158,3 +170,4 @@ def test_two_brokers_one_worker_broker_killed_and_restarted(tmp_path):
     assert all(s == b.front for s in servers[kill_at:restart_at])  # only B while A was dead
     assert a.front in servers[:kill_at]                           # A was in use when it died
     assert back_on_a                                              # A used again after its restart
+    assert all(s == a.front for s in servers[stop_at + 100:])      # B gone: A alone answers
