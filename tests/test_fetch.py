@@ -195,9 +195,18 @@ def test_a_remote_worker_with_an_empty_repository_fetches_and_serves(broker_repo
             shutil.copytree(broker_repo / "mlp", broker_repo / "mlp-v2")
             v2 = update_manifest(broker_repo / "mlp-v2", release="2")
             assert v2.id != mlp.id
-            edge.send_infer("v2", v2.id, 0, {"x": x}, deadline_ms=30_000)
+            # the broker learns of v2 at its next repository rescan: until then v2 is unknown_bundle
+            # (an agent re-routes that), so ask again until it is served (a race seen on a quiet box)
+            end, tries, v2_msg = time.monotonic() + 60, 0, None
+            while time.monotonic() < end:
+                tries += 1
+                edge.send_infer(f"v2-{tries}", v2.id, 0, {"x": x}, deadline_ms=30_000)
+                v2_msg = edge.recv(timeout_ms=30_000)
+                if v2_msg is not None and not (v2_msg.kind == "error" and v2_msg.meta.get("code") == "unknown_bundle"):
+                    break
+                time.sleep(0.2)
             edge.send_infer("v1", mlp.id, 0, {"x": x}, deadline_ms=30_000)
-            got = {m.id: m for m in (edge.recv(timeout_ms=30_000), edge.recv(timeout_ms=30_000))}
+            got = {"v2": v2_msg, "v1": edge.recv(timeout_ms=30_000)}
             assert {k: m.kind for k, m in got.items()} == {"v1": "result", "v2": "result"}, \
                 {k: m.meta for k, m in got.items()}
             assert (empty / v2.id).is_dir() and (empty / mlp.id).is_dir()   # both versions, side by side
