@@ -5,6 +5,10 @@ parent of the broker's `queue` span (receipt to dispatch), whose own traceparent
 worker as the last field of the request's control frame; the worker's spans hang under it,
 made when it replies, from the stage times it measured (the same ones the reply's meta and
 the broker's histograms carry).
+
+The spans go to the process's TracerProvider; `edgesplit serve` and `edgesplit worker` install
+none of their own, so with OTEL_TRACES_EXPORTER set the first of these tracers installs one
+(edgesplit.tracing.install_from_environment) as service `edgesplit-broker` / `edgesplit-worker`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ __all__ = ["BrokerTrace", "WorkerTrace"]
 
 class BrokerTrace:
     def __init__(self):
-        self._tracer = Tracer("cloud_server.broker")
+        self._tracer = Tracer("cloud_server.broker", service="edgesplit-broker")
 
     @staticmethod
     def accept(value) -> str | None:
@@ -35,7 +39,7 @@ class BrokerTrace:
 
 class WorkerTrace:
     def __init__(self, worker: str):
-        self._tracer = Tracer("cloud_server.worker")
+        self._tracer = Tracer("cloud_server.worker", service="edgesplit-worker")
         self._worker = worker
         self.waiting: dict[bytes, str] = {}  # request key -> the broker's traceparent
 

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 OPTIONAL = ["torch", "tensorrt", "cuda", "aiohttp", "prometheus_client", "matplotlib", "PIL",
-            "onnxruntime_gpu", "hypothesis"]
+            "onnxruntime_gpu", "hypothesis", "opentelemetry"]
 
 HIDE = textwrap.dedent(f"""
     import sys, importlib.abc

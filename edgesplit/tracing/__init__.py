@@ -2,10 +2,16 @@
 
 Off unless a config asks for it (AgentConfig.tracing, ServerConfig.tracing); then OpenTelemetry is
 imported through edgesplit.deps on first use and spans go to whatever TracerProvider the
-application installed. The W3C `traceparent` of the sending span travels in the wire header's
-meta (agent -> broker -> worker), so spans made in three processes join one trace. Spans are
-made with explicit start and end times (`span_between`): each side already times its stages,
-and a span made after the fact costs nothing while the request is in flight.
+application installed. When it installed none and OTEL_TRACES_EXPORTER names exporters, the
+first Tracer of the process installs one for them (`install_from_environment`), with a
+`service.name` per component and the process's pid, so `edgesplit serve` and its worker
+processes export their spans too; `edgesplit_file` (FileSpanExporter) writes OTLP/JSON lines,
+one file per process, that `read_spans` reads back.
+
+The W3C `traceparent` of the sending span travels in the wire header's meta (agent -> broker ->
+worker), so spans made in three processes join one trace. Spans are made with explicit start and
+end times (`span_between`): each side already times its stages, and a span made after the fact
+costs nothing while the request is in flight.
 
 A traceparent from the wire is untrusted: anything but `00-<32 hex>-<16 hex>-<2 hex>` with
 non-zero ids is ignored (the request is traced as a new trace, or not at all).
@@ -18,8 +24,11 @@ import time
 from typing import Any
 
 from edgesplit.deps import require
+from edgesplit.tracing._file import FileSpanExporter, read_spans
+from edgesplit.tracing._setup import install_from_environment, provider_from_environment
 
-__all__ = ["Tracer", "parse_traceparent", "traceparent_of", "now_ns"]
+__all__ = ["Tracer", "parse_traceparent", "traceparent_of", "now_ns", "FileSpanExporter", "read_spans",
+           "install_from_environment", "provider_from_environment"]
 
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
 
@@ -53,10 +62,13 @@ class Tracer:
 
     Args:
         name: the instrumentation scope ("edge_agent", "cloud_server.broker", ...).
+        service: the `service.name` of this process's spans if this tracer is the one that
+            installs a TracerProvider from OTEL_TRACES_EXPORTER (install_from_environment).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, service: str = "edgesplit"):
         self._trace = require("opentelemetry.trace", "tracing (AgentConfig.tracing / ServerConfig.tracing)")
+        install_from_environment(service)
         self._tracer = self._trace.get_tracer(name)
 
     def context(self, parent: Any = None):
