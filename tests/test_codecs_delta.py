@@ -34,7 +34,7 @@ def test_delta_keeps_the_codes_and_pays_on_wide_smooth_maps():
     assert DEFAULT_CODEC == "int8+delta+zstd"
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 7, 7), (2, 3, 14, DELTA_MIN_ROW - 1), (1, 1280), (5000,), (3, 1, 80)])
+@pytest.mark.parametrize("shape", [(1, 4, 9, 9), (2, 3, 14, DELTA_MIN_ROW - 1), (1, 1280), (5000,), (3, 1, 80)])
 def test_delta_is_skipped_where_it_does_not_pay(shape):
     x = _smooth(shape) if len(shape) >= 2 else np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     enc = get_codec("int8+delta+zstd").encode(x)
@@ -93,6 +93,29 @@ def test_delta_decodes_any_bytes_of_the_right_size_to_codes_in_range():
     validate(bad)
     y = decode(bad)
     assert y.shape == x.shape and np.all(np.isfinite(y))
+
+
+def test_delta_decoders_keep_their_lanes_per_thread():
+    """The decoder reuses one chunk of lanes per thread: threads decoding at once each get theirs."""
+    import threading
+
+    stage = decoder_for("delta")
+    rng = np.random.default_rng(5)
+    qs = [rng.integers(0, 256, (3 << 16) + i, dtype=np.uint8) for i in range(4)]
+    ds = [stage.encode(q, 1, {}) for q in qs]
+    bad = []
+
+    def work(i):
+        for _ in range(20):
+            if not np.array_equal(stage.decode(ds[i], qs[i].size, {}), qs[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
 
 
 def test_delta_takes_no_options():

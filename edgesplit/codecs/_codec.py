@@ -96,10 +96,18 @@ class Codec:
                  level: int | None = None, packed: bool | None = None, shuffle: bool | None = None,
                  use_calibration: bool = True, block: int | str | None = None, floor: int | None = None):
         (name, opts), byte_tokens = parse_spec(spec)
+        # `delta` is spatial prediction chosen by the map's shape: left differences on wide maps,
+        # and on small maps the planar prediction of `plane` (over position-major codes), so
+        # "int8+delta+zstd" is really "int8+delta+plane+zstd" (as "fp16+lz4" is "fp16+shuffle+lz4");
+        # enc.codec names what was done.
+        names = [n for n, _ in byte_tokens]
+        if "delta" in names and "plane" not in names:
+            byte_tokens.insert(names.index("delta") + 1, ("plane", []))
         # What the stages' builders may read besides their own options (StageSpec.make).
         self._params = {"per_channel": per_channel, "axis": axis, "level": level, "packed": packed,
                         "use_calibration": use_calibration, "block": block, "floor": floor,
-                        "compressed": any(stage_spec(n).compresses for n, _ in byte_tokens)}
+                        "compressed": any(stage_spec(n).compresses for n, _ in byte_tokens),
+                        "position_major": any(n == "plane" for n, _ in byte_tokens)}
         self.numeric: _quant.NumericStage = stage_spec(name).make(opts, self._params)
         self.level = level
         self.byte_stages = self._byte_plan(byte_tokens, shuffle,
@@ -159,10 +167,8 @@ class Codec:
         for stage in (self.byte_stages if numeric is self.numeric else self._raw_byte_stages):
             if not stage.applies(itemsize, arr.shape, params):
                 continue  # e.g. shuffling 1-byte codes, or predicting a 1-D tensor
-            if stage.name == "pred":
-                buf = stage.encode_shaped(buf, arr.shape, params)
-            else:
-                buf = stage.encode(buf, itemsize, params)
+            shaped = getattr(stage, "encode_shaped", None)  # stages that need the map's shape
+            buf = stage.encode(buf, itemsize, params) if shaped is None else shaped(buf, arr.shape, params)
             names.append(stage.name)
         payload = buf if isinstance(buf, (bytes, memoryview)) else memoryview(buf)
         return Encoded("+".join(names), dtype, arr.shape, params, payload)

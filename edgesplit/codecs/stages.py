@@ -154,7 +154,7 @@ def _int_stage(bits: int) -> StageSpec:
         pk = packed if packed is not None else ("p" in opts or ("u" not in opts and not params["compressed"]))
         return _quant.IntStage(bits, per_channel=pc, axis=params.get("axis", 1), packed=pk,
                                use_calibration=params.get("use_calibration", True) and "nocal" not in opts,
-                               block=block, floor=floor)
+                               block=block, floor=floor, position_major=bool(params.get("position_major")))
 
     def ratio(opts: list[str], dtype: np.dtype) -> float:
         per_value = bits / 8.0 if "u" not in opts else 1.0
@@ -181,5 +181,6 @@ for _bits in range(8, 1, -1):
 register_stage(StageSpec("shuffle", False, _no_options("shuffle", _bytes.ShuffleStage), _bytes.ShuffleStage))
 register_stage(StageSpec("pred", False, _no_options("pred", _bytes.PredictStage), _bytes.PredictStage))
 register_stage(StageSpec("delta", False, _no_options("delta", _bytes.DeltaStage), _bytes.DeltaStage))
+register_stage(StageSpec("plane", False, _no_options("plane", _bytes.PlaneStage), _bytes.PlaneStage))
 register_stage(StageSpec("zstd", False, _zstd, _bytes.ZstdStage, compresses=True))
 register_stage(StageSpec("lz4", False, _no_options("lz4", _bytes.Lz4Stage), _bytes.Lz4Stage, compresses=True))
