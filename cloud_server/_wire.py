@@ -6,10 +6,14 @@ replies) the edge's message frames, forwarded as they came::
     worker -> broker   [ctl("ready", info)]                  info: name, device, bundles, ...
                        [ctl("hb", status)]                   status: queued, loaded, profiles, ...
                        [ctl("reply", rkey, stats), *msg]     stats: [outcome, stage ms, batch size]
+                                                             outcome "hop": msg is the next hop's infer
                        [ctl("draining")] / [ctl("bye")]
                        [ctl("fetch", bundle, offset)]        a bundle it does not hold (cloud_server.fetch)
-    broker -> worker   [ctl("req", rkey, deadline, received, now), *msg]   (broker monotonic seconds)
-                       [ctl("hb", now)] / [ctl("stop")] / [ctl("reconnect")] / [ctl("load", bundle)]
+    broker -> worker   [ctl("req", rkey, deadline, received, now[, traceparent[, stop]]), *msg]
+                                                             (broker monotonic seconds; stop: a
+                                                             pipeline hop runs [msg.cut, stop) only)
+                       [ctl("hb", now)] / [ctl("stop")] / [ctl("reconnect")]
+                       [ctl("load", bundle[, [start, stop]])]   load it (only that stage)
                        [ctl("bundle", bundle, offset, info), *data]   the index, or a chunk of it
 
 with ctl(cmd, *fields) = msgpack ["ESW1", cmd, *fields]. `rkey` is the broker's key of one
@@ -67,6 +71,26 @@ class ClockMap:
 
     def to_local(self, broker_t: float) -> float:
         return broker_t - (self.offset or 0.0)
+
+
+def stage_of(c: list) -> tuple[int, int] | None:
+    """The [start, stop) of a load order (c: a parsed control frame), or None for the whole bundle."""
+    st = c[2] if len(c) > 2 else None
+    if type(st) is list and len(st) == 2 and all(type(x) is int and 0 <= x < 1 << 16 for x in st) and st[0] < st[1]:
+        return st[0], st[1]
+    return None
+
+
+def holdings(tail) -> dict:
+    """What a worker's status says it holds (a cloud_server.tail.TailBatcher): whole bundles and
+    their profiles, pipeline stages, and its memory budget."""
+    loaded = list(tail.loaded.items())
+    return {"loaded": sorted(b for b, l in loaded if l.whole),
+            "profiles": {b: l.profile for b, l in loaded if l.profile and l.whole},
+            "stages": {b: [l.start, l.stop, l.profile["segment_ms"][l.start:l.stop] if l.profile else None]
+                       for b, l in loaded if not l.whole},
+            "memory": [tail.memory_budget, tail.weight_bytes],
+            "unfit": sorted(tail.unfit)}  # not loaded whole: over the budget (served as stages)
 
 
 def ctl(cmd: str, *fields: Any) -> bytes:

@@ -108,5 +108,5 @@ class AdminServer:
         # a bundle some worker cannot load carries "errors": {worker: why}
         bundles = [{**b, "errors": errors[b["id"]]} if b.get("id") in errors else b for b in snap.get("bundles", [])]
         body = {"bundles": bundles, "workers": snap.get("workers", []), "load": snap.get("load"),
-                "lost_workers": snap.get("lost", [])}
+                "lost_workers": snap.get("lost", []), "pipelines": snap.get("pipelines", [])}
         return web.Response(text=json.dumps(body, indent=1), content_type="application/json")

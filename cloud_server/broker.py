@@ -34,6 +34,7 @@ from cloud_server.dispatch import Dispatcher
 from cloud_server.front import EdgeDesk
 from cloud_server.inline import InlineWorker
 from cloud_server.metrics import Metrics
+from cloud_server.placement import Pipelines
 from cloud_server.registry import BundleCatalog, SocketLink, WorkerRecord, WorkerRegistry
 from cloud_server.fetch import BundleSource
 from cloud_server.repository import Repository
@@ -110,6 +111,12 @@ class Broker:
         self.registry.fetchable = lambda b: self.repository is not None and b in self.repository
         self.desk = EdgeDesk(config, self.metrics, self.catalog, self.registry, None, lambda: self._draining)
         self.dispatcher = Dispatcher(config, self.registry, self.metrics, self.desk.error)
+        # bundles too big for one worker (or asked to be) run as pipeline stages (cloud_server.placement)
+        self.registry.bundle_bytes = self.catalog.bytes_of
+        self.pipelines = Pipelines(config, self.registry, self.catalog, self.metrics,
+                                   lambda w, b, start, stop: w.send([W.ctl(W.LOAD, b, [start, stop])]),
+                                   lambda: self._shutdown_at is not None)
+        self.dispatcher.pipelines = self.pipelines
         if config.tracing:
             from cloud_server.traces import BrokerTrace
 
@@ -372,6 +379,12 @@ class Broker:
         w = reg.get(ident)
         if cmd == W.REPLY and w is not None and len(c) >= 3:
             w.heard(now)
+            stats = c[2]
+            if type(stats) is list and stats and (stats[0] == "hop" or stats[-1] == "not_held"):
+                # a pipeline stage's answer: the next hop's request, or "not held here"
+                self.dispatcher.hop_done(w, c[1], frames[2:], stats[0] == "hop", now)
+                self.dispatcher.dispatch_pending(now)
+                return
             req = self.dispatcher.replied(w, c[1])
             if req is None:
                 return  # answered already (re-dispatched after a presumed loss, or timed out): drop
@@ -384,6 +397,7 @@ class Broker:
                 self._drop(w, "announced itself again")
             w = reg.add(ident, info, now, link, self.catalog)
             self._note_load_errors(w, info)
+            self.pipelines.workers_changed()
             self._update_snapshot()
             self.dispatcher.dispatch_pending(now)
             return
@@ -396,6 +410,7 @@ class Broker:
             if len(c) > 1 and isinstance(c[1], dict):
                 changed = self._note_load_errors(w, c[1])
                 if w.apply_status(c[1], self.catalog) or changed:
+                    self.pipelines.workers_changed()
                     self._update_snapshot()
                 self.dispatcher.sessions.observe(w, c[1])
                 self.dispatcher.dispatch_pending(now)
@@ -405,6 +420,7 @@ class Broker:
                 w.send(reply)
         elif cmd == W.DRAINING:
             w.draining = True
+            self.pipelines.workers_changed()
         elif cmd == W.BYE:
             self._drop(w, "said goodbye", lost=False)
 
@@ -436,6 +452,7 @@ class Broker:
     def _drop(self, w: WorkerRecord, why: str, lost: bool = True) -> None:
         """Forget a worker; its requests in flight go to another worker (or get an error)."""
         self.dispatcher.requeue(self.registry.remove(w, why, lost))
+        self.pipelines.workers_changed()
         self._update_snapshot()
         self.dispatcher.dispatch_pending(time.monotonic())
 

@@ -26,6 +26,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-preload", action="store_true", help="load bundles on first use instead of at start")
     g.add_argument("--allow-non-finite", action="store_true",
                    help="accept NaN and infinity in float inputs (default: refused with bad_request)")
+    g.add_argument("--worker-memory", metavar="SIZE", default=None,
+                   help="segment weights one worker may hold, e.g. 40MB or 2GiB (default: no limit); a bundle "
+                        "that fits no worker is split over several as pipeline stages")
+    g.add_argument("--stages", type=int, default=None, metavar="N",
+                   help="split every bundle into at least N pipeline stages on separate workers (default: as "
+                        "many as --worker-memory needs)")
     g.add_argument("--config", metavar="FILE.toml", default=None,
                    help="settings file: its [server] table sets any ServerConfig field (docs/configuration.md); "
                         "EDGESPLIT_SERVER_* variables override it, and these flags override both")
@@ -43,10 +49,12 @@ def _config(args):
     for arg, field, scale in (("max_batch", "max_batch", 1), ("max_request_batch", "max_request_batch", 1), ("max_queue_delay_ms", "max_queue_delay_ms", 1),
                               ("heartbeat_ms", "heartbeat_interval_s", 1e-3), ("capacity", "worker_capacity", 1),
                               ("max_pending", "max_pending", 1), ("threads", "intra_op_threads", 1),
-                              ("runner", "runner", 1)):
+                              ("runner", "runner", 1), ("stages", "pipeline_stages", 1)):
         v = getattr(args, arg, None)
         if v is not None:
             changes[field] = v * scale if scale != 1 else v
+    if getattr(args, "worker_memory", None) is not None:
+        changes["worker_memory_bytes"] = settings.parse_size(args.worker_memory, "--worker-memory")
     if getattr(args, "no_preload", False):
         changes["preload"] = False
     if getattr(args, "allow_non_finite", False):

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Iterable
 
-from edgesplit.errors import ConfigError
+from edgesplit.errors import ConfigError, EdgeSplitError
 from edgesplit.liveness import FailureDetector
 from edgesplit.protocol import Limits, max_frame_bytes
 
@@ -102,6 +102,19 @@ class ServerConfig:
     # the least recently used sessions are evicted (logged, edgesplit_sessions_evicted_total).
     session_memory_bytes: int = 1 << 30
 
+    # --- pipeline stages: a tail over several workers (cloud_server.placement) --------------
+    # Bytes of segment weights one worker may hold (0: no limit; `--worker-memory 40MB`). A
+    # bundle that fits no worker whole is served as a chain of stages, each within the budget
+    # of the worker that holds it; a worker never loads past its budget.
+    worker_memory_bytes: int = 0
+    # Split every bundle into at least this many stages on separate workers (0 or 1: only as
+    # many as the memory budget needs). More stages pipeline more requests at once, at one more
+    # broker hop each (docs/pipeline.md).
+    pipeline_stages: int = 0
+    # Codec of the tensors one stage hands the next (through the broker). Lossless by default:
+    # a staged answer is then the unsplit model's (the hop stays inside the data centre).
+    stage_codec: str = "raw"
+
     # --- execution --------------------------------------------------------------------------
     # Runner kind for the tail segments ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt").
     runner: str = "auto"
@@ -140,7 +153,7 @@ class ServerConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in ("limits", "runner", "intra_op_threads", "preload", "profile_on_load", "allow_non_finite",
-                          "tracing"):
+                          "tracing", "stage_codec"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"ServerConfig.{f.name} must be a non-negative number, got {v!r}")
@@ -153,7 +166,7 @@ class ServerConfig:
         for name in ("worker_capacity", "max_batch", "max_request_batch", "max_attempts", "heartbeat_liveness",
                      "max_pending",
                      "max_held_bytes", "liveness_window", "session_memory_bytes", "fetch_max_bytes",
-                     "fetch_chunk_bytes"):
+                     "fetch_chunk_bytes", "worker_memory_bytes", "pipeline_stages"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"ServerConfig.{name} must be an int, got {getattr(self, name)!r}")
         if self.liveness_window < 2:
@@ -172,6 +185,14 @@ class ServerConfig:
             raise ConfigError("ServerConfig.limits must be an edgesplit.protocol.Limits")
         if self.fetch_chunk_bytes > self.limits.max_message_bytes // 2:
             raise ConfigError("ServerConfig.fetch_chunk_bytes must be at most half of limits.max_message_bytes")
+        if self.pipeline_stages > 64:
+            raise ConfigError(f"ServerConfig.pipeline_stages must be at most 64, got {self.pipeline_stages!r}")
+        try:
+            from edgesplit.codecs import get_codec
+
+            get_codec(self.stage_codec)
+        except (EdgeSplitError, ValueError, TypeError) as exc:
+            raise ConfigError(f"ServerConfig.stage_codec {self.stage_codec!r} is not a codec: {exc}") from None
         for name in ("preload", "profile_on_load", "allow_non_finite", "tracing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ServerConfig.{name} must be true or false, got {getattr(self, name)!r}")

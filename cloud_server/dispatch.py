@@ -3,6 +3,10 @@
 The `Dispatcher` owns every request from admission until it is answered (`forget`): exactly
 one answer goes out, from a worker's reply or from `fail`. It reaches workers through the
 registry and answers edges through the `reply_error(ident, rid, code, message)` it is given.
+
+A bundle served in pipeline stages (cloud_server.placement) goes hop by hop: each stage's
+answer is the next hop's request (`hop_done`), which is dispatched like a new one but keeps
+its place, its deadline and its edge; a lost stage worker costs only the hop it held.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from __future__ import annotations
 import itertools
 import struct
 from collections import deque
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cloud_server import _wire as W
 from cloud_server.config import ServerConfig
 from cloud_server.metrics import Metrics
 from cloud_server.registry import WorkerRecord, WorkerRegistry
 from cloud_server.sticky import SessionRoutes
+
+if TYPE_CHECKING:
+    from cloud_server.placement import Pipelines
 
 __all__ = ["Request", "Dispatcher"]
 
@@ -25,7 +32,7 @@ class Request:
     """One edge request the broker holds."""
 
     __slots__ = ("rkey", "ident", "rid", "bundle", "cut", "deadline", "frames", "t0", "worker", "attempts",
-                 "nbytes", "session", "trace")
+                 "nbytes", "session", "trace", "at", "hop")
 
     def __init__(self, rkey, ident, rid, bundle, cut, deadline, frames, t0, nbytes, session=None, trace=None):
         self.rkey = rkey
@@ -41,6 +48,8 @@ class Request:
         self.nbytes = nbytes
         self.session = session  # a stateful session's id: sticky to the worker holding it
         self.trace = trace  # the edge's traceparent when the broker traces (cloud_server.traces)
+        self.at = cut  # where its next hop starts: the cut, then each stage's end (pipeline stages)
+        self.hop = None  # the cloud_server.placement.Stage computing its hop now
 
 
 class Dispatcher:
@@ -67,6 +76,7 @@ class Dispatcher:
         self.svc_ms = 0.0  # EWMA of a request's time in a worker, for est_wait_ms
         self._keys = itertools.count(1)
         self.sessions = SessionRoutes(config, registry, metrics)
+        self.pipelines: Pipelines | None = None  # staged bundles (the broker sets it)
 
     # -- admission ----------------------------------------------------------------------------
     def in_flight(self, ident: bytes, rid: str) -> bool:
@@ -118,6 +128,9 @@ class Dispatcher:
                     return False
             self.sessions.bind(req.session, w, now)
         else:
+            plan = self.pipelines.plan(req.bundle) if self.pipelines is not None else None
+            if plan is not None:
+                return self._dispatch_hop(req, plan, now)
             w = self.registry.pick(req.bundle)
         if w is None:
             return False
@@ -132,6 +145,44 @@ class Dispatcher:
         req.attempts += 1
         w.inflight[req.rkey] = req
         return True
+
+    def _dispatch_hop(self, req: Request, plan, now: float) -> bool:
+        """Send the request's next hop to the least-loaded ready worker of the stage holding segment req.at."""
+        st = plan.stage_at(req.at)
+        if st is None:
+            return False
+        w = min((w for w in st.ready(req.bundle) if w.has_room), key=lambda w: len(w.inflight), default=None)
+        if w is None:
+            return False
+        tp = self.trace.queued(req.trace, req.bundle, req.t0, now) if req.trace is not None else None
+        w.send([W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now, tp, st.stop), *req.frames], small=2)
+        req.worker, req.hop = w, st
+        req.attempts += 1
+        w.inflight[req.rkey] = req
+        return True
+
+    def hop_done(self, w: WorkerRecord, rkey, frames: list, passed_on: bool, now: float) -> None:
+        """A stage's answer that is not for the edge: the next hop's request (`passed_on`), or "this
+        worker does not hold the stage" (the hop goes to another worker). A stale key is dropped."""
+        req = w.inflight.pop(rkey, None) if type(rkey) is bytes else None
+        if req is None or req.rkey not in self.reqs:
+            return
+        st, req.worker, req.hop = req.hop, None, None
+        if passed_on and st is not None:
+            nbytes = 0
+            for f in frames:
+                nbytes += len(f)
+            self.held_bytes += nbytes - req.nbytes
+            req.frames, req.nbytes, req.at, req.attempts = frames, nbytes, st.stop, 0
+            self.pipelines.hop(req.bundle, st)
+        else:
+            if self.pipelines is not None:
+                self.pipelines.not_held(w, req.bundle)
+            if req.attempts >= self.config.max_attempts:
+                self.fail(req, "worker_lost", f"no worker of the stage holding segment {req.at} took the request")
+                return
+        if self.pending or not self.dispatch(req, now):
+            self.pending.appendleft(req)  # it was in service: it goes first
 
     def dispatch_pending(self, now: float) -> None:
         if not self.pending:
@@ -154,7 +205,10 @@ class Dispatcher:
             self.dispatch_pending(now)
 
     def ask_to_load(self, bundle: str) -> None:
-        """Have the least-loaded worker load (or look for) `bundle` before requests need it."""
+        """Have the least-loaded worker load (or look for) `bundle` before requests need it
+        (a staged bundle: place its stages)."""
+        if self.pipelines is not None and self.pipelines.plan(bundle) is not None:
+            return
         live = self.registry.live()
         if not live:
             return
@@ -165,7 +219,7 @@ class Dispatcher:
     def requeue(self, orphans: list[Request]) -> None:
         """The requests of a lost worker go first in line again (or fail after max_attempts)."""
         for req in orphans:
-            req.worker = None
+            req.worker = req.hop = None
             if req.attempts >= self.config.max_attempts:
                 self.fail(req, "worker_lost", f"{req.attempts} workers were lost while computing this request")
             else:
@@ -178,6 +232,8 @@ class Dispatcher:
         """The request a worker's reply answers, now forgotten; None when answered already."""
         req = w.inflight.pop(rkey, None) if type(rkey) is bytes else None
         if req is not None:
+            if req.hop is not None:  # the last stage of a pipeline answered
+                self.pipelines.hop(req.bundle, req.hop)
             self.forget(req)
         return req
 

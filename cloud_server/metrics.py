@@ -122,6 +122,13 @@ class Metrics:
         self.bundle_latency = prom.Histogram("edgesplit_bundle_request_seconds",
                                              "Broker receive to reply sent, per answered infer request, by bundle",
                                              ["bundle", "name"], buckets=_LATENCY_BUCKETS, registry=r)
+        # pipeline stages (cloud_server.placement): a bundle's segments over several workers
+        self.stage_workers = prom.Gauge("edgesplit_pipeline_stage_workers",
+                                        "Workers given each pipeline stage of a bundle (replicas included)",
+                                        ["bundle", "name", "stage"], registry=r)
+        self.stage_hops = prom.Counter("edgesplit_pipeline_hops",
+                                       "Hops each pipeline stage computed (passed on to the next stage or answered)",
+                                       ["bundle", "name", "stage"], registry=r)
         self._bundles = {}
         self._null_series = BundleSeries(Metrics(enabled=False), "", "")
         # the standard process_* (RSS, CPU seconds, open fds; Linux), python_info and python_gc_* series

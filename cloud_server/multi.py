@@ -249,7 +249,7 @@ class MultiWorker(TailWorker):
         elif cmd == W.RECONNECT:
             self._send_to(link, [W.ctl(W.READY, self.link_status(link, self.grants()[link.index], full=True))])
         elif cmd == W.LOAD and len(c) >= 2 and isinstance(c[1], str):
-            self._tail.add_load(c[1])
+            self._tail.add_load(c[1], W.stage_of(c))
         elif cmd == W.BUNDLE:
             self._fetcher.on_message(c, frames[1:])
 

@@ -43,7 +43,8 @@ class WorkerRecord:
     """What the broker knows of one worker: who it is, what it holds, what it computes now."""
 
     __slots__ = ("ident", "name", "device", "runner", "pid", "capacity", "available", "loaded", "inflight",
-                 "last_heard", "draining", "queued", "joined", "host", "link", "liveness", "fetches")
+                 "last_heard", "draining", "queued", "joined", "host", "link", "liveness", "fetches", "stages",
+                 "assigned", "memory_budget", "memory_used", "unfit")
 
     def __init__(self, ident: bytes, info: dict, capacity: int, now: float, link,
                  liveness: FailureDetector | None = None):
@@ -65,6 +66,12 @@ class WorkerRecord:
         self.joined = time.time()
         self.link = link  # how the broker reaches it: a SocketLink, or the inline worker
         self.liveness = liveness  # its failure detector (None: judged by last_heard alone)
+        # pipeline stages (cloud_server.placement): what it says it holds, what the broker gave it
+        self.stages: dict[str, tuple[int, int]] = {}  # bundle -> [start, stop) loaded
+        self.assigned: dict[str, tuple[int, int, int]] = {}  # bundle -> (start, stop, weight bytes) placed here
+        self.memory_budget = 0  # bytes of segment weights it may hold (0: no limit), and holds now
+        self.memory_used = 0
+        self.unfit: set[str] = set()  # bundles it did not load whole: over its budget
 
     def send(self, frames: list, small: int = 1) -> None:
         self.link.send(self.ident, frames, small)
@@ -79,9 +86,28 @@ class WorkerRecord:
     def has_room(self) -> bool:
         return not self.draining and len(self.inflight) < self.capacity
 
+    def holds(self, bundle: str, start: int, stop: int) -> bool:
+        """Segments [start, stop) of `bundle` are loaded here (as a stage, or the whole bundle)."""
+        if bundle in self.loaded:
+            return True
+        st = self.stages.get(bundle)
+        return st is not None and st[0] <= start and stop <= st[1]
+
+    def free_memory(self) -> float:
+        """Bytes of weights it can still take (infinite without a budget); stages placed here
+        but not loaded yet count as taken."""
+        if not self.memory_budget:
+            return math.inf
+        coming = sum(b for bundle, (a, z, b) in self.assigned.items() if self.stages.get(bundle) != (a, z))
+        return self.memory_budget - self.memory_used - coming
+
+    def fits_whole(self, nbytes: int) -> bool:
+        return not self.memory_budget or nbytes <= self.free_memory()
+
     def apply_status(self, status: dict, catalog: "BundleCatalog") -> bool:
         """Take in a worker's status (untrusted shapes are ignored); True when what it serves changed."""
         before = (self.loaded, self.available, self.draining)
+        before_stages = self.stages
         avail = status.get("available")
         if isinstance(avail, list):
             ids = set()
@@ -108,15 +134,32 @@ class WorkerRecord:
                 if isinstance(prof, dict) and isinstance(prof.get("segment_ms"), list):
                     catalog.profiles[bid] = {"segment_ms": prof["segment_ms"],
                                              "device": str(prof.get("device", self.device))}
+        stages = status.get("stages")
+        if isinstance(stages, dict):
+            held = {}
+            for bid, st in list(stages.items())[:256]:
+                if type(st) is list and len(st) == 3 and type(st[0]) is int and type(st[1]) is int \
+                        and 0 <= st[0] < st[1]:
+                    held[bid] = (st[0], st[1])
+                    catalog.stage_profile(bid, st[0], st[2], self.device)
+            self.stages = held
+        unfit = status.get("unfit")
+        if isinstance(unfit, list):
+            self.unfit = {b for b in unfit[:4096] if isinstance(b, str)}
+        mem = status.get("memory")
+        if type(mem) is list and len(mem) == 2 and all(type(x) is int and x >= 0 for x in mem):
+            self.memory_budget, self.memory_used = mem
         if status.get("draining"):
             self.draining = True
-        return (self.loaded, self.available, self.draining) != before
+        return (self.loaded, self.available, self.draining) != before or stages is not None and before_stages != self.stages
 
     def describe(self) -> dict:
         """The worker as /v1/models shows it."""
         return {"name": self.name, "device": self.device, "runner": self.runner, "host": self.host, "pid": self.pid,
                 "inflight": len(self.inflight), "queued": self.queued, "capacity": self.capacity,
                 "loaded": sorted(self.loaded), "available": sorted(self.available), "draining": self.draining,
+                "stages": {b: list(r) for b, r in self.stages.items()},
+                "memory": {"budget": self.memory_budget, "used": self.memory_used}, "unfit": sorted(self.unfit),
                 "joined": self.joined}
 
 
@@ -137,6 +180,8 @@ class WorkerRegistry:
         self.lost: list[dict] = []  # the last workers dropped for silence (for /v1/models)
         # bundles a worker may fetch from the broker when none holds them (the broker sets it)
         self.fetchable: Callable[[str], bool] = lambda bundle: False
+        # the weight bytes of a bundle, for workers with a memory budget (the broker sets it)
+        self.bundle_bytes: Callable[[str], int] = lambda bundle: 0
         # The broker's own wake-ups: after it slept past a check (a loaded box), it reads its
         # sockets before judging anyone silent.
         self._awake = StallGuard(max(0.1, config.heartbeat_interval_s / 2), 0.02, time.monotonic())
@@ -221,6 +266,8 @@ class WorkerRegistry:
             load = len(w.inflight)
             if load >= w.capacity:
                 continue
+            if w.memory_budget and bundle not in w.loaded and not w.fits_whole(self.bundle_bytes(bundle)):
+                continue  # it would refuse to load it (pipeline stages serve such a bundle)
             key = (load, bundle not in w.loaded)
             if best_key is None or key < best_key:
                 best, best_key = w, key
@@ -252,6 +299,7 @@ class BundleCatalog:
         self.rescan_interval_s = rescan_interval_s
         self.bundles: dict[str, dict] = {}  # id -> summary
         self.profiles: dict[str, dict] = {}  # id -> {"segment_ms": [...], "device": str}
+        self._stage_ms: dict[str, list] = {}  # id -> per segment ms from pipeline stages (None: not yet timed)
         self.on_new: Callable[[str, dict], None] = lambda bundle, summary: None  # a bundle first heard of
         self._last_scan = -math.inf
 
@@ -261,6 +309,23 @@ class BundleCatalog:
         if info is None and self.rescan():
             info = self.bundles.get(bundle)
         return info
+
+    def stage_profile(self, bundle: str, start: int, ms, device: str) -> None:
+        """A stage's times of its segments [start, ...): once every segment is timed, the bundle's profile."""
+        info = self.bundles.get(bundle)
+        n = info.get("segments") if info else None
+        if type(n) is not int or type(ms) is not list or start + len(ms) > n \
+                or not all(type(x) in (int, float) for x in ms):
+            return
+        got = self._stage_ms.setdefault(bundle, [None] * n)
+        got[start:start + len(ms)] = ms
+        if None not in got and bundle not in self.profiles:
+            self.profiles[bundle] = {"segment_ms": list(got), "device": device}
+
+    def bytes_of(self, bundle: str) -> int:
+        """Weight bytes of a bundle from its summary (0 when unknown)."""
+        sizes = (self.bundles.get(bundle) or {}).get("segment_bytes")
+        return sum(b for b in sizes if type(b) is int) if type(sizes) is list else 0
 
     def announce(self, summary: dict) -> None:
         if summary["id"] not in self.bundles:

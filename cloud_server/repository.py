@@ -20,6 +20,9 @@ def bundle_summary(bundle: Bundle) -> dict:
         "id": bundle.id,
         "name": bundle.name,
         "segments": bundle.num_segments,
+        # bytes of each segment's weights on disk: what the broker places stages by (cloud_server.placement)
+        "segment_bytes": list(bundle.segment_bytes),
+        "stateful": bool(bundle.state),
         "cuts": [{"index": c.index, "tensors": list(c.tensors), "bytes_per_sample": c.bytes_per_sample}
                  for c in (bundle.cut(k) for k in range(bundle.num_segments + 1))],
     }

@@ -210,12 +210,16 @@ class Server:
         broker = self.broker
 
         def settled(w: dict) -> bool:
-            return set(w["available"]) <= set(w["loaded"]) | broker.load_errors_of(w["name"])
+            # a bundle over the worker's memory budget is not loaded whole: pipeline stages serve it
+            return set(w["available"]) <= set(w["loaded"]) | set(w["unfit"]) | broker.load_errors_of(w["name"])
+
+        def placed(snap: dict) -> bool:
+            return all(st["ready"] for p in snap.get("pipelines", ()) for st in p["stages"])
 
         while time.monotonic() < end:
             snap = broker.snapshot()
             ws = snap.get("workers", [])
-            if len(ws) >= n and (not self.config.preload or all(settled(w) for w in ws)):
+            if len(ws) >= n and (not self.config.preload or all(settled(w) for w in ws) and placed(snap)):
                 if n == 0 or snap.get("ready") or not snap.get("bundles"):
                     return True
             if any(p is not None and p.poll() is not None for p in self.procs) and not self.config.restart_delay_s:

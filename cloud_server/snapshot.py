@@ -47,9 +47,9 @@ class AdminView:
             bundles.append({**s, "loaded_on": [w["name"] for w in workers if bid in w["loaded"]],
                             "available_on": [w["name"] for w in workers if bid in w["available"]],
                             "profile": self.catalog.profiles.get(bid)})
-        snap = {**addresses, "workers": workers, "bundles": bundles,
+        snap = {**addresses, "workers": workers, "bundles": bundles, "pipelines": d.pipelines.describe() if d.pipelines else [],
                 "load": d.load(), "draining": draining, "stopped": stopped, "lost": list(self.registry.lost),
-                "ready": any(w["loaded"] for w in workers if not w["draining"]) and not draining,
+                "ready": any(w["loaded"] or w["stages"] for w in workers if not w["draining"]) and not draining,
                 "curve": curve}
         with self._lock:
             self._snapshot = snap

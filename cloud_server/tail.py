@@ -4,6 +4,11 @@
 answers go out through the `send(frames)` it was given, and waiting for batch-mates goes
 through the optional `wait(timeout_s)` (a worker with its own socket receives meanwhile; a
 worker driven from another loop has none and never waits). `TailWorker` owns one.
+
+A pipeline stage (cloud_server.placement) holds only segments [a, b) of a bundle and runs one
+hop [k, stop) of a request: its answer is then not a result but the `infer` message of the
+next hop, at cut `stop`, encoded with ServerConfig.stage_codec (outcome "hop"). No worker loads
+past ServerConfig.worker_memory_bytes of segment weights.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ log = logging.getLogger(__name__)
 
 class _Job:
     __slots__ = ("rkey", "msg", "deadline", "arrived", "received", "arrays", "samples", "decode_ms", "t_start",
-                 "batch_wait_ms", "load")
+                 "batch_wait_ms", "load", "stop")
 
     def __init__(self, rkey: bytes, msg: P.Message | None, deadline: float | None, arrived: float, received: float,
-                 load: str | None = None):
+                 load: str | None = None, stop: int | None = None):
         self.rkey = rkey
         self.msg = msg
         self.deadline = deadline
@@ -48,6 +53,12 @@ class _Job:
         self.t_start = 0.0
         self.batch_wait_ms = 0.0
         self.load = load  # a "load this bundle" order instead of a request
+        # a request: the end of its hop (None: the last segment); a load: the stage (start, stop) or None
+        self.stop = stop
+
+
+# What a hop's request carries on from the edge's (the last stage answers with the edge's reply codec).
+_HOP_META = ("reply_codec",)
 
 
 class _Failure(Exception):
@@ -58,33 +69,54 @@ class _Failure(Exception):
 
 
 class LoadedBundle:
-    """A bundle ready to run: one SegmentRunner, so any tail [k, n) reuses the same sessions."""
+    """A bundle ready to run: one SegmentRunner, so any tail [k, n) reuses the same sessions.
 
-    def __init__(self, bundle: Bundle, runner: str, threads: int | None):
+    A stage holds segments [start, stop) only (the whole bundle by default) and runs nothing else.
+    """
+
+    def __init__(self, bundle: Bundle, runner: str, threads: int | None, start: int = 0, stop: int | None = None):
         from edgesplit.runtime import SegmentRunner
 
         self.bundle = bundle
         n = bundle.num_segments
-        self.segments = SegmentRunner(bundle, runner=runner, intra_op_threads=threads).activate()
+        self.start, self.stop = start, n if stop is None else stop
+        self.weight_bytes = bundle.weight_bytes(self.start, self.stop)
+        self.segments = SegmentRunner(bundle, runner=runner, intra_op_threads=threads).activate(self.start, self.stop)
         self.batchable = {k: _batch_symbol(bundle, k) is not None for k in range(n)}
         self.budgets: dict[int, int] = {}  # cut -> raw bytes a request may declare (TailBatcher._budget)
         self.profile: dict | None = None
 
     @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.bundle.num_segments
+
+    def covers(self, k: int, stop: int) -> bool:
+        """Segments [k, stop) are all held here."""
+        return self.start <= k and stop <= self.stop
+
+    @property
     def runner_name(self) -> str:
         return self.segments.runner_name
 
-    def run(self, k: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.segments.run(feeds, k, self.bundle.num_segments)
+    def run(self, k: int, feeds: dict[str, np.ndarray], stop: int | None = None) -> dict[str, np.ndarray]:
+        return self.segments.run(feeds, k, self.bundle.num_segments if stop is None else stop)
 
     def measure(self, device: str, runs: int = 2) -> None:
-        """Per-segment times at batch 1 on zeros (after a warm-up pass): the profile for "welcome"."""
-        seg = self.segments.profile(runs)
-        self.profile = {"segment_ms": [round(x, 4) for x in seg], "device": device,
-                        "runner": self.runner_name, "batch": 1}
+        """Per-segment times at batch 1 on zeros (after a warm-up pass): the profile for "welcome".
+
+        A stage times its own segments; the others are None (the broker joins the stages' profiles).
+        """
+        seg = self.segments.profile(runs, start=self.start, stop=self.stop)
+        n = self.bundle.num_segments
+        ms = [None] * self.start + [round(x, 4) for x in seg] + [None] * (n - self.stop)
+        self.profile = {"segment_ms": ms, "device": device, "runner": self.runner_name, "batch": 1}
 
     def close(self) -> None:
         self.segments.close()
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
 def _check_finite(arrays: dict[str, np.ndarray]) -> None:
@@ -137,13 +169,23 @@ class TailBatcher:
         self.sessions = SessionStore(config.session_idle_s, config.session_memory_bytes, name)
         # park(job) -> True: the job's bundle is not here and is being fetched (the worker sets it)
         self.park: Callable[[_Job], bool] | None = None
+        self.memory_budget = config.worker_memory_bytes  # bytes of segment weights held at most (0: no limit)
+        self.unfit: set[str] = set()  # bundles not loaded whole because they exceed the budget
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of segment weights held now (every loaded bundle and stage)."""
+        return sum(b.weight_bytes for b in list(self.loaded.values()))
 
     # -- what comes in -------------------------------------------------------------------------
-    def add_request(self, rkey: bytes, msg: P.Message, deadline: float | None, now: float, received: float) -> None:
-        self.queue.append(_Job(rkey, msg, deadline, now, received))
+    def add_request(self, rkey: bytes, msg: P.Message, deadline: float | None, now: float, received: float,
+                    stop: int | None = None) -> None:
+        """Queue a request; `stop`: run only the hop [msg.cut, stop) (a pipeline stage)."""
+        self.queue.append(_Job(rkey, msg, deadline, now, received, stop=stop))
 
-    def add_load(self, bundle: str) -> None:
-        self.queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bundle))
+    def add_load(self, bundle: str, stage: tuple[int, int] | None = None) -> None:
+        """Queue loading `bundle` (only segments [start, stop) with `stage`)."""
+        self.queue.append(_Job(b"", None, None, time.monotonic(), 0.0, load=bundle, stop=stage))
 
     def has_requests(self) -> bool:
         return any(j.load is None for j in self.queue)
@@ -174,7 +216,7 @@ class TailBatcher:
         cfg = self.config
         first = self.queue.popleft()
         if first.load is not None:
-            self.load_bundle(first.load)
+            self.load_bundle(first.load, first.stop)
             return []
         if not self._prepare(first):
             return []
@@ -185,7 +227,7 @@ class TailBatcher:
             return [first]
         batch, samples = [first], first.samples
         window_end = first.arrived + cfg.max_queue_delay_ms / 1e3
-        key = (first.msg.bundle, first.msg.cut)
+        key = (first.msg.bundle, first.msg.cut, first.stop)
         # Wait for batch-mates only while several clients are sending this key: a lone client
         # would only wait out the window for a request that comes after its answer.
         t_wait = time.monotonic()
@@ -193,7 +235,7 @@ class TailBatcher:
         while samples < cfg.max_batch:
             job = None
             for i, j in enumerate(self.queue):
-                if j.msg is not None and (j.msg.bundle, j.msg.cut) == key and "session" not in j.msg.meta:
+                if j.msg is not None and (j.msg.bundle, j.msg.cut, j.stop) == key and "session" not in j.msg.meta:
                     job = j
                     del self.queue[i]
                     break
@@ -225,7 +267,11 @@ class TailBatcher:
         try:
             if job.deadline is not None and job.t_start >= job.deadline:
                 raise _Failure("deadline", "the deadline passed while the request was queued")
-            loaded = self.loaded.get(msg.bundle) or self.load_bundle(msg.bundle)
+            loaded = self.loaded.get(msg.bundle)
+            if job.stop is not None:
+                self._check_hop(job, loaded)
+            elif loaded is None or not loaded.whole:
+                loaded = self.load_bundle(msg.bundle)
             if loaded is None and msg.bundle not in self.repository and self.park is not None \
                     and self.park(job):
                 return False  # waits for the bundle to arrive (cloud_server.fetch), then queued again
@@ -266,6 +312,17 @@ class TailBatcher:
             return False
         return True
 
+    def _check_hop(self, job: _Job, loaded: LoadedBundle | None) -> None:
+        """A hop [cut, stop) runs only on a stage holding those segments, never on a session."""
+        msg = job.msg
+        if "session" in msg.meta:
+            raise _Failure("bad_request", "a session step is never split into pipeline stages")
+        if loaded is None or not (type(job.stop) is int and msg.cut < job.stop) or not loaded.covers(msg.cut, job.stop):
+            held = "nothing" if loaded is None else f"segments [{loaded.start}, {loaded.stop})"
+            # "not_held": the broker sends the hop to another worker of the stage (never to the edge)
+            raise _Failure("internal", f"this worker holds {held} of bundle {msg.bundle[:12]}, not the hop "
+                                       f"[{msg.cut}, {job.stop})", reason="not_held")
+
     def _budget(self, loaded: LoadedBundle, k: int) -> int:
         """Raw bytes a request at cut k may declare: its specs at max_request_batch (cached per bundle and cut)."""
         b = loaded.budgets.get(k)
@@ -283,9 +340,11 @@ class TailBatcher:
                 return None
         return c
 
-    def load_bundle(self, bid: str) -> LoadedBundle | None:
-        if bid in self.loaded:
-            return self.loaded[bid]
+    def load_bundle(self, bid: str, stage: tuple[int, int] | None = None) -> LoadedBundle | None:
+        """Load `bundle` (only segments [start, stop) with `stage`), within the memory budget; None when it cannot."""
+        have = self.loaded.get(bid)
+        if have is not None and (have.whole if stage is None else have.covers(*stage)):
+            return have
         failed = self.failed.get(bid)
         if failed is not None and time.monotonic() - failed[0] < self.config.rescan_interval_s:
             return None
@@ -294,9 +353,15 @@ class TailBatcher:
             self.version += 1  # announce what the rescan found
             if bid not in self.repository:
                 return None
+        start, stop = stage if stage is not None else (0, None)
+        if not self._fits(bid, start, stop, have):
+            return None
+        if have is not None:  # another range of the same bundle: this one replaces it
+            self.loaded.pop(bid).close()
+            self.version += 1
         t = time.perf_counter()
         try:
-            loaded = LoadedBundle(self.repository.load(bid), self.runner, self.config.intra_op_threads)
+            loaded = LoadedBundle(self.repository.load(bid), self.runner, self.config.intra_op_threads, start, stop)
         except (BundleError, BackendError, ConfigError) as exc:
             log.error("%s: cannot load bundle %s: %s", self.name, bid[:12], exc)
             self.failed[bid] = (time.monotonic(), str(exc)[:500])
@@ -312,10 +377,39 @@ class TailBatcher:
             log.warning("%s: asked for %s but %s runs on the CPU (no usable GPU runner: pip install "
                         "'edgesplit[gpu]' or '[trt]')", self.name, self.device, loaded.bundle.name)
         self.loaded[bid] = loaded
+        if loaded.whole:
+            self.unfit.discard(bid)
         self.version += 1
-        log.info("%s: loaded %s (%s) in %.0f ms", self.name, loaded.bundle.name, loaded.runner_name,
-                 (time.perf_counter() - t) * 1e3)
+        part = "" if loaded.whole else f" segments [{loaded.start}, {loaded.stop})"
+        log.info("%s: loaded %s%s (%s, %s of weights) in %.0f ms", self.name, loaded.bundle.name, part,
+                 loaded.runner_name, _mb(loaded.weight_bytes), (time.perf_counter() - t) * 1e3)
         return loaded
+
+    def _fits(self, bid: str, start: int, stop: int | None, replaced: LoadedBundle | None) -> bool:
+        """Segments [start, stop) of `bid` fit the memory budget (what `replaced` holds is given back)."""
+        if not self.memory_budget:
+            return True
+        try:
+            manifest = self.repository.manifest(bid)
+            n = manifest.num_segments
+            stop = n if stop is None else stop
+            if not (type(start) is int and type(stop) is int and 0 <= start < stop <= n):
+                raise ConfigError(f"stage [{start}, {stop}) is outside 0..{n}")
+        except (KeyError, ConfigError) as exc:
+            log.error("%s: cannot load a stage of bundle %s: %s", self.name, bid[:12], exc)
+            return False
+        need = manifest.weight_bytes(start, stop)
+        free = self.memory_budget - self.weight_bytes + (replaced.weight_bytes if replaced is not None else 0)
+        if need > free:
+            if (start, stop) == (0, n):
+                self.unfit.add(bid)
+                self.version += 1
+            what = "it" if (start, stop) == (0, n) else f"segments [{start}, {stop})"
+            log.info("%s: %s of %s needs %s of weights, %s of this worker's budget of %s are free: not loaded "
+                     "(a bundle that fits no worker is served as pipeline stages)", self.name, what, manifest.name,
+                     _mb(need), _mb(max(free, 0)), _mb(self.memory_budget))
+            return False
+        return True
 
     def _run_batch(self, batch: list[_Job]) -> None:
         now = time.monotonic()
@@ -340,7 +434,7 @@ class TailBatcher:
                 feeds = live[0].arrays
             else:
                 feeds = {n: np.concatenate([j.arrays[n] for j in live], axis=0) for n in names}
-            outs = loaded.run(first.cut, feeds)
+            outs = loaded.run(first.cut, feeds, live[0].stop)
         except (BackendError, ValueError) as exc:
             if len(live) > 1:  # one bad request must not fail its batch-mates: run each alone
                 for job in live:
@@ -357,8 +451,9 @@ class TailBatcher:
             else:
                 mine = {n: a[offset:offset + job.samples] for n, a in outs.items()}
                 offset += job.samples
+            hop = job.stop is not None and job.stop < loaded.bundle.num_segments
             try:
-                codec = self._codec(job.msg.meta.get("reply_codec", "raw"))
+                codec = self._codec(self.config.stage_codec if hop else job.msg.meta.get("reply_codec", "raw"))
                 tensors = {n: codec.encode(np.ascontiguousarray(a)) for n, a in mine.items()}
             except (CodecError, ValueError) as exc:
                 self.send_error(job.rkey, job.msg.id, "internal", f"cannot encode the outputs: {exc}")
@@ -366,11 +461,17 @@ class TailBatcher:
             encode_ms = (time.perf_counter() - t) * 1e3
             # broker receipt to the start of decoding, socket buffers included
             queue_ms = max(0.0, (job.t_start - self._to_local(job.received)) * 1e3)
+            times = [queue_ms, job.decode_ms, compute_ms, encode_ms]
+            if hop:  # the next hop's request, at cut `stop`: the broker sends it to the next stage
+                meta = {k: job.msg.meta[k] for k in _HOP_META if k in job.msg.meta}
+                frames = P.encode(P.infer(job.msg.id, job.msg.bundle, job.stop, tensors, **meta))
+                self.send([W.ctl(W.REPLY, job.rkey, ("hop", times, len(live) if i == 0 else 0)), *frames])
+                continue
             timings = {"queue_ms": round(queue_ms, 4), "decode_ms": round(job.decode_ms, 4),
                        "compute_ms": round(compute_ms, 4), "encode_ms": round(encode_ms, 4)}
             frames = P.encode(P.result(job.msg.id, tensors, timings=timings, worker=self.name, batch=len(live),
                                        batch_wait_ms=round(live[0].batch_wait_ms, 4)))
-            stats = ("ok", [queue_ms, job.decode_ms, compute_ms, encode_ms], len(live) if i == 0 else 0)
+            stats = ("ok", times, len(live) if i == 0 else 0)
             self.send([W.ctl(W.REPLY, job.rkey, stats), *frames])
 
     # -- stateful sessions ----------------------------------------------------------------------

@@ -124,7 +124,7 @@ class TailWorker:
         elif cmd == W.RECONNECT:
             self._send([W.ctl(W.READY, self.status(full=True))])
         elif cmd == W.LOAD and len(c) >= 2 and isinstance(c[1], str):
-            self._tail.add_load(c[1])
+            self._tail.add_load(c[1], W.stage_of(c))
         elif cmd == W.BUNDLE:
             self._fetcher.on_message(c, frames[1:])
 
@@ -178,15 +178,13 @@ class TailWorker:
 
     def status(self, full: bool = False) -> dict:
         """What the broker is told: queue, loaded bundles, profiles (full: who this worker is)."""
-        loaded = self._tail.loaded
-        st: dict[str, Any] = {"queued": len(self._tail.queue), "loaded": sorted(loaded),
-                              "profiles": {b: l.profile for b, l in list(loaded.items()) if l.profile},
-                              "draining": self._stop_at is not None}
+        st: dict[str, Any] = {"queued": len(self._tail.queue), "draining": self._stop_at is not None,
+                              **W.holdings(self._tail)}
         if full:
             st.update(name=self.name, device=self.device, pid=os.getpid(), host=socket.gethostname(),
                       capacity=self.config.worker_capacity, fetch=self._fetcher.enabled)
         # the backends actually running (e.g. "ort-cuda"), once a bundle is loaded
-        st["runner"] = ",".join(sorted({b.runner_name for b in list(loaded.values())})) or self.runner
+        st["runner"] = ",".join(sorted({b.runner_name for b in list(self._tail.loaded.values())})) or self.runner
         st["available"] = self._available
         # bundles this worker cannot load, and why (start-up readiness does not wait for them)
         st["failed"] = {b: why for b, (_, why) in list(self._tail.failed.items())}
@@ -410,8 +408,10 @@ def admit_request(tail: TailBatcher, config: ServerConfig, clock: W.ClockMap, st
     if stop_at is not None and stop_at < now - 0.5:
         tail.send_error(rkey, msg.id, "shutdown", "this worker is shutting down")
         return False
-    if trace is not None and len(c) > 5:
+    if trace is not None and len(c) > 5 and c[5] is not None:
         trace.expect(rkey, c[5])  # the broker's span: the parent of this worker's spans
     received = clock.to_local(received_b) if received_local else received_b
-    tail.add_request(rkey, msg, clock.to_local(deadline_b), now, received)
+    # a pipeline hop runs [cut, stop) only (cloud_server.placement); the stage checks it holds them
+    stop = c[6] if len(c) > 6 else None
+    tail.add_request(rkey, msg, clock.to_local(deadline_b), now, received, stop if type(stop) is int else None)
     return True

@@ -191,6 +191,7 @@ class Bundle:
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
+        self.segment_bytes: tuple[int, ...] = ()  # per segment, set by load()
         self.manifest = manifest
         try:
             self.id: str = manifest["id"]
@@ -261,8 +262,10 @@ class Bundle:
                     f"{path}: content does not match the bundle id (manifest says {bundle.id[:12]}, "
                     f"files hash to {actual[:12]}): the bundle was modified or is incomplete"
                 )
+        sizes = []
         for seg, entry in zip(bundle.segments, manifest["segments"]):
             rel = entry["file"]
+            size = seg.path.stat().st_size
             # External data is resolved relative to the segment's own directory (ONNX's rule).
             base = seg.path.parent.relative_to(seg_root).as_posix()
             for loc in external_data_files(seg.path):
@@ -270,6 +273,9 @@ class Bundle:
                                       f"external data of {rel}")
                 if not data.is_file():
                     raise BundleError(f"{path}: external data file {loc!r} of {rel} is missing")
+                size += data.stat().st_size
+            sizes.append(size)
+        bundle.segment_bytes = tuple(sizes)
         return bundle
 
     @property
@@ -293,6 +299,11 @@ class Bundle:
         if k not in self._cuts:
             raise BundleError(f"bundle {self.name} has no cut {k} (valid: 0..{n})")
         return self._cuts[k]
+
+    def weight_bytes(self, start: int = 0, stop: int | None = None) -> int:
+        """Bytes on disk of segments [start, stop) (each ONNX file with its external data): what
+        running them holds in memory, about (a worker's memory budget is counted in these)."""
+        return sum(self.segment_bytes[start:self.num_segments if stop is None else stop])
 
     def state_of(self, start: int, stop: int) -> tuple[StateSpec, ...]:
         """The state pairs kept by segments [start, stop)."""

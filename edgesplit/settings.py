@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 has no tomllib
     tomllib = None
 
-__all__ = ["SECTIONS", "ENV_PREFIX", "FieldDoc", "load", "read_toml", "env_name", "parse_bool", "describe",
+__all__ = ["SECTIONS", "ENV_PREFIX", "FieldDoc", "load", "read_toml", "env_name", "parse_bool", "parse_size", "describe",
            "markdown_table"]
 
 T = TypeVar("T")
@@ -64,6 +64,20 @@ def parse_bool(text: str, where: str) -> bool:
     if t in _FALSE:
         return False
     raise ConfigError(f"{where} must be true or false (or 1/0, yes/no, on/off), got {text!r}")
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*\Z", re.IGNORECASE)
+
+
+def parse_size(text: str | int, where: str) -> int:
+    """Bytes from "40MB", "1.5GiB", "512k" or a plain number (k/M/G/T: powers of 1000, with i: of 1024)."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    m = _SIZE.match(str(text))
+    if m is None:
+        raise ConfigError(f"{where} must be a size such as 40MB, 1.5GiB or 1048576, got {text!r}")
+    power = "kmgt".find(m.group(2).lower()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
 def read_toml(path: str | os.PathLike) -> dict:

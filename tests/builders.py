@@ -520,3 +520,26 @@ def gemm_mlp_bundle(out: Path) -> Bundle:
              "outputs": [TensorSpec("y", "float32", ("N", 4)).to_json()]}
     return write_bundle(out, model, [(head, ["x"], ["h"]), (tail, ["h"], ["y"])],
                         [Cut(1, ("h",), h_spec.bytes_per_sample(), (h_spec,))])
+
+
+# -- pipeline stages: a tail whose weights span several workers ------------------------------------
+def stack_bundle(out: Path, width: int = 64, layers: int = 8, name: str = "stack") -> tuple[Bundle, Path]:
+    """`layers` segments of tanh(x @ W_i), each with its own width x width weight (4 * width^2
+    bytes a segment), cut between every two; writes the unsplit model as <name>_full.onnx too."""
+    rng = np.random.default_rng(21)
+    names = ["x"] + [f"h{i}" for i in range(1, layers)] + ["y"]
+    segments, all_nodes, all_inits = [], [], []
+    for i in range(layers):
+        w = numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"w{i}")
+        nodes = [helper.make_node("MatMul", [names[i], w.name], [f"m{i}"], name=f"mm{i}"),
+                 helper.make_node("Tanh", [f"m{i}"], [names[i + 1]], name=f"tanh{i}")]
+        segments.append((_mlp_model(nodes, [w], names[i], width, names[i + 1], width), [names[i]], [names[i + 1]]))
+        all_nodes += nodes
+        all_inits.append(w)
+    out.mkdir(parents=True, exist_ok=True)
+    full_path = out / f"{name}_full.onnx"
+    onnx.save(_mlp_model(all_nodes, all_inits, "x", width, "y", width), str(full_path))
+    specs = [TensorSpec(t, "float32", ("N", width)) for t in names]
+    model = {"name": name, "source_sha256": "0" * 64, "inputs": [specs[0].to_json()], "outputs": [specs[-1].to_json()]}
+    cuts = [Cut(k, (names[k],), specs[k].bytes_per_sample(), (specs[k],)) for k in range(1, layers)]
+    return write_bundle(out / f"{name}.bundle", model, segments, cuts), full_path

@@ -15,7 +15,8 @@ import pytest
 import zmq
 
 from edgesplit import protocol as P
-from test_cloud_support import (Edge, ServeProc, mlp_bundle, mlp_reference, slow_bundle, slow_reference)
+from test_cloud_support import (Edge, ServeProc, drive_client, eventually, mlp_bundle, mlp_reference, slow_bundle,
+                                slow_reference)
 
 from cloud_server.config import ServerConfig
 from cloud_server.server import Server, parse_devices
@@ -39,42 +40,6 @@ def _bundles(repo):
     return Bundle.load(repo / "mlp"), Bundle.load(repo / "slow")
 
 
-def _client(address, bundle, inputs, results, window=4, deadline_ms=20_000, tag="c"):
-    """Send every input (id -> array) with `window` in flight; record every reply per id."""
-    edge = Edge(address)
-    try:
-        todo = list(inputs.items())
-        outstanding = 0
-        end = time.monotonic() + 60
-        while (todo or outstanding) and time.monotonic() < end:
-            while todo and outstanding < window:
-                rid, x = todo.pop(0)
-                edge.send_infer(rid, bundle.id, 1, {"h": x}, deadline_ms=deadline_ms)
-                outstanding += 1
-            msg = edge.recv(timeout_ms=2000)
-            if msg is None:
-                continue
-            results.setdefault(msg.id, []).append(msg)
-            outstanding -= 1
-        # anything arriving later would be a duplicate
-        while True:
-            msg = edge.recv(timeout_ms=300)
-            if msg is None:
-                break
-            results.setdefault(msg.id, []).append(msg)
-    finally:
-        edge.close()
-
-
-def _eventually(check, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
-
-
 def test_many_clients_one_worker_killed_every_request_answered_once(repo):
     mlp, slow = _bundles(repo)
     rng = np.random.default_rng(1)
@@ -85,7 +50,7 @@ def test_many_clients_one_worker_killed_every_request_answered_once(repo):
     with ServeProc(repo, workers=2, heartbeat_ms=HB_MS) as server:
         pids = server.worker_pids()
         assert len(pids) == 2
-        threads = [threading.Thread(target=_client, args=(server.address, slow, inputs[c], results))
+        threads = [threading.Thread(target=drive_client, args=(server.address, slow.id, 1, "h", inputs[c], results))
                    for c in range(n_clients)]
         for t in threads:
             t.start()
@@ -292,7 +257,7 @@ def test_worker_from_another_host_joins_and_readiness_follows(repo, tmp_path):
             assert msg is not None and msg.kind == "result", msg and msg.meta
             assert msg.meta["worker"] == "remote-1"
             np.testing.assert_allclose(edge.outputs(msg)["y"], mlp_reference(x, mlp.path), rtol=1e-4, atol=1e-4)
-            assert _eventually(lambda: server.get("/readyz")[0] == 200)
+            assert eventually(lambda: server.get("/readyz")[0] == 200)
             # a worker stopped with SIGTERM drains and says goodbye: gone at once, not "lost"
             t_signal = time.time()
             worker.send_signal(signal.SIGTERM)
@@ -300,7 +265,7 @@ def test_worker_from_another_host_joins_and_readiness_follows(repo, tmp_path):
             while server.json("/v1/models")["workers"]:
                 time.sleep(0.02)
             assert not [w for w in server.json("/v1/models")["lost_workers"] if w["at"] >= t_signal]
-            assert _eventually(lambda: server.get("/readyz")[0] == 503)
+            assert eventually(lambda: server.get("/readyz")[0] == 503)
         finally:
             if worker.poll() is None:
                 worker.kill()
@@ -336,7 +301,7 @@ def test_inline_worker_batches_answers_once_and_stops_gracefully(repo):
         models = server.json("/v1/models")
         assert [w["name"] for w in models["workers"]] == ["inline-0-cpu"]
         assert models["workers"][0]["pid"] == server.proc.pid  # the broker's own process
-        assert _eventually(lambda: server.get("/readyz")[0] == 200)
+        assert eventually(lambda: server.get("/readyz")[0] == 200)
         edge = Edge(server.address)
         # everything sent at once: what the broker reads in one wake-up runs as batches
         xs = {f"i{i}": rng.standard_normal((1, 16)).astype(np.float32) for i in range(40)}
@@ -419,7 +384,7 @@ def test_library_api_and_byte_bound(repo):
         edge.send_infer("small", slow.id, 1, {"h": x})
         msg = edge.recv()
         np.testing.assert_allclose(edge.outputs(msg)["y"], slow_reference(x, slow.path), rtol=1e-4, atol=1e-5)
-        assert _eventually(lambda: broker.snapshot()["load"]["inflight"] == 0)
+        assert eventually(lambda: broker.snapshot()["load"]["inflight"] == 0)
         edge.close()
         broker.shutdown()
         assert broker.join(30)
@@ -506,7 +471,7 @@ def test_default_admin_port_taken_falls_back_explicit_one_fails(repo):
             assert server.http and not server.http.endswith(":8080")
             assert server.get("/healthz")[0] == 200
             # stderr is read by a thread of the helper: wait for the line rather than race it
-            assert _eventually(lambda: any("free port" in line for line in server.err), 30), server.err
+            assert eventually(lambda: any("free port" in line for line in server.err), 30), server.err
         done = subprocess.run([sys.executable, "-m", "cloud_server", "--repository", str(repo), "--bind",
                                "tcp://127.0.0.1:0", "--workers", "0", "--http", "127.0.0.1:8080"],
                               capture_output=True, text=True, timeout=60)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -156,3 +157,42 @@ def test_slow_bundle_reference(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
     with SegmentChain(b, 0, 2, runner="ort-cpu") as chain:
         np.testing.assert_allclose(chain.run({"x": x})["y"], slow_reference(x, b.path), rtol=1e-4, atol=1e-5)
+
+
+def eventually(check, timeout: float = 10.0) -> bool:
+    """Poll `check` until it is true or `timeout` passes; its last answer."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+def drive_client(address, bundle_id: str, cut: int, name: str, inputs: dict, results: dict, window: int = 4,
+                 deadline_ms: float = 20_000, budget_s: float = 60) -> None:
+    """Send every input (id -> array, as tensor `name` at `cut`) with `window` in flight; record every
+    reply per id (a duplicate too: replies arriving after the last one are collected for a while)."""
+    edge = Edge(address)
+    try:
+        todo = list(inputs.items())
+        outstanding = 0
+        end = time.monotonic() + budget_s
+        while (todo or outstanding) and time.monotonic() < end:
+            while todo and outstanding < window:
+                rid, x = todo.pop(0)
+                edge.send_infer(rid, bundle_id, cut, {name: x}, deadline_ms=deadline_ms)
+                outstanding += 1
+            msg = edge.recv(timeout_ms=2000)
+            if msg is None:
+                continue
+            results.setdefault(msg.id, []).append(msg)
+            outstanding -= 1
+        # anything arriving later would be a duplicate
+        while True:
+            msg = edge.recv(timeout_ms=300)
+            if msg is None:
+                break
+            results.setdefault(msg.id, []).append(msg)
+    finally:
+        edge.close()

@@ -154,27 +154,32 @@ class SegmentRunner:
         outs = self.run(env, start, stop, times, extra=[st.output for st in kept])
         return {t: outs[t] for t in wanted}, {st.input: outs[st.output] for st in kept}
 
-    def profile(self, runs: int, feeds: Mapping[str, np.ndarray] | None = None) -> list[float]:
-        """Median ms of each segment over `runs` passes of the whole chain, after one warm-up pass.
+    def profile(self, runs: int, feeds: Mapping[str, np.ndarray] | None = None, start: int = 0,
+                stop: int | None = None) -> list[float]:
+        """Median ms of each segment of [start, stop) (default: the whole chain) over `runs` passes,
+        after one warm-up pass.
 
         Args:
-            feeds: the model inputs to time with (default: zeros, every symbolic dim set to 1).
+            feeds: the tensors of cut `start` to time with (default: zeros, every symbolic dim set to 1).
         """
         if runs < 1:
             raise ConfigError(f"profile runs must be >= 1, got {runs}")
-        n = self.bundle.num_segments
-        feeds = _zeros(self.bundle.inputs, 1) if feeds is None else feeds
-        if self.bundle.state:
+        stop = self.bundle.num_segments if stop is None else stop
+        self._check_range(start, stop)
+        specs = self.bundle.cut(start).specs
+        feeds = _zeros(specs, 1) if feeds is None else feeds
+        kept = self.bundle.state_of(start, stop)
+        if kept:
             # a stateful bundle is timed at its first step: every state fresh (a past sequence empty)
-            bound = {d: 1 for s in self.bundle.inputs for d in s.shape if isinstance(d, str)}
-            feeds = {**{st.input: st.initial(bound) for st in self.bundle.state}, **feeds}
+            bound = {d: 1 for s in specs for d in s.shape if isinstance(d, str)}
+            feeds = {**{st.input: st.initial(bound) for st in kept}, **feeds}
         passes = []
         for rep in range(runs + 1):
             t: list[float] = []
-            self.run(feeds, 0, n, times=t)
+            self.run(feeds, start, stop, times=t)
             if rep:
                 passes.append(t)
-        return [float(x) for x in np.median(np.asarray(passes), axis=0)] if n else []
+        return [float(x) for x in np.median(np.asarray(passes), axis=0)] if stop > start else []
 
     def close(self) -> None:
         with self._lock:
