@@ -161,3 +161,22 @@ def test_forced_stages_without_a_budget_and_a_bad_size_is_refused(repo, tmp_path
                           "--bind", "tcp://127.0.0.1:0", "--worker-memory", "lots"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--worker-memory must be a size" in bad.stderr
+
+
+def test_the_agent_is_unchanged_over_a_staged_pool(repo):
+    """EdgeAgent against a pool that serves its bundle in stages: same API, the cloud answers, equal
+    to the unsplit model, whichever stage the cut enters at."""
+    from edge_agent import AgentConfig, EdgeAgent
+
+    root, full = repo
+    bundle = Bundle.load(root / "stack.bundle")
+    cfg = AgentConfig(heartbeat_interval_ms=100, deadline_ms=20_000, connect_timeout_ms=30_000, profile_runs=1)
+    x = np.random.default_rng(11).standard_normal((2, WIDTH)).astype(np.float32)
+    with ServeProc(root, workers=4, heartbeat_ms=HB_MS, extra=["--worker-memory", "70kB"]) as server:
+        assert len(server.json("/v1/models")["pipelines"][0]["stages"]) == 2  # 4 segments a stage
+        for cut in (0, 5):
+            with EdgeAgent(bundle, [server.address], cut=cut, codec="raw", config=cfg) as agent:
+                res = agent.infer({"x": x})
+                assert res.where == "cloud", res
+                np.testing.assert_allclose(res.outputs["y"], reference(full, x), rtol=1e-5, atol=1e-6)
+        assert server.stop() == 0
