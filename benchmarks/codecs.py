@@ -450,6 +450,8 @@ def write_report(res: dict, out: Path) -> None:
                        ("timing_cuts_before", "The same timing on the code before")]:
         if res.get(key):
             L += timing_cuts_table(res[key], title)
+    if res.get("timing_cuts_runs"):
+        L += timing_runs_table(res["timing_cuts_runs"])
     if res.get("extras_machine"):
         L.append(f"\nThe sections below were measured later by `{res['extras_command']}` "
                  f"({res['extras_elapsed_s'] / 60:.1f} min) on: {res['extras_machine']}.")
@@ -499,7 +501,7 @@ def write_report(res: dict, out: Path) -> None:
 def timing_cuts_table(t: dict, title: str) -> list[str]:
     """--timing-cuts results as a markdown table."""
     L = [f"\n## {title} ({t.get('code', 'this code')}; `{t['command']}`)\n",
-         f"Machine: {t['machine']}. Per MiB of fp32 activations: the cut's tensors of {t['images']} crops "
+         f"Machine: {t['machine']}. Per MiB of fp32 activations: the cut's tensors of up to {t['images']} crops "
          "stacked to about 1 MiB (throughput), and one image at a time (batch 1, what the agent sends: small "
          f"tensors pay a fixed per-call cost of some tens of microseconds). Minimum / median of {t['repeats']} "
          "runs, in ms per MiB.\n"]
@@ -510,6 +512,23 @@ def timing_cuts_table(t: dict, title: str) -> list[str]:
     for row in t["rows"]:
         cells = [f"{row[sp]['mib_min']:.2f} / {row[sp]['mib_med']:.2f}" for sp in specs]
         cells += [f"{row[sp]['one_us_min']:.0f} ({row[sp]['one_ms_per_mib_min']:.1f} ms/MiB)" for sp in specs]
+        L.append(f"| {row['cut']} | {row['map']} | " + " | ".join(cells) + " |")
+    return L
+
+
+def timing_runs_table(t: dict) -> list[str]:
+    """Alternating --timing-cuts runs of two versions (codecs.json "timing_cuts_runs"): per cut the
+    median over the runs of each run's median, and the fastest run's minimum."""
+    now, before = t["now"], t["before"]
+    L = [f"\n## `{t['spec']}` at every cut: {len(now)} runs of this code and {len(before)} of the code before, "
+         "alternating (ms per MiB, thread CPU time)\n",
+         f"Order: {t['order']}. This code: {now[0]['code']}; before: {before[0]['code']}. Load average at each "
+         "run (this code's, then the older code's): " + ", ".join(r["machine"].split("load average ")[1].split(",")[0] for r in now + before) + ".\n",
+         "| cut | map | now: median of medians (fastest minimum) | before: median of medians (fastest minimum) |",
+         "| --- | --- | --- | --- |"]
+    for i, row in enumerate(now[0]["rows"]):
+        cells = [f"{statistics.median(r['rows'][i]['mib_med'] for r in rs):.2f} "
+                 f"({min(r['rows'][i]['mib_min'] for r in rs):.2f})" for rs in (now, before)]
         L.append(f"| {row['cut']} | {row['map']} | " + " | ".join(cells) + " |")
     return L
 
@@ -528,7 +547,8 @@ SAME_CODES = {"int8+delta+zstd": [("int8:b8+zstd", range(1, 17)), ("int8+zstd (o
 def pareto_report(res: dict, default: str = "int8+delta+zstd", slack: float = 0.05) -> list[str]:
     """Per cut, over every confirmation set together: the default's images that differ and ratio
     against every other int8 codec measured on the same crops; a codec beats the default when it
-    differs on no more images and its wire bytes are more than `slack` smaller."""
+    differs on no more images and its wire bytes are more than `slack` smaller. Codecs measured on
+    only some of the sets are listed apart, compared on those sets."""
     sets = confirm_sets(res)
     if not sets:
         return []
@@ -544,28 +564,42 @@ def pareto_report(res: dict, default: str = "int8+delta+zstd", slack: float = 0.
     L = [f"\n## Pareto check over all fresh crops ({n}: {' + '.join(str(c['samples']) for c in sets)})\n",
          f"Per cut: the images that differ and the wire bytes (sum over the sets) of `{default}` and of every "
          f"other int8 codec measured on all the same crops; 'beaten by' lists codecs that differ on no "
-         f"more images and send more than {100 * slack:.0f}% fewer bytes.\n",
-         "| cut | default: differ / ratio | best other (differ / ratio) | beaten by |", "| --- | --- | --- | --- |"]
+         f"more images and send more than {100 * slack:.0f}% fewer bytes. The last column applies the same "
+         f"test to codecs measured on only some of the sets, on those sets (fewer crops: weaker evidence; "
+         f"the default's numbers on the same crops after 'vs').\n",
+         "| cut | default: differ / ratio | best other (differ / ratio) | beaten by | on fewer crops, beaten by |",
+         "| --- | --- | --- | --- | --- |"]
+
+    def total(k, lab, on):
+        rs = [keys[i][(k, lab)] for i in on]
+        fp32 = sum(r["bytes_fp32"] * sets[i]["samples"] for r, i in zip(rs, on))
+        wire = sum(r["bytes_wire"] * sets[i]["samples"] for r, i in zip(rs, on))
+        return sum(r["disagree"] for r in rs), fp32 / wire, wire
+
+    everywhere = list(range(len(sets)))
     for k in cuts:
-        def total(lab):
-            rs = [kk.get((k, lab)) for kk in keys]
-            if any(r is None for r in rs):
-                return None
-            fp32 = sum(r["bytes_fp32"] * c["samples"] for r, c in zip(rs, sets))
-            wire = sum(r["bytes_wire"] * c["samples"] for r, c in zip(rs, sets))
-            return sum(r["disagree"] for r in rs), fp32 / wire, wire
-        d = total(default)
-        if d is None:
+        if any((k, default) not in kk for kk in keys):
             continue
+        d = total(k, default, everywhere)
         same = {lab for lab, cuts_ in SAME_CODES.get(default, []) if k in cuts_}
-        others = {lab: total(lab) for lab in labels
-                  if lab != default and lab not in same and lab.startswith("int8") and "cal" not in lab}
-        others = {lab: v for lab, v in others.items() if v is not None}
-        beaten = sorted((lab for lab, v in others.items() if v[0] <= d[0] and v[2] < (1 - slack) * d[2]),
-                        key=lambda lab: others[lab][2])
-        best = max(others.items(), key=lambda kv: (-kv[1][0], kv[1][1]), default=None)
+        full, part = {}, {}
+        for lab in labels:
+            if lab == default or lab in same or not lab.startswith("int8") or "cal" in lab:
+                continue
+            on = [i for i in everywhere if (k, lab) in keys[i]]
+            if len(on) == len(sets):
+                full[lab] = total(k, lab, on)
+            elif on:
+                part[lab] = (total(k, lab, on), total(k, default, on), sum(sets[i]["samples"] for i in on))
+        beaten = sorted((lab for lab, v in full.items() if v[0] <= d[0] and v[2] < (1 - slack) * d[2]),
+                        key=lambda lab: full[lab][2])
+        beaten_part = sorted((lab for lab, (o, dv, _) in part.items() if o[0] <= dv[0] and o[2] < (1 - slack) * dv[2]),
+                             key=lambda lab: part[lab][0][2] / part[lab][1][2])
+        best = max(full.items(), key=lambda kv: (-kv[1][0], kv[1][1]), default=None)
         L.append(f"| {k} | {d[0]} / {d[1]:.2f}x | " + (f"{best[0]} ({best[1][0]} / {best[1][1]:.2f}x)" if best else "-")
-                 + " | " + (", ".join(f"{lab} ({others[lab][0]} / {others[lab][1]:.2f}x)" for lab in beaten) or "none")
+                 + " | " + (", ".join(f"{lab} ({full[lab][0]} / {full[lab][1]:.2f}x)" for lab in beaten) or "none")
+                 + " | " + (", ".join(f"{lab} ({part[lab][0][0]} / {part[lab][0][1]:.2f}x vs {part[lab][1][0]} / "
+                                      f"{part[lab][1][1]:.2f}x on {part[lab][2]})" for lab in beaten_part) or "none")
                  + " |")
     return L
 
@@ -577,7 +611,9 @@ def timing_cuts(out: Path, args) -> int:
 
     res = json.loads((out / "codecs.json").read_text())
     bundle = build_bundle(Path(tempfile.mkdtemp(prefix="codecs-timing.")))
-    images, repeats = 64, 15
+    # Enough crops for 1 MiB of distinct activations at every cut (the 1280-feature vector is 5 kB
+    # per image: 205 crops); batch 1 times the first 64.
+    images, repeats = args.timing_images, 15
     specs = args.timing_specs.split(",")
     env = {bundle.inputs[0].name: views(photo_sources(), images, seed=1)}
     rows = []
@@ -589,7 +625,7 @@ def timing_cuts(out: Path, args) -> int:
             (t,) = bundle.cut(k).tensors
             a = env[t]
             stack = np.ascontiguousarray(a[:max(1, round(2**20 / a[0].nbytes))])
-            row = {"cut": k, "map": "x".join(str(d) for d in a.shape[1:])}
+            row = {"cut": k, "map": "x".join(str(d) for d in a.shape[1:]), "stack": len(stack)}
             for sp in specs:
                 codec = get_codec(sp)
                 mib = []
@@ -600,7 +636,7 @@ def timing_cuts(out: Path, args) -> int:
                     mib.append((time.thread_time() - t0) * 2**20 / stack.nbytes * 1e3)
                 one = []
                 for _ in range(repeats):
-                    for i in range(0, images, 4):
+                    for i in range(0, min(images, 64), 4):
                         x = a[i:i + 1]
                         t0 = time.thread_time()
                         decode(codec.encode(x))
@@ -613,8 +649,13 @@ def timing_cuts(out: Path, args) -> int:
             rows.append(row)
     finally:
         unpin()
-    res["timing_cuts"] = {"rows": rows, "specs": specs, "images": images, "repeats": repeats, "machine": machine(),
-                          "command": f"python benchmarks/codecs.py --timing-cuts --timing-specs '{args.timing_specs}'"}
+    import edgesplit
+
+    res[args.timing_key] = {
+        "rows": rows, "specs": specs, "images": images, "repeats": repeats, "machine": machine(),
+        "code": args.timing_code or f"edgesplit from {Path(edgesplit.__file__).parent}",
+        "command": f"python benchmarks/codecs.py --timing-cuts --timing-specs '{args.timing_specs}' "
+                   f"--timing-images {images}" + (f" --timing-key {args.timing_key}" if args.timing_key != "timing_cuts" else "")}
     (out / "codecs.json").write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, out)
     return 0
@@ -777,6 +818,11 @@ def main(argv=None) -> int:
                     help="keep everything in OUT/codecs.json; time encode + decode at every cut (1 MiB and batch 1)")
     ap.add_argument("--timing-specs", default="int8+delta+zstd,int8+zstd,int8:pc+zstd,int8:pt+zstd",
                     help="codecs for --timing-cuts")
+    ap.add_argument("--timing-images", type=int, default=208,
+                    help="crops for --timing-cuts (default 208: 1 MiB of distinct activations at every cut)")
+    ap.add_argument("--timing-key", default="timing_cuts",
+                    help="where --timing-cuts stores its table in codecs.json (timing_cuts_before: the code before)")
+    ap.add_argument("--timing-code", default=None, help="what code --timing-cuts measured, for the report")
     ap.add_argument("--extras-only", action="store_true",
                     help="keep the codec rows of OUT/codecs.json; redo the 1 MiB timing, folding and protocol")
     args = ap.parse_args(argv)
