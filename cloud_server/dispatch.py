@@ -192,7 +192,9 @@ class Dispatcher:
         while pending:
             req = pending.popleft()
             if now >= req.deadline:
-                self.fail(req, "deadline", "the deadline passed while the request waited for a worker")
+                why = self.pipelines.why_not.get(req.bundle) if self.pipelines is not None else None
+                self.fail(req, "deadline", "the deadline passed while the request waited for a worker"
+                          + (f" (its bundle cannot be placed in pipeline stages: {why})" if why else ""))
             elif not self.dispatch(req, now):
                 keep.append(req)
                 if not self.registry.any_room():

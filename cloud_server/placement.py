@@ -149,8 +149,11 @@ class Pipelines:
         self.metrics = metrics
         self.send_load = send_load
         self.placed: dict[str, Placement] = {}
-        self._staged: dict[str, bool] = {}  # bundle -> served in stages (cleared when the workers change)
+        # bundle -> why it is staged: "budget" (no worker holds it whole), "asked" (pipeline_stages),
+        # or None (whole workers serve it); cleared when the workers change
+        self._staged: dict[str, str | None] = {}
         self._stuck: set[str] = set()  # bundles that could not be placed (logged once)
+        self.why_not: dict[str, str] = {}  # bundle -> why it could not be placed yet (in "deadline" errors)
 
     # -- which bundles --------------------------------------------------------------------------
     def plan(self, bundle: str, quiet: bool = False) -> Placement | None:
@@ -158,13 +161,14 @@ class Pipelines:
 
         `quiet`: a placement that cannot be made yet is not logged (the pool is still coming up).
         """
-        staged = self._staged.get(bundle)
-        if staged is None:
-            staged = self._staged[bundle] = self._needs_stages(bundle)
-        if not staged:
+        if bundle not in self._staged:
+            self._staged[bundle] = self._needs_stages(bundle)
+        why = self._staged[bundle]
+        if why is None:
             return None
-        p = self.placed.get(bundle)
-        return p if p is not None else self._place(bundle, quiet)
+        p = self.placed.get(bundle) or self._place(bundle, quiet)
+        # stages asked for but not possible now (too few workers): whole workers serve it meanwhile
+        return None if p is None and why == "asked" else p
 
     def _sizes(self, bundle: str) -> list[int] | None:
         info = self.catalog.bundles.get(bundle) or {}
@@ -174,15 +178,15 @@ class Pipelines:
             return None  # an old or odd summary: served whole
         return sizes
 
-    def _needs_stages(self, bundle: str) -> bool:
+    def _needs_stages(self, bundle: str) -> str | None:
         info = self.catalog.bundles.get(bundle) or {}
         sizes = self._sizes(bundle)
         if sizes is None or info.get("stateful") or len(sizes) < 2:
-            return False  # a session's state lives with one worker: stateful bundles are never staged
-        if self.config.pipeline_stages >= 2:
-            return True
+            return None  # a session's state lives with one worker: stateful bundles are never staged
         holders = self._eligible(bundle)
-        return bool(holders) and not any(w.free_memory() >= sum(sizes) or bundle in w.loaded for w in holders)
+        if holders and not any(w.free_memory() >= sum(sizes) or bundle in w.loaded for w in holders):
+            return "budget"
+        return "asked" if self.config.pipeline_stages >= 2 else None
 
     def _eligible(self, bundle: str) -> list[WorkerRecord]:
         return [w for w in self.registry.live() if bundle in w.available or w.fetches]
@@ -211,6 +215,7 @@ class Pipelines:
         elif len(ranges) > len(workers):
             why = f"it needs {len(ranges)} stages and only {len(workers)} workers can hold one"
         if why is not None:
+            self.why_not[bundle] = why
             if not quiet and bundle not in self._stuck:
                 self._stuck.add(bundle)
                 log.warning("cannot place bundle %s in pipeline stages yet: %s", bundle[:12], why)
@@ -225,15 +230,17 @@ class Pipelines:
             w = max((w for w in free if w.free_memory() >= st.weight_bytes), key=lambda w: w.free_memory(),
                     default=None)
             if w is None:
+                self.why_not[bundle] = (f"no worker has {st.weight_bytes / 1e6:.1f} MB free for segments "
+                                        f"[{st.start}, {st.stop})")
                 if not quiet:
-                    log.warning("cannot place bundle %s in pipeline stages yet: no worker has %.1f MB free for "
-                                "segments [%d, %d)", bundle[:12], st.weight_bytes / 1e6, st.start, st.stop)
+                    log.warning("cannot place bundle %s in pipeline stages yet: %s", bundle[:12], self.why_not[bundle])
                 return None
             free.discard(w)
             chosen.append((st, w))
         for st, w in chosen:
             self._assign(p, st, w)
         self._stuck.discard(bundle)
+        self.why_not.pop(bundle, None)
         self.placed[bundle] = p
         self._add_replicas(p, free)
         log.info("bundle %s placed in %d stages: %s", p.name, len(stages),

@@ -24,11 +24,25 @@ __all__ = ["Server", "parse_devices"]
 log = logging.getLogger(__name__)
 
 
-def parse_devices(device: str, workers: int | None) -> list[str]:
-    """One entry per local worker: "cpu" x workers, or one per listed GPU ("cuda:0,cuda:1")."""
+# Local CPU workers when --workers is not given: one per core, each with one ONNX Runtime thread
+# (Server._threads), up to this many. Independent single-threaded workers are what throughput
+# wants on a CPU box (no intra-op synchronisation; one worker's stall leaves the others serving),
+# and one request's latency is the same as one worker's with one thread. Every worker holds its
+# own copy of the weights, hence the cap: past it, workers get several threads each instead.
+MAX_DEFAULT_CPU_WORKERS = 8
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parse_devices(device: str, workers: int | None, cores: int | None = None) -> list[str]:
+    """One entry per local worker: "cpu" x workers (default: one per core, at most
+    MAX_DEFAULT_CPU_WORKERS), or one per listed GPU ("cuda:0,cuda:1")."""
     device = (device or "cpu").strip()
     if device == "cpu":
-        n = 1 if workers is None else workers
+        n = min(cores or cpu_count(), MAX_DEFAULT_CPU_WORKERS) if workers is None else workers
         if n < 0:
             raise ConfigError(f"--workers must be >= 0, got {n}")
         return ["cpu"] * n
@@ -106,7 +120,7 @@ class Server:
         self._generation = [0] * len(self.devices)
 
     def _threads(self) -> int:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = cpu_count()
         ncpu = sum(1 for d in self.devices if d == "cpu") or 1
         return max(1, cpus // ncpu)
 
@@ -216,11 +230,14 @@ class Server:
         def placed(snap: dict) -> bool:
             return all(st["ready"] for p in snap.get("pipelines", ()) for st in p["stages"])
 
+        def hopeless(w: dict) -> bool:  # nothing it has will ever load (errors, or over its budget unplaced)
+            return set(w["available"]) <= set(w["unfit"]) | broker.load_errors_of(w["name"])
+
         while time.monotonic() < end:
             snap = broker.snapshot()
             ws = snap.get("workers", [])
             if len(ws) >= n and (not self.config.preload or all(settled(w) for w in ws) and placed(snap)):
-                if n == 0 or snap.get("ready") or not snap.get("bundles"):
+                if n == 0 or snap.get("ready") or not snap.get("bundles") or all(hopeless(w) for w in ws):
                     return True
             if any(p is not None and p.poll() is not None for p in self.procs) and not self.config.restart_delay_s:
                 return False

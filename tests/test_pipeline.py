@@ -180,3 +180,30 @@ def test_the_agent_is_unchanged_over_a_staged_pool(repo):
                 assert res.where == "cloud", res
                 np.testing.assert_allclose(res.outputs["y"], reference(full, x), rtol=1e-5, atol=1e-6)
         assert server.stop() == 0
+
+
+def test_stages_asked_of_too_few_workers_serve_whole_and_a_bundle_no_worker_can_hold_says_why(repo):
+    root, full = repo
+    bundle = Bundle.load(root / "stack.bundle")
+    x = np.random.default_rng(12).standard_normal((1, WIDTH)).astype(np.float32)
+    # --stages 4 with one worker: no placement, the one worker serves the bundle whole meanwhile
+    with ServeProc(root, workers=1, heartbeat_ms=HB_MS, extra=["--stages", "4"]) as server:
+        assert server.json("/v1/models")["pipelines"] == []
+        edge = Edge(server.address)
+        edge.send_infer("w", bundle.id, 0, {"x": x}, deadline_ms=20_000)
+        msg = edge.recv(20_000)
+        assert msg is not None and msg.kind == "result", msg and msg.meta
+        np.testing.assert_allclose(edge.outputs(msg)["y"], reference(full, x), rtol=1e-5, atol=1e-6)
+        edge.close()
+        assert server.stop() == 0
+    # every segment (16.5 kB) is over a 10 kB budget: nothing can hold it; the answer says why
+    with ServeProc(root, workers=1, heartbeat_ms=HB_MS, extra=["--worker-memory", "10kB"]) as server:
+        edge = Edge(server.address)
+        edge.send_infer("n", bundle.id, 0, {"x": x}, deadline_ms=500)
+        msg = edge.recv(20_000)
+        assert msg is not None and msg.kind == "error" and msg.meta["code"] == "deadline", msg and msg.meta
+        assert "cannot be placed in pipeline stages" in msg.meta["message"], msg.meta
+        w = server.json("/v1/models")["workers"][0]
+        assert w["memory"]["used"] == 0 and bundle.id in w["unfit"]  # it never loaded past its budget
+        edge.close()
+        assert server.stop() == 0
