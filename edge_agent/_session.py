@@ -20,6 +20,7 @@ Every step is answered exactly once: `step` returns one StepResult or raises.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -31,7 +32,8 @@ import numpy as np
 
 from edgesplit import codecs
 from edgesplit import protocol
-from edgesplit.errors import DeadlineExceeded, EdgeSplitError, LinkDownError, RemoteError, TransportError, UserError
+from edgesplit.errors import (DeadlineExceeded, EdgeSplitError, LinkDownError, RemoteError, SessionLostError,
+                              TransportError, UserError)
 
 from edge_agent._checks import bind_shapes
 from edge_agent._results import InferenceResult
@@ -40,6 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from edge_agent.agent import EdgeAgent
 
 __all__ = ["Session", "StepResult"]
+
+log = logging.getLogger(__name__)
 
 _tokens: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
 _tokens_lock = threading.Lock()
@@ -68,13 +72,14 @@ class StepResult(InferenceResult):
 
 
 class _Sent:
-    __slots__ = ("feeds", "encoded", "decoded", "nbytes")
+    __slots__ = ("feeds", "encoded", "decoded", "nbytes", "held")
 
     def __init__(self, feeds, encoded, decoded):
         self.feeds = feeds
         self.encoded = encoded
         self.decoded = decoded
-        self.nbytes = sum(e.nbytes for e in encoded.values())
+        self.nbytes = sum(e.nbytes for e in encoded.values())  # what a replay sends again
+        self.held = self.nbytes + sum(a.nbytes for d in (feeds, decoded) for a in d.values())
 
 
 class Session:
@@ -100,7 +105,9 @@ class Session:
         self.local_reason: str | None = None  # set once the session moved to the device
         self._head_state: dict[str, np.ndarray] | None = None
         self._tail_state: dict[str, np.ndarray] | None = None  # only once local
-        self._history: list[_Sent] = []
+        self._history: list[_Sent] = []  # steps _base.. (earlier ones dropped past session_history_bytes)
+        self._base = 0
+        self._held = 0
         self._lock = threading.Lock()  # one step at a time
         self._closed = False
         self._used_cloud = False
@@ -114,8 +121,13 @@ class Session:
 
     @property
     def bytes_kept(self) -> int:
-        """Bytes of cut tensors kept for replays (what a rebuild would send again)."""
-        return sum(h.nbytes for h in self._history)
+        """Bytes the history holds for rebuilds (feeds, and cut tensors as sent and as decoded)."""
+        return sum(h.held for h in self._history)
+
+    @property
+    def recoverable(self) -> bool:
+        """The history reaches back to step 0: a lost worker or link can still be recovered from."""
+        return self._base == 0
 
     def step(self, feeds: Mapping[str, np.ndarray], deadline_ms: float | None = None) -> StepResult:
         """Run one step on `feeds` (the model inputs, state left out); the next step continues from it."""
@@ -136,6 +148,7 @@ class Session:
                 return
             self._closed = True
             self._history.clear()
+            self._held = 0
             agent = self._agent
             if self._used_cloud and agent._io.alive:
                 agent._io.post(("notify", protocol.session_end(f"end-{self.id[:8]}", self.id, self._client)))
@@ -185,7 +198,7 @@ class Session:
         sent = _Sent({name: np.array(a, copy=True) for name, a in feeds.items()}, enc,
                      {name: codecs.decode(e) for name, e in enc.items()})
         timings["encode"] = (time.perf_counter() - t) * 1e3
-        self._history.append(sent)
+        self._keep(i, sent)
         if self.local_reason is None:
             if agent._io.connected():
                 try:
@@ -209,6 +222,23 @@ class Session:
         timings["tail"] = (time.perf_counter() - t) * 1e3
         return self._done(StepResult(out, "local", k, timings, None, self.local_reason, step=i), t0)
 
+    def _keep(self, i: int, sent: _Sent) -> None:
+        """Add step i to the history, within AgentConfig.session_history_bytes (past it: only step i)."""
+        self._history.append(sent)
+        self._held += sent.held
+        limit = self._agent.config.session_history_bytes
+        if self._held > limit and self.local_reason is None:
+            if self._base == 0:
+                log.warning("session %s: its history passed session_history_bytes (%d bytes) at step %d and is "
+                            "dropped: a lost worker or link can no longer be recovered from", self.id[:8], limit, i)
+            self._history, self._base, self._held = [sent], i, sent.held
+        elif self.local_reason is not None:  # on the device for good: nothing will be replayed
+            self._history, self._base, self._held = [sent], i, sent.held
+
+    def _lost(self, what: str) -> SessionLostError:
+        return SessionLostError(f"session {self.id[:8]}: {what}, and its history before step {self._base} was "
+                                f"dropped (AgentConfig.session_history_bytes): start a new session")
+
     def _done(self, res: StepResult, t0: float) -> StepResult:
         res.timings["total"] = (time.perf_counter() - t0) * 1e3
         self._agent._requests.count(f"session_{res.where}")
@@ -227,6 +257,8 @@ class Session:
                 have = (getattr(exc, "meta", None) or {}).get("have", 0)
                 # a worker ahead of this step (it ran it, the answer was lost) starts over: step 0 resets
                 first = have if type(have) is int and 0 <= have <= i else 0
+                if first < self._base:
+                    raise self._lost("the cloud lost its state") from None
                 self._agent._requests.count("session_rebuilds")
         raise RemoteError("session_state", f"session {self.id[:8]}: the cloud's state could not be rebuilt after "
                                            f"{self._agent.config.session_rebuilds} replays")
@@ -255,7 +287,7 @@ class Session:
         left_ms = (deadline - time.perf_counter()) * 1e3
         if left_ms <= 0:
             raise _deadline(f"session {self.id[:8]}: no time left for step {j} in the cloud")
-        h = self._history[j]
+        h = self._history[j - self._base]
         req = agent._requests.admit(h.feeds, left_ms, copy=False, block=True)
         req.cut = self.cut
         req.feeds = req.cut_tensors = None  # no local fallback for this request: the session does its own
@@ -272,6 +304,8 @@ class Session:
         agent = self._agent
         bundle, device = agent.bundle, agent._device
         k, n = self.cut, bundle.num_segments
+        if self._base > 0:
+            raise self._lost(f"the cloud could not answer ({reason})")
         bound = protocol.check_tensors(protocol.Message("infer", tensors=self._history[0].encoded),
                                        bundle.cut(k).specs)
         state = {st.input: st.initial(bound) for st in bundle.state_of(k, n)}

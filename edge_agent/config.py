@@ -41,6 +41,10 @@ class AgentConfig:
     # How many times one session step rebuilds the cloud's state (replays the session's earlier
     # steps to a worker that lost or lacks them, `session_state`) before it finishes on the device.
     session_rebuilds: int = 2
+    # Bytes of history one session keeps for those rebuilds (its steps' feeds and cut tensors).
+    # Past it the history is dropped (logged once): the session goes on, but a lost worker or
+    # link can no longer be recovered from, and such a step raises SessionLostError instead.
+    session_history_bytes: int = 256 << 20
     # Codec the cloud should use for the outputs it sends back.
     reply_codec: str = "raw"
     # Largest batch (leading dim) a request may send to the cloud (as ServerConfig's); a bigger one is finished as
@@ -162,7 +166,7 @@ class AgentConfig:
                      "reconnect_jitter"):
             positive(name, allow_zero=True)
         for name in ("max_in_flight", "heartbeat_misses", "send_hwm", "auto_probe_every", "local_workers",
-                     "max_resends", "profile_runs", "max_request_batch", "session_rebuilds"):
+                     "max_resends", "profile_runs", "max_request_batch", "session_rebuilds", "session_history_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"AgentConfig.{name} must be an integer, got {v!r}")
@@ -170,7 +174,7 @@ class AgentConfig:
                      "max_request_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_resends", "profile_runs"):
+        for name in ("max_resends", "profile_runs", "session_history_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"AgentConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if isinstance(self.shape_profiles, bool) or not isinstance(self.shape_profiles, int) or self.shape_profiles < 0:

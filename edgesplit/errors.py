@@ -107,5 +107,10 @@ class RemoteError(EdgeSplitError):
         return self.code in self.RETRYABLE
 
 
+class SessionLostError(EdgeSplitError):
+    """A stateful session's state was lost and cannot be rebuilt (its history was dropped at
+    AgentConfig.session_history_bytes): start a new session."""
+
+
 class BackendError(EdgeSplitError):
     """An inference backend failed to load or run a segment."""

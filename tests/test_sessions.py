@@ -278,6 +278,28 @@ def test_an_expired_session_is_rebuilt_transparently(repo, gru_full, caplog):
     assert any("evicted" in m and "idle" in m for m in caplog.messages)
 
 
+def test_a_history_past_its_bound_is_dropped_and_a_later_loss_is_a_clear_error(repo, gru_full, caplog):
+    """session_history_bytes bounds what a session keeps for rebuilds: past it the session goes on in
+    the cloud, exact, but a cloud that lost its state can no longer be caught up: SessionLostError."""
+    from edgesplit.errors import SessionLostError
+
+    root, _, gru = repo
+    xs = gru_inputs(8, 5, batch=1)
+    caplog.set_level(logging.WARNING, logger="edge_agent._session")
+    with RealCloud(root, session_idle_s=1.0) as cloud, \
+            agent_for(gru, cloud.address, session_history_bytes=1500) as agent:
+        with agent.session() as s:
+            rs = [s.step({"x": x}) for x in xs[:3]]  # a step holds ~0.5-1.5 kB: the bound is passed
+            assert not s.recoverable and s.bytes_kept <= 1500 + 3 * 4 * 32 * 3
+            assert any("session_history_bytes" in m for m in caplog.messages)
+            _check_gru(gru_full, [xs[:3]], [rs])
+            assert wait_for(lambda: metric(cloud, "edgesplit_sessions_evicted_total", {"reason": "idle"}) >= 1)
+            with pytest.raises(SessionLostError, match="start a new session"):
+                s.step({"x": xs[3]})
+        with agent.session() as fresh:  # nothing else is disturbed
+            assert fresh.step({"x": xs[0]}).where == "cloud"
+
+
 def test_the_memory_budget_evicts_the_least_recently_used_session(repo, gru_full, caplog):
     root, _, gru = repo
     per_session = 1 * 2 * 32 * 4  # the tail keeps h0.1: [1, batch 2, 32] float32
