@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_cloud import _eventually
+from test_cloud_support import eventually as _eventually
 from test_cloud_support import ServeProc, mlp_bundle
 from test_settings import _parse
 
