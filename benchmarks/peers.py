@@ -8,14 +8,17 @@ run on the shipped photos), one ONNX Runtime thread everywhere, on this machine:
 - aiohttp: the ~40-line aiohttp + ONNX Runtime server a user would write in an afternoon
   (POST the float32 bytes, get the logits back), clients on keep-alive HTTP connections;
 - PyTriton / Ray Serve: only with --peer-python PATH, a Python whose environment has them
-  (they are large; this box's CI does not install them).
+  (they are large; this box's CI does not install them);
+- edgesplit_before: with --baseline DIR (a directory holding another version's cloud_server and
+  edgesplit packages, e.g. `git archive <commit> cloud_server edgesplit`), that version's default
+  `python -m cloud_server` with the same options, in the same rounds.
 
 Rows: p50 / p90 latency with one client, throughput with 8 closed-loop clients, server CPU per
 request; and the limits in the same run: memcpy of the payload, a bare pyzmq DEALER/ROUTER
 round trip of the same bytes, ONNX Runtime alone on the tail. Rounds alternate between the
 systems so a change in the machine's load hits all of them alike.
 
-    python benchmarks/peers.py [--rounds 5] [--requests 200] [--seconds 4] [--json out.json]
+    python benchmarks/peers.py [--rounds 5] [--requests 200] [--seconds 4] [--baseline DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -106,6 +110,7 @@ class ZmqClient:
         self.sock.connect(address)
         self.bundle_id, self.tag, self.n = bundle_id, tag, 0
         self.raw = get_codec("raw")
+        self.timings: list[dict] = []  # what the worker says it spent (queue, decode, compute, encode)
 
     def call(self, x: np.ndarray) -> None:
         self.n += 1
@@ -118,6 +123,7 @@ class ZmqClient:
         _, msg = P.recv(self.sock)
         if msg.kind != "result" or msg.id != rid:
             raise RuntimeError(f"edgesplit answered {msg.kind} {msg.meta.get('code')}: {msg.meta.get('message')}")
+        self.timings.append(msg.meta.get("timings") or {})
 
     def close(self) -> None:
         self.sock.close()
@@ -141,16 +147,20 @@ class HttpClient:
         self.conn.close()
 
 
-def latency(make_client, acts, n: int) -> list[float]:
+def latency(make_client, acts, n: int, timings: list | None = None) -> list[float]:
     c = make_client("lat")
     try:
         for x in acts:  # warm-up: every photo once
             c.call(x)
+        if timings is not None and hasattr(c, "timings"):
+            c.timings.clear()
         out = []
         for i in range(n):
             t = time.perf_counter()
             c.call(acts[i % len(acts)])
             out.append((time.perf_counter() - t) * 1e3)
+        if timings is not None and hasattr(c, "timings"):
+            timings += c.timings
         return out
     finally:
         c.close()
@@ -227,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="throughput seconds per round")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--workers", type=int, default=None, help="edgesplit serve --workers (default: its own)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="edgesplit serve --threads (default 1, as every peer; 0: the server's own default)")
     ap.add_argument("--serve-arg", action="append", default=[], help="more `edgesplit serve` options")
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="also run the cloud_server of another version (a directory holding its packages)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -238,10 +252,22 @@ def main(argv: list[str] | None = None) -> int:
         bundle, acts = make_bundle(tmp)
         out["activation_bytes"] = int(acts[0].nbytes)
         ready = tmp / "ready.json"
-        serve = [sys.executable, "-m", "cloud_server", "--repository", str(tmp / "repo"), "--bind",
-                 "tcp://127.0.0.1:0", "--http", "off", "--threads", "1", "--ready-file", str(ready),
-                 *(["--workers", str(args.workers)] if args.workers else []), *args.serve_arg]
-        es = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def serve(ready: Path, pythonpath: str | None = None) -> subprocess.Popen:
+            cmd = [sys.executable, "-m", "cloud_server", "--repository", str(tmp / "repo"), "--bind",
+                   "tcp://127.0.0.1:0", "--http", "off", "--ready-file", str(ready),
+                   *(["--threads", str(args.threads)] if args.threads else []),
+                   *(["--workers", str(args.workers)] if args.workers else []), *args.serve_arg]
+            if pythonpath is None:
+                return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # the other version's packages first (its cwd must not shadow them)
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(pythonpath))
+            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                    cwd=os.path.abspath(pythonpath))
+
+        es = serve(ready)
+        ready_old = tmp / "ready-before.json"
+        old = serve(ready_old, args.baseline) if args.baseline else None
         port = free_port()
         seg1 = str(bundle.segments[1].path)
         shape = ",".join(str(d if isinstance(d, int) else 1) for d in bundle.cut(1).specs[0].shape)
@@ -250,23 +276,29 @@ def main(argv: list[str] | None = None) -> int:
         echo = _child(ZMQ_ECHO, echo_addr, str(4 * 1000))
         ctx = zmq.Context()
         try:
-            for _ in range(600):
-                if ready.exists():
-                    break
-                time.sleep(0.1)
-            else:
-                raise RuntimeError("edgesplit serve did not get ready")
-            front = json.loads(ready.read_text())["front"]
+            fronts = {}
+            for name, f in (("edgesplit", ready), ("edgesplit_before", ready_old if old else None)):
+                for _ in range(600 if f else 0):
+                    if f.exists():
+                        fronts[name] = json.loads(f.read_text())["front"]
+                        break
+                    time.sleep(0.1)
+                else:
+                    if f:
+                        raise RuntimeError(f"{name}: edgesplit serve did not get ready")
             systems = {
-                "edgesplit": (lambda tag: ZmqClient(ctx, front, bundle.id, tag), es.pid),
+                "edgesplit": (lambda tag: ZmqClient(ctx, fronts["edgesplit"], bundle.id, tag), es.pid),
                 "aiohttp": (lambda tag: HttpClient(port), aio.pid),
             }
-            res = {k: {"lat": [], "tput": [], "cpu_per_req_ms": []} for k in systems}
+            if old is not None:
+                systems["edgesplit_before"] = (
+                    lambda tag: ZmqClient(ctx, fronts["edgesplit_before"], bundle.id, tag), old.pid)
+            res = {k: {"lat": [], "tput": [], "cpu_per_req_ms": [], "timings": []} for k in systems}
             for r in range(args.rounds):
                 for name, (make, pid) in systems.items():
                     pids = process_tree(pid)
                     c0 = cpu_seconds(pids)
-                    lat = latency(make, acts, args.requests)
+                    lat = latency(make, acts, args.requests, res[name]["timings"])
                     c1 = cpu_seconds(pids)
                     res[name]["lat"] += lat
                     res[name]["cpu_per_req_ms"].append((c1 - c0) * 1e3 / (args.requests + len(acts)))
@@ -277,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             limits = {"memcpy": memcpy_ms(acts, 2000), "ort_alone": ort_alone(bundle, acts, args.requests),
                       "bare_zmq": latency(lambda tag: ZmqClient(ctx, echo_addr, None, tag), acts, args.requests)}
         finally:
-            for p in (es, aio, echo):
+            procs = [p for p in (es, old, aio, echo) if p is not None]
+            for p in procs:
                 p.terminate()
-            for p in (es, aio, echo):
+            for p in procs:
                 try:
                     p.wait(30)
                 except subprocess.TimeoutExpired:
@@ -290,16 +323,24 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"p50_ms": round(statistics.median(v["lat"]), 3), "p90_ms": round(_q(v["lat"], 90), 3),
                       f"throughput_{args.clients}_clients_per_s": round(statistics.median(v["tput"]), 1),
                       "cpu_per_request_ms": round(statistics.median(v["cpu_per_req_ms"]), 3)}
+        if v["timings"]:  # the worker's own account of the latency runs: medians of each stage
+            rows[name]["worker_ms"] = {k: round(statistics.median(t.get(k, 0.0) for t in v["timings"]), 3)
+                                       for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms")}
     for name, v in limits.items():
         rows[name] = {"p50_ms": round(statistics.median(v), 4), "p90_ms": round(_q(v, 90), 4)}
     tk = f"throughput_{args.clients}_clients_per_s"
     ratios = {"p50_edgesplit_over_aiohttp": round(rows["edgesplit"]["p50_ms"] / rows["aiohttp"]["p50_ms"], 3),
               "throughput_edgesplit_over_aiohttp": round(rows["edgesplit"][tk] / rows["aiohttp"][tk], 3)}
+    if "edgesplit_before" in rows:
+        ratios.update(p50_before_over_aiohttp=round(rows["edgesplit_before"]["p50_ms"] / rows["aiohttp"]["p50_ms"], 3),
+                      throughput_before_over_aiohttp=round(rows["edgesplit_before"][tk] / rows["aiohttp"][tk], 3))
     out.update(rows=rows, ratios=ratios, load_after=load_average())
-    print(f"{'system':<12} {'p50 ms':>8} {'p90 ms':>8} {'req/s (' + str(args.clients) + ' cl)':>14} {'CPU ms/req':>11}")
+    print(f"{'system':<17} {'p50 ms':>8} {'p90 ms':>8} {'req/s (' + str(args.clients) + ' cl)':>14} {'CPU ms/req':>11}"
+          "  worker's own ms (queue/decode/compute/encode)")
     for name, r in rows.items():
-        print(f"{name:<12} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r.get(tk, float('nan')):>14.1f} "
-              f"{r.get('cpu_per_request_ms', float('nan')):>11.3f}")
+        w = r.get("worker_ms")
+        print(f"{name:<17} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r.get(tk, float('nan')):>14.1f} "
+              f"{r.get('cpu_per_request_ms', float('nan')):>11.3f}" + ("  " + " / ".join(f"{x:.3f}" for x in w.values()) if w else ""))
     print(json.dumps(ratios))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

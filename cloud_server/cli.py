@@ -78,7 +78,8 @@ def build_serve_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="HOST:PORT of /healthz /readyz /metrics /v1/models (default 127.0.0.1:8080, or a "
                         "free port when 8080 is taken; port 0 = any; 'off' = none)")
     p.add_argument("--workers", type=int, default=None,
-                   help="local CPU worker processes (default 1; with --device cuda:..., one per GPU)")
+                   help="local CPU worker processes (default: one per core, at most 8, with one ONNX Runtime "
+                        "thread each; --worker-mode inline: 1; with --device cuda:..., one per GPU)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda:0[,cuda:1...] for one worker per GPU")
     p.add_argument("--worker-bind", default=None, metavar="ADDR",
                    help="also take workers from other hosts (`edgesplit worker`) on this address; local "
@@ -146,7 +147,8 @@ def run_serve(args) -> int:
         http = DEFAULT_HTTP
     else:
         http = None if args.http.lower() in ("off", "none", "") else args.http
-    server = Server(args.repository, bind=args.bind, http=http, devices=parse_devices(args.device, args.workers),
+    workers = 1 if args.workers is None and args.worker_mode == "inline" else args.workers  # inline serves alone
+    server = Server(args.repository, bind=args.bind, http=http, devices=parse_devices(args.device, workers),
                     config=cfg, worker_bind=args.worker_bind, curve_secret=args.curve_secret,
                     allow_clients=args.allow_clients, worker_mode=args.worker_mode,
                     allow_workers=args.allow_workers, http_fallback=args.http is None)

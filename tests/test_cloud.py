@@ -19,7 +19,7 @@ from test_cloud_support import (Edge, ServeProc, drive_client, eventually, mlp_b
                                 slow_reference)
 
 from cloud_server.config import ServerConfig
-from cloud_server.server import Server, parse_devices
+from cloud_server.server import MAX_DEFAULT_CPU_WORKERS, Server, parse_devices
 from edgesplit.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # any existing directory
@@ -348,6 +348,9 @@ def test_config_is_validated():
     with pytest.raises(ConfigError):
         Server(REPO_ROOT, http=None, worker_mode="inline", worker_bind="tcp://127.0.0.1:0")
     assert parse_devices("cpu", 3) == ["cpu"] * 3
+    # by default one worker per core (each with one ONNX Runtime thread), capped
+    assert parse_devices("cpu", None, cores=2) == ["cpu"] * 2
+    assert parse_devices("cpu", None, cores=64) == ["cpu"] * MAX_DEFAULT_CPU_WORKERS
     assert parse_devices("cuda:0,cuda:1", None) == ["cuda:0", "cuda:1"]
     with pytest.raises(ConfigError):
         parse_devices("gpu0", None)
