@@ -309,7 +309,7 @@ def mutated_frames(draw):
 
 _HEADER_KEYS = ["v", "kind", "id", "bundle", "cut", "deadline_ms", "tensors", "code", "message", "load"]
 _TENSOR_FIELDS = ["name", "dtype", "shape", "codec", "params", "nbytes"]
-_PARAM_KEYS = ["bits", "scale", "zero", "packed", "axis", "scales", "zeros", "shuffle", "pred", "block"]
+_PARAM_KEYS = ["bits", "scale", "zero", "packed", "axis", "scales", "zeros", "shuffle", "pred", "block", "order", "plane"]
 
 
 @st.composite

@@ -371,7 +371,13 @@ class IntStage(NumericStage):
         starts = (np.arange(n_lead, dtype=np.intp)[:, None] * (h * w)
                   + np.arange(0, nblk * b * w, b * w, dtype=np.intp)[None, :]).reshape(-1)
         flat = x3.reshape(-1)
-        lo = np.minimum.reduceat(flat, starts).reshape(n_lead, nblk)
+        # Every range holds 0, so on a tensor with no negative value (ReLU outputs, pooled
+        # features) every block's minimum counts as 0: one reduction over the whole tensor (5x
+        # faster than reduceat) instead of one per block, the same codes. (NaN fails the test.)
+        if flat.min() >= 0:
+            lo = np.zeros((n_lead, nblk), np.float32)
+        else:
+            lo = np.minimum.reduceat(flat, starts).reshape(n_lead, nblk)
         hi = np.maximum.reduceat(flat, starts).reshape(n_lead, nblk)
         qmax = (1 << self.bits) - 1
         scale, scale_bytes, zero = self._block_scales(lo, hi)
@@ -531,10 +537,15 @@ class IntStage(NumericStage):
             q3 = q.reshape(-1, h, w)
             out3 = np.empty(q3.shape, np.float32)
             # The same pieces as the encoder: [L, blocks, rows * W] with scales [L, blocks, 1].
+            # Zero points all 0 (a tensor with no negative value): one multiply, the same numbers.
+            offset = bool(zero.any())
             for r, blk, nb, rpb in _block_pieces(h, b):
                 o = _block_view(out3, r, nb, rpb * w)
-                np.subtract(_block_view(q3, r, nb, rpb * w), zero[:, blk, None], out=o, dtype=np.float32)
-                np.multiply(o, scale[:, blk, None], out=o)
+                if offset:
+                    np.subtract(_block_view(q3, r, nb, rpb * w), zero[:, blk, None], out=o, dtype=np.float32)
+                    np.multiply(o, scale[:, blk, None], out=o)
+                else:
+                    np.multiply(_block_view(q3, r, nb, rpb * w), scale[:, blk, None], out=o, dtype=np.float32)
             out = out3.reshape(shape)
         else:
             q = q.reshape(shape if shape else (1,))
