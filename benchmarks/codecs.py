@@ -66,6 +66,9 @@ CODECS = [
     ("int8:b64+zstd", "int8:b64+zstd", False),
     ("int8:b128+zstd", "int8:b128+zstd", False),
     ("int8+delta+zstd", "int8+delta+zstd", False),
+    ("int8:b4+delta+zstd", "int8:b4+delta+zstd", False),
+    ("int8:b2+delta+zstd", "int8:b2+delta+zstd", False),
+    ("int8:b1+delta+zstd", "int8:b1+delta+zstd", False),
     ("int8+pred+zstd", "int8+pred+zstd:3:mm7", False),
     ("int8:pt+pred+zstd", "int8:pt+pred+zstd:3:mm7", False),
     ("int8:pc+pred+zstd", "int8:pc+pred+zstd:3:mm7", False),
@@ -450,8 +453,8 @@ def write_report(res: dict, out: Path) -> None:
                        ("timing_cuts_before", "The same timing on the code before")]:
         if res.get(key):
             L += timing_cuts_table(res[key], title)
-    if res.get("timing_cuts_runs"):
-        L += timing_runs_table(res["timing_cuts_runs"])
+    for key in sorted(k for k in res if k.startswith("timing_cuts_runs")):  # one per round of alternating runs
+        L += timing_runs_table(res[key])
     if res.get("extras_machine"):
         L.append(f"\nThe sections below were measured later by `{res['extras_command']}` "
                  f"({res['extras_elapsed_s'] / 60:.1f} min) on: {res['extras_machine']}.")
@@ -562,13 +565,13 @@ def pareto_report(res: dict, default: str = "int8+delta+zstd", slack: float = 0.
     cuts = sorted({k for kk in keys for (k, _) in kk})
     n = sum(c["samples"] for c in sets)
     L = [f"\n## Pareto check over all fresh crops ({n}: {' + '.join(str(c['samples']) for c in sets)})\n",
-         f"Per cut: the images that differ and the wire bytes (sum over the sets) of `{default}` and of every "
-         f"other int8 codec measured on all the same crops; 'beaten by' lists codecs that differ on no "
+         f"Per cut: the images that differ and the wire bytes (sum over the sets where the default was measured at "
+         f"that cut: 'crops') of `{default}` and of every other int8 codec measured on all the same crops; 'beaten by' lists codecs that differ on no "
          f"more images and send more than {100 * slack:.0f}% fewer bytes. The last column applies the same "
          f"test to codecs measured on only some of the sets, on those sets (fewer crops: weaker evidence; "
          f"the default's numbers on the same crops after 'vs').\n",
-         "| cut | default: differ / ratio | best other (differ / ratio) | beaten by | on fewer crops, beaten by |",
-         "| --- | --- | --- | --- | --- |"]
+         "| cut | crops | default: differ / ratio | best other (differ / ratio) | beaten by | on fewer crops, beaten by |",
+         "| --- | --- | --- | --- | --- | --- |"]
 
     def total(k, lab, on):
         rs = [keys[i][(k, lab)] for i in on]
@@ -576,9 +579,10 @@ def pareto_report(res: dict, default: str = "int8+delta+zstd", slack: float = 0.
         wire = sum(r["bytes_wire"] * sets[i]["samples"] for r, i in zip(rs, on))
         return sum(r["disagree"] for r in rs), fp32 / wire, wire
 
-    everywhere = list(range(len(sets)))
     for k in cuts:
-        if any((k, default) not in kk for kk in keys):
+        # The sets where the default was measured at this cut (a later set may cover only some cuts).
+        everywhere = [i for i, kk in enumerate(keys) if (k, default) in kk]
+        if not everywhere:
             continue
         d = total(k, default, everywhere)
         same = {lab for lab, cuts_ in SAME_CODES.get(default, []) if k in cuts_}
@@ -587,7 +591,7 @@ def pareto_report(res: dict, default: str = "int8+delta+zstd", slack: float = 0.
             if lab == default or lab in same or not lab.startswith("int8") or "cal" in lab:
                 continue
             on = [i for i in everywhere if (k, lab) in keys[i]]
-            if len(on) == len(sets):
+            if len(on) == len(everywhere):
                 full[lab] = total(k, lab, on)
             elif on:
                 part[lab] = (total(k, lab, on), total(k, default, on), sum(sets[i]["samples"] for i in on))
@@ -596,7 +600,7 @@ def pareto_report(res: dict, default: str = "int8+delta+zstd", slack: float = 0.
         beaten_part = sorted((lab for lab, (o, dv, _) in part.items() if o[0] <= dv[0] and o[2] < (1 - slack) * dv[2]),
                              key=lambda lab: part[lab][0][2] / part[lab][1][2])
         best = max(full.items(), key=lambda kv: (-kv[1][0], kv[1][1]), default=None)
-        L.append(f"| {k} | {d[0]} / {d[1]:.2f}x | " + (f"{best[0]} ({best[1][0]} / {best[1][1]:.2f}x)" if best else "-")
+        L.append(f"| {k} | {sum(sets[i]['samples'] for i in everywhere)} | {d[0]} / {d[1]:.2f}x | " + (f"{best[0]} ({best[1][0]} / {best[1][1]:.2f}x)" if best else "-")
                  + " | " + (", ".join(f"{lab} ({full[lab][0]} / {full[lab][1]:.2f}x)" for lab in beaten) or "none")
                  + " | " + (", ".join(f"{lab} ({part[lab][0][0]} / {part[lab][0][1]:.2f}x vs {part[lab][1][0]} / "
                                       f"{part[lab][1][1]:.2f}x on {part[lab][2]})" for lab in beaten_part) or "none")
