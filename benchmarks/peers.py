@@ -119,11 +119,18 @@ class ZmqClient:
             self.sock.recv(copy=False)
             return
         rid = f"{self.tag}-{self.n}"
+        t0 = time.perf_counter()
         P.send(self.sock, P.infer(rid, self.bundle_id, 1, {CUT_TENSOR: self.raw.encode(x)}, deadline_ms=60_000.0))
-        _, msg = P.recv(self.sock)
+        t1 = time.perf_counter()
+        frames = P.recv_frames(self.sock)
+        t2 = time.perf_counter()
+        msg = P.decode(frames)
+        t3 = time.perf_counter()
         if msg.kind != "result" or msg.id != rid:
             raise RuntimeError(f"edgesplit answered {msg.kind} {msg.meta.get('code')}: {msg.meta.get('message')}")
-        self.timings.append(msg.meta.get("timings") or {})
+        # the client's own Python (encode + send, decode) beside what the worker says it spent
+        self.timings.append({**(msg.meta.get("timings") or {}), "client_send_ms": (t1 - t0) * 1e3,
+                             "client_decode_ms": (t3 - t2) * 1e3})
 
     def close(self) -> None:
         self.sock.close()
@@ -325,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                       "cpu_per_request_ms": round(statistics.median(v["cpu_per_req_ms"]), 3)}
         if v["timings"]:  # the worker's own account of the latency runs: medians of each stage
             rows[name]["worker_ms"] = {k: round(statistics.median(t.get(k, 0.0) for t in v["timings"]), 3)
-                                       for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms")}
+                                       for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms",
+                                                 "client_send_ms", "client_decode_ms")}
+            # what is left of the median round trip: the hops, wake-ups and the broker
+            rows[name]["worker_ms"]["rest"] = round(rows[name]["p50_ms"] - sum(rows[name]["worker_ms"].values()), 3)
     for name, v in limits.items():
         rows[name] = {"p50_ms": round(statistics.median(v), 4), "p90_ms": round(_q(v, 90), 4)}
     tk = f"throughput_{args.clients}_clients_per_s"
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                       throughput_before_over_aiohttp=round(rows["edgesplit_before"][tk] / rows["aiohttp"][tk], 3))
     out.update(rows=rows, ratios=ratios, load_after=load_average())
     print(f"{'system':<17} {'p50 ms':>8} {'p90 ms':>8} {'req/s (' + str(args.clients) + ' cl)':>14} {'CPU ms/req':>11}"
-          "  worker's own ms (queue/decode/compute/encode)")
+          "  worker's ms (queue/decode/compute/encode), client's (send/decode), rest")
     for name, r in rows.items():
         w = r.get("worker_ms")
         print(f"{name:<17} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r.get(tk, float('nan')):>14.1f} "
