@@ -63,6 +63,9 @@ def test_a_bundle_over_the_worker_budget_is_served_in_stages_equal_to_the_unspli
     bundle = Bundle.load(root / "stack.bundle")
     assert bundle.weight_bytes() > 3 * 40_000  # no worker can hold it whole
     with ServeProc(root, workers=5, heartbeat_ms=HB_MS, extra=["--worker-memory", BUDGET]) as server:
+        # "ready" needs one worker a stage; the replica may still be loading its range
+        assert eventually(lambda: all(set(s["ready"]) == set(s["workers"])
+                                      for s in server.json("/v1/models")["pipelines"][0]["stages"]), 60)
         models = server.json("/v1/models")
         (placed,) = models["pipelines"]
         stages = placed["stages"]
