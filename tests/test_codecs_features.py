@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from edgesplit.codecs import DEFAULT_CODEC, Encoded, decode, get_codec, validate
-from edgesplit.codecs._bytes import CODE_HASH_LOG
+from edgesplit.codecs import CODE_HASH_LOG
 from edgesplit.errors import CodecError
 
 
