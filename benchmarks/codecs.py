@@ -449,6 +449,9 @@ def write_report(res: dict, out: Path) -> None:
             L.append(f"| {r['cut']} | {r['codec']} | {r['ratio']:.2f}x | {100 * r['agreement']:.2f}% | "
                      f"{r['disagree']} of {c['samples']} | {r['bytes_wire']:.0f} |")
     L += pareto_report(res)
+    for note in res.get("notes", []):  # what exploration scripts measured beside the benchmark, per round
+        L.append(f"\n## {note['title']}\n")
+        L.append(note["text"])
     for key, title in [("timing_cuts", "Encode + decode at every cut, one core, thread CPU time"),
                        ("timing_cuts_before", "The same timing on the code before")]:
         if res.get(key):
