@@ -449,6 +449,17 @@ def write_report(res: dict, out: Path) -> None:
             L.append(f"| {r['cut']} | {r['codec']} | {r['ratio']:.2f}x | {100 * r['agreement']:.2f}% | "
                      f"{r['disagree']} of {c['samples']} | {r['bytes_wire']:.0f} |")
     L += pareto_report(res)
+    for key in sorted(k for k in res if k.startswith("transform_seed")):
+        c = res[key]
+        L.append(f"\n## A channel transform calibrated at the cut (PCA on {c['calib']} crops of seed 7), "
+                 f"{c['samples']} fresh crops (seed {c['seed']}), `{c['command']}` ({c['elapsed_s'] / 60:.1f} min)\n")
+        L.append(f"Machine: {c['machine']}. The codec codes the K strongest components (a [1, K, H, W] map or a "
+                 "[1, K] vector); the tail runs on the reconstruction.\n")
+        L.append("| cut | map | components kept | codec on them | ratio | agreement | images that differ |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in c["rows"]:
+            L.append(f"| {r['cut']} | {r['map']} | {r['keep']} | {r['spec']} | {r['ratio']:.2f}x | "
+                     f"{100 * r['agreement']:.2f}% | {r['disagree']} of {c['samples']} |")
     for note in res.get("notes", []):  # what exploration scripts measured beside the benchmark, per round
         L.append(f"\n## {note['title']}\n")
         L.append(note["text"])
@@ -769,6 +780,68 @@ def timing_only(out: Path, args) -> int:
     return 0
 
 
+def transform(out: Path, args) -> int:
+    """Issue 13's stretch: a channel transform calibrated at the cut (PCA over each pixel's channel
+    vector, or over the feature vector), keeping the K strongest components, then an existing codec
+    on the coefficients; the tail runs on the reconstruction. Calibration: --transform-calib crops
+    of seed 7; scored on --samples fresh crops of --seed."""
+    from edgesplit.runtime import OnnxRuntimeRunner, SegmentChain
+
+    started = time.time()
+    res = json.loads((out / "codecs.json").read_text())
+    # CUT:KEEP:SPEC (the spec may hold ':' itself).
+    plan = [(int(c), int(k), sp) for c, k, sp in (p.split(":", 2) for p in args.transform.split(","))]
+    bundle = build_bundle(Path(tempfile.mkdtemp(prefix="codecs-transform.")))
+    sources = photo_sources()
+    in_name = bundle.inputs[0].name
+    xs = views(sources, args.samples, seed=args.seed)
+    with OnnxRuntimeRunner(MODEL, intra_op_threads=args.threads) as full:
+        ref_top1 = next(iter(run_batched(full.infer, {in_name: xs}, args.batch).values())).argmax(axis=1)
+    env, cal_env, rows = {in_name: xs}, {in_name: views(sources, args.transform_calib, seed=7)}, []
+
+    def vectors(a):  # [N, C, H, W] -> [N * H * W, C]; [N, F] as it is
+        return a if a.ndim == 2 else a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1])
+
+    for k in range(1, max(c for c, _, _ in plan) + 1):
+        with SegmentChain(bundle, k - 1, k, runner="ort-cpu", intra_op_threads=args.threads) as seg:
+            env, cal_env = run_batched(seg.run, env, args.batch), run_batched(seg.run, cal_env, args.batch)
+        if not any(c == k for c, _, _ in plan):
+            continue
+        (t,) = bundle.cut(k).tensors
+        a, cv = env[t], vectors(cal_env[t]).astype(np.float64)
+        mu = cv.mean(axis=0)
+        w, basis = np.linalg.eigh(np.cov((cv - mu).T))
+        basis = basis[:, np.argsort(w)[::-1]].astype(np.float32)
+        mu = mu.astype(np.float32)
+        with SegmentChain(bundle, k, bundle.num_segments, runner="ort-cpu", intra_op_threads=args.threads) as tail:
+            for _, keep, sp in (p for p in plan if p[0] == k):
+                codec, vk = get_codec(sp), basis[:, :keep]
+                rec, wire = np.empty_like(a), 0
+                for i in range(len(a)):
+                    coef = (vectors(a[i:i + 1]) - mu) @ vk
+                    if a.ndim == 4:  # coefficients as a [1, K, H, W] map, so the map stages apply
+                        coef = coef.reshape(1, a.shape[2], a.shape[3], keep).transpose(0, 3, 1, 2)
+                    enc = codec.encode(np.ascontiguousarray(coef))
+                    wire += enc.nbytes + descriptor_bytes(t, enc)
+                    back = vectors(decode(enc)) @ vk.T + mu
+                    rec[i:i + 1] = back if a.ndim == 2 else back.reshape(1, a.shape[2], a.shape[3], -1).transpose(0, 3, 1, 2)
+                top1 = next(iter(run_batched(tail.run, {t: rec}, args.batch).values())).argmax(axis=1)
+                row = {"cut": k, "map": "x".join(str(d) for d in a.shape[1:]), "keep": keep, "spec": sp,
+                       "ratio": a.nbytes / wire, "disagree": int((top1 != ref_top1).sum()),
+                       "agreement": float((top1 == ref_top1).mean())}
+                rows.append(row)
+                print(f"cut {k} keep {keep} {sp}: {row['ratio']:.2f}x {100 * row['agreement']:.2f}% "
+                      f"({row['disagree']} of {len(a)})", flush=True)
+    res[f"transform_seed{args.seed}"] = {
+        "rows": rows, "samples": len(xs), "seed": args.seed, "calib": args.transform_calib, "machine": machine(),
+        "elapsed_s": time.time() - started,
+        "command": f"python benchmarks/codecs.py --transform '{args.transform}' --samples {args.samples} --seed {args.seed} "
+                   f"--transform-calib {args.transform_calib}"}
+    (out / "codecs.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_report(res, out)
+    return 0
+
+
 def extras_only(out: Path, args) -> int:
     from edgesplit.cli.calibrate_cmd import calibrate
     from edgesplit.runtime import SegmentChain
@@ -830,6 +903,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timing-key", default="timing_cuts",
                     help="where --timing-cuts stores its table in codecs.json (timing_cuts_before: the code before)")
     ap.add_argument("--timing-code", default=None, help="what code --timing-cuts measured, for the report")
+    ap.add_argument("--transform", default=None, metavar="CUT:KEEP:SPEC,...",
+                    help="channel PCA calibrated at the cut (seed 7), KEEP components, SPEC on them (the stretch)")
+    ap.add_argument("--transform-calib", type=int, default=500, help="calibration crops for --transform")
     ap.add_argument("--extras-only", action="store_true",
                     help="keep the codec rows of OUT/codecs.json; redo the 1 MiB timing, folding and protocol")
     args = ap.parse_args(argv)
@@ -848,6 +924,8 @@ def main(argv=None) -> int:
         return timing_cuts(out, args)
     if args.confirm:
         return confirm(out, args)
+    if args.transform:
+        return transform(out, args)
     if args.report_only:
         res = json.loads((out / "codecs.json").read_text())
         write_report(res, out)
