@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -328,22 +329,30 @@ def part_throughput(tmp: Path, report: dict, rounds: int, seconds: float) -> Non
 
 
 # -- hop: through the broker vs a direct leg --------------------------------------------------------
-def _echo(address: str, ready) -> None:
+def _echo(address: str, ready, work: int) -> None:
     s = zmq.Context().socket(zmq.ROUTER)
     s.bind(address)
+    w = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    v = np.ones((1, 1024), np.float32)
     ready.set()
     while True:
         frames = s.recv_multipart(copy=False)
         if len(frames) == 2 and bytes(frames[1]) == b"stop":
             return
-        s.send_multipart(frames, copy=False)
+        t = time.perf_counter()
+        for _ in range(work):  # a stage's compute between receiving and sending, as a worker does
+            v = np.tanh(v @ w)
+        spent = struct.pack("<d", time.perf_counter() - t)
+        s.send_multipart([frames[0], spent, *frames[2:]], copy=False)
 
 
-def bare_leg_ms(nbytes: int, n: int = 400) -> float:
-    """Half a DEALER <-> ROUTER round trip of `nbytes` between two processes (one direct leg)."""
+def bare_leg_ms(nbytes: int, n: int = 300, work: int = 8) -> float:
+    """One direct leg of `nbytes` between two processes: a DEALER <-> ROUTER round trip where the
+    far side computes about as long as a stage does before answering, minus that compute, halved
+    (an idle-then-woken peer, as a pipeline's next stage is, not a hot ping-pong)."""
     address = f"tcp://127.0.0.1:{free_port()}"
     ready = mp.Event()
-    proc = mp.Process(target=_echo, args=(address, ready), daemon=True)
+    proc = mp.Process(target=_echo, args=(address, ready, work), daemon=True)
     proc.start()
     ready.wait(30)
     s = zmq.Context.instance().socket(zmq.DEALER)
@@ -354,9 +363,9 @@ def bare_leg_ms(nbytes: int, n: int = 400) -> float:
     for i in range(n + 20):
         t = time.perf_counter()
         s.send_multipart([b"h", payload], copy=False)
-        s.recv_multipart(copy=False)
+        reply = s.recv_multipart()
         if i >= 20:
-            ms.append((time.perf_counter() - t) * 1e3)
+            ms.append((time.perf_counter() - t - struct.unpack("<d", reply[0])[0]) * 1e3)
     s.send_multipart([b"stop"])
     s.close(0)
     proc.join(10)
@@ -367,27 +376,29 @@ def part_hop(tmp: Path, report: dict, rounds: int) -> None:
     width, layers = 1024, 8
     _, repo = build_stack(tmp / "hop", width, layers, "hop")
     bundle = Bundle.load(repo / "hop")
-    configs = {1: (1, ()), 2: (2, ("--stages", "2")), 4: (4, ("--stages", "4"))}
-    pools = {k: Pool(repo, n, *extra) for k, (n, extra) in configs.items()}
     out = {}
-    try:
-        for rows in (1, 32):
-            x = np.random.default_rng(6).standard_normal((rows, width)).astype(np.float32)
-            lat: dict[int, list[float]] = {k: [] for k in configs}
-            for _ in range(rounds):
-                for k, pool in pools.items():
-                    lat[k] += latency(pool.address, bundle.id, x, 100)
-            p50 = {k: statistics.median(v) for k, v in lat.items()}
-            per_hop = (p50[4] - p50[1]) / 3
-            leg = bare_leg_ms(x.nbytes)
-            out[rows] = {"p50_ms": p50, "per_extra_stage_ms": per_hop, "bare_leg_ms": leg}
-            print(f"\n## hop: {x.nbytes / 1e3:.0f} kB between stages ({load_average()})\n"
-                  f"p50 latency, one request at a time: 1 stage {p50[1]:.2f} ms, 2 stages {p50[2]:.2f} ms, "
-                  f"4 stages {p50[4]:.2f} ms: {per_hop:.3f} ms per extra stage through the broker; "
-                  f"a direct worker-to-worker leg of the same bytes (bare pyzmq, half a round trip): {leg:.3f} ms")
-    finally:
-        for p in pools.values():
-            p.close()
+    for mode in ("process", "thread"):  # workers as processes (the default) or as threads of the server
+        configs = {1: (1, ()), 2: (2, ("--stages", "2")), 4: (4, ("--stages", "4"))}
+        pools = {k: Pool(repo, n, *extra, "--worker-mode", mode) for k, (n, extra) in configs.items()}
+        try:
+            for rows in (1, 32):
+                x = np.random.default_rng(6).standard_normal((rows, width)).astype(np.float32)
+                lat: dict[int, list[float]] = {k: [] for k in configs}
+                for _ in range(rounds):
+                    for k, pool in pools.items():
+                        lat[k] += latency(pool.address, bundle.id, x, 100)
+                p50 = {k: statistics.median(v) for k, v in lat.items()}
+                per_hop = (p50[4] - p50[1]) / 3
+                leg = bare_leg_ms(x.nbytes)
+                out[f"{mode}-{rows}"] = {"p50_ms": p50, "per_extra_stage_ms": per_hop, "bare_leg_ms": leg}
+                print(f"\n## hop, {mode} workers: {x.nbytes / 1e3:.0f} kB between stages ({load_average()})\n"
+                      f"p50 latency, one request at a time: 1 stage {p50[1]:.2f} ms, 2 stages {p50[2]:.2f} ms, "
+                      f"4 stages {p50[4]:.2f} ms: {per_hop:.3f} ms per extra stage through the broker; "
+                      f"a direct worker-to-worker leg of the same bytes (bare pyzmq to a process that computes "
+                      f"~1 ms before answering, half the round trip less that compute): {leg:.3f} ms")
+        finally:
+            for p in pools.values():
+                p.close()
     report["hop"] = out
 
 
