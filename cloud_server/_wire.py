@@ -81,18 +81,6 @@ def stage_of(c: list) -> tuple[int, int] | None:
     return None
 
 
-def holdings(tail) -> dict:
-    """What a worker's status says it holds (a cloud_server.tail.TailBatcher): whole bundles and
-    their profiles, pipeline stages, and its memory budget."""
-    loaded = list(tail.loaded.items())
-    return {"loaded": sorted(b for b, l in loaded if l.whole),
-            "profiles": {b: l.profile for b, l in loaded if l.profile and l.whole},
-            "stages": {b: [l.start, l.stop, l.profile["segment_ms"][l.start:l.stop] if l.profile else None]
-                       for b, l in loaded if not l.whole},
-            "memory": [tail.memory_budget, tail.weight_bytes],
-            "unfit": sorted(tail.unfit)}  # not loaded whole: over the budget (served as stages)
-
-
 def ctl(cmd: str, *fields: Any) -> bytes:
     """A control frame."""
     return msgpack.packb([MAGIC, cmd, *fields], use_bin_type=True)

@@ -134,17 +134,23 @@ class Dispatcher:
             w = self.registry.pick(req.bundle)
         if w is None:
             return False
+        self._send(req, w, now)
+        return True
+
+    def _send(self, req: Request, w: WorkerRecord, now: float, hop=None) -> None:
+        """Hand `req` to `w` (only the hop of stage `hop`, a cloud_server.placement.Stage, when given)."""
         # the worker maps broker times onto its own clock (see _wire.ClockMap): time a request
         # spends in the worker's socket buffer counts against its deadline too
-        if req.trace is None:
-            w.send([W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now), *req.frames], small=2)
-        else:  # the broker's queue span is the parent of the worker's spans
-            tp = self.trace.queued(req.trace, req.bundle, req.t0, now)
-            w.send([W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now, tp), *req.frames], small=2)
-        req.worker = w
+        fields = [req.rkey, req.deadline, req.t0, now]
+        if req.trace is not None or hop is not None:
+            # the broker's queue span is the parent of the worker's spans
+            fields.append(self.trace.queued(req.trace, req.bundle, req.t0, now) if req.trace is not None else None)
+        if hop is not None:
+            fields.append(hop.stop)
+        w.send([W.ctl(W.REQUEST, *fields), *req.frames], small=2)
+        req.worker, req.hop = w, hop
         req.attempts += 1
         w.inflight[req.rkey] = req
-        return True
 
     def _dispatch_hop(self, req: Request, plan, now: float) -> bool:
         """Send the request's next hop to the least-loaded ready worker of the stage holding segment req.at."""
@@ -154,11 +160,7 @@ class Dispatcher:
         w = min((w for w in st.ready(req.bundle) if w.has_room), key=lambda w: len(w.inflight), default=None)
         if w is None:
             return False
-        tp = self.trace.queued(req.trace, req.bundle, req.t0, now) if req.trace is not None else None
-        w.send([W.ctl(W.REQUEST, req.rkey, req.deadline, req.t0, now, tp, st.stop), *req.frames], small=2)
-        req.worker, req.hop = w, st
-        req.attempts += 1
-        w.inflight[req.rkey] = req
+        self._send(req, w, now, st)
         return True
 
     def hop_done(self, w: WorkerRecord, rkey, frames: list, passed_on: bool, now: float) -> None:

@@ -184,7 +184,7 @@ class Pipelines:
         if sizes is None or info.get("stateful") or len(sizes) < 2:
             return None  # a session's state lives with one worker: stateful bundles are never staged
         holders = self._eligible(bundle)
-        if holders and not any(w.free_memory() >= sum(sizes) or bundle in w.loaded for w in holders):
+        if holders and not any(w.fits_whole(sum(sizes)) or bundle in w.loaded for w in holders):
             return "budget"
         return "asked" if self.config.pipeline_stages >= 2 else None
 
@@ -201,14 +201,14 @@ class Pipelines:
 
     def _place(self, bundle: str, quiet: bool = False) -> Placement | None:
         sizes = self._sizes(bundle)
-        workers = sorted(self._eligible(bundle), key=lambda w: -w.free_memory())
+        workers = self._eligible(bundle)
         if sizes is None or not workers:
             return None
+        costs = self._costs(bundle, sizes)
         budget = max(w.free_memory() for w in workers)
         fewest = fewest_stages(sizes, 0 if budget == math.inf else budget)
         count = max(fewest or 0, self.config.pipeline_stages)
-        ranges = plan_stages(sizes, self._costs(bundle, sizes), 0 if budget == math.inf else budget, count) \
-            if fewest is not None else None
+        ranges = plan_stages(sizes, costs, 0 if budget == math.inf else budget, count) if fewest is not None else None
         why = None
         if ranges is None:
             why = f"a segment is larger than any worker's free memory ({budget / 1e6:.1f} MB)"
@@ -220,7 +220,6 @@ class Pipelines:
                 self._stuck.add(bundle)
                 log.warning("cannot place bundle %s in pipeline stages yet: %s", bundle[:12], why)
             return None
-        costs = self._costs(bundle, sizes)
         stages = [Stage(i, a, b, sum(sizes[a:b]), sum(costs[a:b])) for i, (a, b) in enumerate(ranges)]
         info = self.catalog.bundles.get(bundle) or {}
         p = Placement(bundle, str(info.get("name", "?"))[:64], stages)
@@ -268,18 +267,18 @@ class Pipelines:
         self._staged.clear()
         if self.stopping():
             return
+        live = set(self.registry.live())
         for bundle, p in list(self.placed.items()):
-            live = set(self.registry.live())
             for st in p.stages:
                 st.workers = [w for w in st.workers if w in live]
             if not self.plan(bundle) is p:  # no longer staged (a worker that holds it whole came)
                 self._forget(p)
                 continue
-            spare = [w for w in self._eligible(bundle) if p.holds(w) is None and bundle not in w.assigned]
+            spare = [w for w in self._eligible(bundle) if p.holds(w) is None]
             for st in p.stages:
                 if not st.workers:
-                    self._mend(p, st, spare)
-            self._add_replicas(p, [w for w in spare if p.holds(w) is None])
+                    self._mend(p, st, spare)  # takes the spare it uses out of the list
+            self._add_replicas(p, spare)
             for st in p.stages:
                 self.metrics.stage_workers.labels(bundle, p.name, str(st.index)).set(len(st.workers))
         for bundle in list(self.catalog.bundles):  # place what is needed as soon as it can be
@@ -321,6 +320,8 @@ class Pipelines:
     def _forget(self, p: Placement) -> None:
         self.placed.pop(p.bundle, None)
         for st in p.stages:
+            for w in st.workers:  # what was placed on it no longer counts against its memory
+                w.assigned.pop(p.bundle, None)
             self.metrics.stage_workers.remove(p.bundle, p.name, str(st.index))
 
     def describe(self) -> list[dict]:

@@ -102,12 +102,12 @@ class WorkerRecord:
         return self.memory_budget - self.memory_used - coming
 
     def fits_whole(self, nbytes: int) -> bool:
-        return not self.memory_budget or nbytes <= self.free_memory()
+        """A bundle of `nbytes` of weights fits it whole now."""
+        return nbytes <= self.free_memory()
 
     def apply_status(self, status: dict, catalog: "BundleCatalog") -> bool:
         """Take in a worker's status (untrusted shapes are ignored); True when what it serves changed."""
-        before = (self.loaded, self.available, self.draining)
-        before_stages = self.stages
+        before = (self.loaded, self.available, self.draining, self.stages)
         avail = status.get("available")
         if isinstance(avail, list):
             ids = set()
@@ -151,7 +151,7 @@ class WorkerRecord:
             self.memory_budget, self.memory_used = mem
         if status.get("draining"):
             self.draining = True
-        return (self.loaded, self.available, self.draining) != before or stages is not None and before_stages != self.stages
+        return (self.loaded, self.available, self.draining, self.stages) != before
 
     def describe(self) -> dict:
         """The worker as /v1/models shows it."""

@@ -104,12 +104,11 @@ class LoadedBundle:
     def measure(self, device: str, runs: int = 2) -> None:
         """Per-segment times at batch 1 on zeros (after a warm-up pass): the profile for "welcome".
 
-        A stage times its own segments; the others are None (the broker joins the stages' profiles).
+        A stage times its own segments [start, stop) only (the broker joins the stages' profiles).
         """
         seg = self.segments.profile(runs, start=self.start, stop=self.stop)
-        n = self.bundle.num_segments
-        ms = [None] * self.start + [round(x, 4) for x in seg] + [None] * (n - self.stop)
-        self.profile = {"segment_ms": ms, "device": device, "runner": self.runner_name, "batch": 1}
+        self.profile = {"segment_ms": [round(x, 4) for x in seg], "device": device, "runner": self.runner_name,
+                        "batch": 1}
 
     def close(self) -> None:
         self.segments.close()
@@ -176,6 +175,17 @@ class TailBatcher:
     def weight_bytes(self) -> int:
         """Bytes of segment weights held now (every loaded bundle and stage)."""
         return sum(b.weight_bytes for b in list(self.loaded.values()))
+
+    def holdings(self) -> dict:
+        """What the worker's status says this batcher holds: whole bundles and their profiles,
+        pipeline stages (with their segments' times), the memory budget and what is over it."""
+        loaded = list(self.loaded.items())
+        return {"loaded": sorted(b for b, l in loaded if l.whole),
+                "profiles": {b: l.profile for b, l in loaded if l.profile and l.whole},
+                "stages": {b: [l.start, l.stop, l.profile["segment_ms"] if l.profile else None]
+                           for b, l in loaded if not l.whole},
+                "memory": [self.memory_budget, self.weight_bytes],
+                "unfit": sorted(self.unfit)}  # not loaded whole: over the budget (served as stages)
 
     # -- what comes in -------------------------------------------------------------------------
     def add_request(self, rkey: bytes, msg: P.Message, deadline: float | None, now: float, received: float,
@@ -353,7 +363,11 @@ class TailBatcher:
             self.version += 1  # announce what the rescan found
             if bid not in self.repository:
                 return None
-        start, stop = stage if stage is not None else (0, None)
+        n = self.repository.manifest(bid).num_segments
+        start, stop = stage if stage is not None else (0, n)
+        if stage is not None and not 0 <= start < stop <= n:
+            log.error("%s: cannot load segments [%d, %d) of bundle %s: it has %d", self.name, start, stop, bid[:12], n)
+            return None
         if not self._fits(bid, start, stop, have):
             return None
         if have is not None:  # another range of the same bundle: this one replaces it
@@ -385,19 +399,12 @@ class TailBatcher:
                  loaded.runner_name, _mb(loaded.weight_bytes), (time.perf_counter() - t) * 1e3)
         return loaded
 
-    def _fits(self, bid: str, start: int, stop: int | None, replaced: LoadedBundle | None) -> bool:
+    def _fits(self, bid: str, start: int, stop: int, replaced: LoadedBundle | None) -> bool:
         """Segments [start, stop) of `bid` fit the memory budget (what `replaced` holds is given back)."""
         if not self.memory_budget:
             return True
-        try:
-            manifest = self.repository.manifest(bid)
-            n = manifest.num_segments
-            stop = n if stop is None else stop
-            if not (type(start) is int and type(stop) is int and 0 <= start < stop <= n):
-                raise ConfigError(f"stage [{start}, {stop}) is outside 0..{n}")
-        except (KeyError, ConfigError) as exc:
-            log.error("%s: cannot load a stage of bundle %s: %s", self.name, bid[:12], exc)
-            return False
+        manifest = self.repository.manifest(bid)
+        n = manifest.num_segments
         need = manifest.weight_bytes(start, stop)
         free = self.memory_budget - self.weight_bytes + (replaced.weight_bytes if replaced is not None else 0)
         if need > free:

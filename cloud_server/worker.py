@@ -179,7 +179,7 @@ class TailWorker:
     def status(self, full: bool = False) -> dict:
         """What the broker is told: queue, loaded bundles, profiles (full: who this worker is)."""
         st: dict[str, Any] = {"queued": len(self._tail.queue), "draining": self._stop_at is not None,
-                              **W.holdings(self._tail)}
+                              **self._tail.holdings()}
         if full:
             st.update(name=self.name, device=self.device, pid=os.getpid(), host=socket.gethostname(),
                       capacity=self.config.worker_capacity, fetch=self._fetcher.enabled)
