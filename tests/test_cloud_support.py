@@ -196,3 +196,17 @@ def drive_client(address, bundle_id: str, cut: int, name: str, inputs: dict, res
             results.setdefault(msg.id, []).append(msg)
     finally:
         edge.close()
+
+
+def answered_once(inputs: list[dict], results: dict, want, rtol: float, atol: float) -> list[P.Message]:
+    """Every input (per client: id -> x) got exactly one reply, a result whose "y" is want(x); the replies."""
+    msgs = []
+    for per_client in inputs:
+        for rid, x in per_client.items():
+            replies = results.get(rid, [])
+            assert len(replies) == 1, (rid, [m.kind for m in replies])
+            msg = replies[0]
+            assert msg.kind == "result", msg.meta  # answered by the cloud, not an error
+            np.testing.assert_allclose(Edge.outputs(None, msg)["y"], want(x), rtol=rtol, atol=atol)
+            msgs.append(msg)
+    return msgs

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 
 from builders import chain_bundle, reference
-from test_cloud_support import ServeProc
+from test_cloud_support import ServeProc, eventually
 
 from cloud_server.multi import split_capacity
 from edge_agent import AgentConfig, EdgeAgent
@@ -39,13 +40,7 @@ def _capacity(broker) -> int | None:
     return workers[0]["capacity"] if workers else None
 
 
-def _eventually(check, timeout=30.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
+_eventually = partial(eventually, timeout=30.0)
 
 
 def test_capacity_split_never_promises_a_slot_twice():
@@ -146,7 +141,7 @@ def test_two_brokers_one_worker_broker_killed_and_restarted(tmp_path):
                 time.sleep(0.005)
             results = [f.result(timeout=60) for f in futures]
             back_on_a = _eventually(lambda: any(r.server == a.front for r in
-                                                [agent.infer({"x": xs[0]}) for _ in range(20)]), 30)
+                                                [agent.infer({"x": xs[0]}) for _ in range(20)]), timeout=30)
             # B stopped gracefully under load: it drains, says goodbye to the worker, which serves A alone
             stop_at = len(futures)
             stopper = threading.Thread(target=b.stop)
@@ -158,7 +153,7 @@ def test_two_brokers_one_worker_broker_killed_and_restarted(tmp_path):
             stopper.join(60)
             results = [f.result(timeout=60) for f in futures]
             assert _eventually(lambda: _capacity(a) == 8), a.workers()
-        assert _eventually(lambda: sum(answers) == n, 10)
+        assert _eventually(lambda: sum(answers) == n, timeout=10)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from builders import reference, stack_bundle
-from test_cloud_support import Edge, ServeProc, drive_client, eventually
+from test_cloud_support import Edge, ServeProc, answered_once, drive_client, eventually
 
 from cloud_server.placement import fewest_stages, plan_stages
 from edgesplit.bundle import Bundle
@@ -52,6 +52,14 @@ def repo(tmp_path_factory):
     return root, full
 
 
+def _y(edge: Edge, rid: str, bundle_id: str, cut: int, tensors: dict) -> np.ndarray:
+    """Ask once; the answer's "y" (it must be a result)."""
+    edge.send_infer(rid, bundle_id, cut, tensors, deadline_ms=20_000)
+    msg = edge.recv(20_000)
+    assert msg is not None and msg.kind == "result", (rid, msg and msg.meta)
+    return edge.outputs(msg)["y"]
+
+
 def _heads(bundle: Bundle, x: np.ndarray) -> dict[int, dict]:
     """The tensors of every cut for input x (what an edge would send at that cut)."""
     with SegmentRunner(bundle, runner="ort-cpu") as r:
@@ -83,10 +91,8 @@ def test_a_bundle_over_the_worker_budget_is_served_in_stages_equal_to_the_unspli
             x = rng.standard_normal((batch, WIDTH)).astype(np.float32)
             want = reference(full, x)
             for k, tensors in _heads(bundle, x).items():  # any cut: the request enters at its stage
-                edge.send_infer(f"b{batch}-k{k}", bundle.id, k, tensors, deadline_ms=20_000)
-                msg = edge.recv(20_000)
-                assert msg is not None and msg.kind == "result", (k, msg and msg.meta)
-                np.testing.assert_allclose(edge.outputs(msg)["y"], want, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(_y(edge, f"b{batch}-k{k}", bundle.id, k, tensors), want, rtol=1e-5,
+                                           atol=1e-6)
         edge.close()
         # the welcome profile is joined from the stages' own timings
         bundles = {b["id"]: b for b in server.json("/v1/models")["bundles"]}
@@ -125,13 +131,7 @@ def test_a_stage_worker_killed_under_load_every_request_answered_once_by_the_clo
         os.kill(pid_of[victim_name], signal.SIGKILL)
         for t in threads:
             t.join()
-        for c in range(n_clients):
-            for rid, x in inputs[c].items():
-                replies = results.get(rid, [])
-                assert len(replies) == 1, (rid, [m.kind for m in replies])
-                assert replies[0].kind == "result", replies[0].meta  # answered by the cloud, not an error
-                np.testing.assert_allclose(Edge.outputs(None, replies[0])["y"], reference(full, x),
-                                           rtol=1e-5, atol=1e-6)
+        answered_once(inputs, results, lambda x: reference(full, x), rtol=1e-5, atol=1e-6)
         # the stage has workers again (a replica moved over, or the restarted worker took it)
         assert eventually(lambda: all(s["ready"] for s in server.json("/v1/models")["pipelines"][0]["stages"]), 60)
         lost = [w["name"] for w in server.json("/v1/models")["lost_workers"]]
@@ -151,15 +151,9 @@ def test_forced_stages_without_a_budget_and_a_bad_size_is_refused(repo, tmp_path
             w["name"] for w in server.json("/v1/models")["workers"])  # one stage per worker
         x = np.random.default_rng(9).standard_normal((2, WIDTH)).astype(np.float32)
         edge = Edge(server.address)
-        edge.send_infer("f", bundle.id, 0, {"x": x}, deadline_ms=20_000)
-        msg = edge.recv(20_000)
-        assert msg is not None and msg.kind == "result", msg and msg.meta
-        np.testing.assert_allclose(edge.outputs(msg)["y"], reference(full, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_y(edge, "f", bundle.id, 0, {"x": x}), reference(full, x), rtol=1e-5, atol=1e-6)
         edge.close()
         assert server.stop() == 0
-
-
-
     bad = subprocess.run([sys.executable, "-m", "cloud_server", "--repository", str(root), "--http", "127.0.0.1:0",
                           "--bind", "tcp://127.0.0.1:0", "--worker-memory", "lots"],
                          capture_output=True, text=True, timeout=60)
@@ -193,10 +187,7 @@ def test_stages_asked_of_too_few_workers_serve_whole_and_a_bundle_no_worker_can_
     with ServeProc(root, workers=1, heartbeat_ms=HB_MS, extra=["--stages", "4"]) as server:
         assert server.json("/v1/models")["pipelines"] == []
         edge = Edge(server.address)
-        edge.send_infer("w", bundle.id, 0, {"x": x}, deadline_ms=20_000)
-        msg = edge.recv(20_000)
-        assert msg is not None and msg.kind == "result", msg and msg.meta
-        np.testing.assert_allclose(edge.outputs(msg)["y"], reference(full, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_y(edge, "w", bundle.id, 0, {"x": x}), reference(full, x), rtol=1e-5, atol=1e-6)
         edge.close()
         assert server.stop() == 0
     # every segment (16.5 kB) is over a 10 kB budget: nothing can hold it; the answer says why

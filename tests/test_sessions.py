@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from edgesplit import codecs, protocol
 from edgesplit.graph import partition
 from edgesplit.netsim import LinkEmulator
 from test_agent_support import RealCloud
+from test_cloud_support import eventually
 from test_models_stateful import GREEDY_64, PROMPT
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -87,13 +87,7 @@ def metric(cloud_or_broker, name: str, labels: dict | None = None) -> float:
     return broker.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
 
-def wait_for(predicate, timeout_s: float = 30.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+wait_for = partial(eventually, timeout=30.0)
 
 
 # -- the decoder -------------------------------------------------------------------------------
