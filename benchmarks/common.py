@@ -102,11 +102,13 @@ def mlp_bundle(out: Path, width: int = 256, depth: int = 8):
 
 
 class Serve:
-    """`python -m cloud_server` with the given options, on free loopback ports."""
+    """`python -m cloud_server` with the given options, on free loopback ports (`http`: with its
+    admin endpoints, read by `models()`)."""
 
-    def __init__(self, repo: Path, workers: int, *extra: str, pythonpath: str | None = None):
+    def __init__(self, repo: Path, workers: int, *extra: str, pythonpath: str | None = None, http: bool = False):
+        self.http = f"127.0.0.1:{free_port()}" if http else None
         cmd = [sys.executable, "-m", "cloud_server", "--repository", str(repo), "--bind", "tcp://127.0.0.1:0",
-               "--http", "off", "--workers", str(workers), *extra]
+               "--http", self.http or "off", "--workers", str(workers), *extra]
         env = None
         if pythonpath:  # another version of the packages (its cwd must not shadow them)
             env = dict(os.environ, PYTHONPATH=os.path.abspath(pythonpath))
@@ -121,6 +123,14 @@ class Serve:
                 break
         if self.address is None:
             raise RuntimeError("the server did not start")
+
+    def models(self) -> dict:
+        """GET /v1/models (needs http=True)."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.http}/v1/models", timeout=10) as r:
+            return json.loads(r.read())
 
     def close(self):
         self.proc.terminate()

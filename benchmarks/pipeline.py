@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ import onnx
 import zmq
 from onnx import TensorProto, helper, numpy_helper
 
-from common import REPO, free_port, load_average, machine
+from common import Serve, free_port, load_average, machine
 from edgesplit import protocol as P
 from edgesplit.bundle import Bundle
 from edgesplit.codecs import decode, get_codec
@@ -82,31 +81,9 @@ def unsplit(model: Path):
 
 
 # -- a server and its admin view --------------------------------------------------------------------
-class Pool:
-    def __init__(self, repo: Path, workers: int, *extra: str):
-        self.http = f"127.0.0.1:{free_port()}"
-        cmd = [sys.executable, "-m", "cloud_server", "--repository", str(repo), "--bind", "tcp://127.0.0.1:0",
-               "--http", self.http, "--workers", str(workers), "--threads", "1", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
-        self.address = None
-        for line in self.proc.stdout:
-            if "listening on" in line:
-                self.address = line.split("listening on", 1)[1].split()[0]
-            if "ready on" in line:
-                break
-        if self.address is None:
-            raise RuntimeError(f"{cmd} did not start")
-
-    def models(self) -> dict:
-        with urllib.request.urlopen(f"http://{self.http}/v1/models", timeout=10) as r:
-            return json.loads(r.read())
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def start_pool(repo: Path, workers: int, *extra: str) -> Serve:
+    """A server of `workers` single-threaded workers, with its admin endpoints."""
+    return Serve(repo, workers, "--threads", "1", *extra, http=True)
 
 
 def rss_mb(pid: int) -> float:
@@ -155,7 +132,7 @@ def part_memory(tmp: Path, report: dict) -> None:
     ref = unsplit(model)
     print(f"\n## memory: {bundle.weight_bytes() / 1e6:.1f} MB of weights in {layers} segments, "
           f"--workers 5 --worker-memory {budget}")
-    pool = Pool(repo, 5, "--worker-memory", budget)
+    pool = start_pool(repo, 5, "--worker-memory", budget)
     try:
         end = time.monotonic() + 120  # "ready" needs one worker per stage; let the replica load too
         while time.monotonic() < end and not all(set(s["ready"]) == set(s["workers"])
@@ -199,7 +176,7 @@ def part_memory(tmp: Path, report: dict) -> None:
                             "answers": n, "max_abs_diff": worst, "kill": killed}
     finally:
         pool.close()
-    whole = Pool(repo, 1)  # the same bundle in one unbudgeted worker
+    whole = start_pool(repo, 1)  # the same bundle in one unbudgeted worker
     try:
         w = whole.models()["workers"][0]
         report.setdefault("memory", {})["one_worker_rss_mb"] = round(rss_mb(w["pid"]), 1)
@@ -208,7 +185,7 @@ def part_memory(tmp: Path, report: dict) -> None:
         whole.close()
 
 
-def kill_under_load(pool: Pool, bundle: str, width: int, ref, stages, workers) -> dict:
+def kill_under_load(pool: Serve, bundle: str, width: int, ref, stages, workers) -> dict:
     victim = next(s for s in stages if len(s["workers"]) == 1)["workers"][0]  # a stage with no replica
     n_clients, per_client = 3, 60
     rng = np.random.default_rng(4)
@@ -308,7 +285,7 @@ def part_throughput(tmp: Path, report: dict, rounds: int, seconds: float) -> Non
     configs = {"1 worker, whole tail": (1, ()), "2 stages": (2, ("--stages", "2")),
                "3 stages": (3, ("--stages", "3")), "4 stages": (4, ("--stages", "4")),
                "2 replicas (data parallel)": (2, ())}
-    pools = {k: Pool(repo, n, *extra) for k, (n, extra) in configs.items()}
+    pools = {k: start_pool(repo, n, *extra) for k, (n, extra) in configs.items()}
     x = np.random.default_rng(5).standard_normal((rows, width)).astype(np.float32)
     rates: dict[str, list[float]] = {k: [] for k in configs}
     try:
@@ -379,7 +356,7 @@ def part_hop(tmp: Path, report: dict, rounds: int) -> None:
     out = {}
     for mode in ("process", "thread"):  # workers as processes (the default) or as threads of the server
         configs = {1: (1, ()), 2: (2, ("--stages", "2")), 4: (4, ("--stages", "4"))}
-        pools = {k: Pool(repo, n, *extra, "--worker-mode", mode) for k, (n, extra) in configs.items()}
+        pools = {k: start_pool(repo, n, *extra, "--worker-mode", mode) for k, (n, extra) in configs.items()}
         try:
             for rows in (1, 32):
                 x = np.random.default_rng(6).standard_normal((rows, width)).astype(np.float32)
