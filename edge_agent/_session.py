@@ -122,7 +122,7 @@ class Session:
     @property
     def bytes_kept(self) -> int:
         """Bytes the history holds for rebuilds (feeds, and cut tensors as sent and as decoded)."""
-        return sum(h.held for h in self._history)
+        return self._held
 
     @property
     def recoverable(self) -> bool:
@@ -227,12 +227,11 @@ class Session:
         self._history.append(sent)
         self._held += sent.held
         limit = self._agent.config.session_history_bytes
-        if self._held > limit and self.local_reason is None:
-            if self._base == 0:
+        # on the device for good, nothing will be replayed; past the bound, nothing can be
+        if self.local_reason is not None or self._held > limit:
+            if self.local_reason is None and self._base == 0:
                 log.warning("session %s: its history passed session_history_bytes (%d bytes) at step %d and is "
                             "dropped: a lost worker or link can no longer be recovered from", self.id[:8], limit, i)
-            self._history, self._base, self._held = [sent], i, sent.held
-        elif self.local_reason is not None:  # on the device for good: nothing will be replayed
             self._history, self._base, self._held = [sent], i, sent.held
 
     def _lost(self, what: str) -> SessionLostError:
