@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgesplit.bundle import Bundle, Cut, TensorSpec, write_bundle
+from edgesplit.codecs import Encoded
 
 OPSET = 17
 IR_VERSION = 8
@@ -543,3 +544,11 @@ def stack_bundle(out: Path, width: int = 64, layers: int = 8, name: str = "stack
     model = {"name": name, "source_sha256": "0" * 64, "inputs": [specs[0].to_json()], "outputs": [specs[-1].to_json()]}
     cuts = [Cut(k, (names[k],), specs[k].bytes_per_sample(), (specs[k],)) for k in range(1, layers)]
     return write_bundle(out / f"{name}.bundle", model, segments, cuts), full_path
+
+
+# -- codecs -----------------------------------------------------------------------------------------
+def tamper(enc: Encoded, **changes) -> Encoded:
+    """A copy of an edgesplit.codecs.Encoded with some fields changed (a hostile or broken frame)."""
+    fields = dict(codec=enc.codec, dtype=enc.dtype, shape=enc.shape, params=dict(enc.params), payload=enc.payload)
+    fields.update(changes)
+    return Encoded(**fields)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from edgesplit.bundle import DTYPES as BUNDLE_DTYPES
-from edgesplit.codecs import DTYPES, Encoded, decode, get_codec, validate
+from edgesplit.codecs import DTYPES, decode, get_codec, validate
 from edgesplit.codecs import pack_bits, unpack_bits
+from builders import tamper
+
 from edgesplit.errors import CodecError
 
 LOSSLESS = ["raw", "zstd", "lz4", "raw+shuffle+zstd", "raw+lz4", "shuffle+lz4", "zstd:3", "raw+pred+zstd",
@@ -146,11 +148,6 @@ def test_spec_parsing():
             get_codec(bad)
 
 
-def _tamper(enc: Encoded, **changes) -> Encoded:
-    fields = dict(codec=enc.codec, dtype=enc.dtype, shape=enc.shape, params=dict(enc.params), payload=enc.payload)
-    fields.update(changes)
-    return Encoded(**fields)
-
 
 def test_decode_refuses_inconsistent_encodings():
     x = np.random.default_rng(3).standard_normal((2, 8, 8, 16)).astype(np.float32)
@@ -158,30 +155,30 @@ def test_decode_refuses_inconsistent_encodings():
     i8 = get_codec("int8:pc+zstd").encode(x)
     lz = get_codec("int4+lz4").encode(x)
     bad = [
-        _tamper(raw, shape=(2, 8, 8, 17)),
-        _tamper(raw, shape=(2, 8, 8, -16)),
-        _tamper(raw, dtype="object"),
-        _tamper(raw, dtype="float64"),
-        _tamper(raw, codec="gzip"),
-        _tamper(raw, payload=bytes(raw.payload)[:-1]),
-        _tamper(raw, payload=12),
-        _tamper(i8, shape=(2, 8, 8, 4000)),  # the zstd frame says how big it is: no allocation
-        _tamper(i8, shape=(2, 9, 8, 16)),
-        _tamper(i8, params={**i8.params, "scales": b"\x00" * 32}),
-        _tamper(i8, params={**i8.params, "scales": b"\xff" * 32}),
-        _tamper(i8, params={**i8.params, "axis": 7}),
-        _tamper(i8, params={**i8.params, "bits": 4}),
-        _tamper(i8, params={**i8.params, "bits": True}),
-        _tamper(i8, params={}),
-        _tamper(i8, payload=b"garbage"),
-        _tamper(i8, payload=bytes(i8.payload)[:-3]),
-        _tamper(i8, dtype="int32"),
-        _tamper(lz, payload=b"\x00"),
-        _tamper(lz, payload=bytes(lz.payload)[:10]),
-        _tamper(lz, shape=(2, 8, 8, 16, 1000)),
-        _tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": float("nan"), "zero": 0, "packed": False}),
-        _tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": 1.0, "zero": 256, "packed": False}),
-        _tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": 1.0, "zero": 0, "packed": "yes"}),
+        tamper(raw, shape=(2, 8, 8, 17)),
+        tamper(raw, shape=(2, 8, 8, -16)),
+        tamper(raw, dtype="object"),
+        tamper(raw, dtype="float64"),
+        tamper(raw, codec="gzip"),
+        tamper(raw, payload=bytes(raw.payload)[:-1]),
+        tamper(raw, payload=12),
+        tamper(i8, shape=(2, 8, 8, 4000)),  # the zstd frame says how big it is: no allocation
+        tamper(i8, shape=(2, 9, 8, 16)),
+        tamper(i8, params={**i8.params, "scales": b"\x00" * 32}),
+        tamper(i8, params={**i8.params, "scales": b"\xff" * 32}),
+        tamper(i8, params={**i8.params, "axis": 7}),
+        tamper(i8, params={**i8.params, "bits": 4}),
+        tamper(i8, params={**i8.params, "bits": True}),
+        tamper(i8, params={}),
+        tamper(i8, payload=b"garbage"),
+        tamper(i8, payload=bytes(i8.payload)[:-3]),
+        tamper(i8, dtype="int32"),
+        tamper(lz, payload=b"\x00"),
+        tamper(lz, payload=bytes(lz.payload)[:10]),
+        tamper(lz, shape=(2, 8, 8, 16, 1000)),
+        tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": float("nan"), "zero": 0, "packed": False}),
+        tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": 1.0, "zero": 256, "packed": False}),
+        tamper(get_codec("int8").encode(x), params={"bits": 8, "scale": 1.0, "zero": 0, "packed": "yes"}),
     ]
     for enc in bad:
         with pytest.raises(CodecError):
@@ -254,7 +251,7 @@ def test_prediction_params_are_checked():
     enc = get_codec("int8+pred+zstd").encode(x)
     for bad in [None, [6], [0, 5], [7, 5], ["6", 5], [6, 5, 1], True]:
         with pytest.raises(CodecError):
-            decode(_tamper(enc, params={**enc.params, "pred": bad}))
+            decode(tamper(enc, params={**enc.params, "pred": bad}))
     with pytest.raises(CodecError):
         get_codec("zstd:fast")
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import zstandard
 
-from edgesplit.codecs import DEFAULT_CODEC, DELTA_MIN_ROW, Encoded, decode, get_codec, validate
+from edgesplit.codecs import DEFAULT_CODEC, DELTA_MIN_ROW, decode, get_codec, validate
+from builders import tamper
+
 from edgesplit.codecs.stages import decoder_for
 from edgesplit.errors import CodecError
 
@@ -18,11 +20,6 @@ def _smooth(shape, seed=0) -> np.ndarray:
     x = rng.standard_normal(shape).astype(np.float32)
     return np.cumsum(0.1 * x, axis=-1).astype(np.float32) + rng.standard_normal(shape[:-2] + (1, 1)).astype(np.float32)
 
-
-def _tamper(enc: Encoded, **changes) -> Encoded:
-    fields = dict(codec=enc.codec, dtype=enc.dtype, shape=enc.shape, params=dict(enc.params), payload=enc.payload)
-    fields.update(changes)
-    return Encoded(**fields)
 
 
 def test_delta_keeps_the_codes_and_pays_on_wide_smooth_maps():
@@ -67,10 +64,10 @@ def test_delta_decoder_checks_the_size_before_it_allocates():
     payload = bytes(memoryview(enc.payload))
     for bad in [payload[:-1], payload + b"\0", b""]:
         with pytest.raises(CodecError):
-            decode(_tamper(enc, payload=bad))
+            decode(tamper(enc, payload=bad))
     # A declared shape far past the payload is refused from the sizes alone.
     with pytest.raises(CodecError):
-        decode(_tamper(enc, shape=(1 << 20, 2, 8, 64)))
+        decode(tamper(enc, shape=(1 << 20, 2, 8, 64)))
     with pytest.raises(CodecError):
         decoder_for("delta").decode(b"\0" * 10, 11, {})
 
@@ -82,14 +79,14 @@ def test_delta_behind_zstd_refuses_a_frame_of_another_size():
     for other in [n - 1, n + 1, 10 * n]:
         frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"\1" * other)
         with pytest.raises(CodecError):
-            decode(_tamper(enc, payload=frame))
+            decode(tamper(enc, payload=frame))
 
 
 def test_delta_decodes_any_bytes_of_the_right_size_to_codes_in_range():
     x = _smooth((1, 2, 8, 64))
     enc = get_codec("int8+delta").encode(x)
     hostile = np.random.default_rng(9).integers(0, 256, enc.nbytes, dtype=np.uint8).tobytes()
-    bad = _tamper(enc, payload=hostile)
+    bad = tamper(enc, payload=hostile)
     validate(bad)
     y = decode(bad)
     assert y.shape == x.shape and np.all(np.isfinite(y))

@@ -11,6 +11,8 @@ import pytest
 import zstandard
 
 from edgesplit.codecs import DEFAULT_CODEC, Encoded, decode, get_codec, validate
+from builders import tamper
+
 from edgesplit.codecs.stages import decoder_for
 from edgesplit.errors import CodecError
 
@@ -21,11 +23,6 @@ def _smooth(shape, seed=0) -> np.ndarray:
     x = np.cumsum(np.cumsum(0.2 * rng.standard_normal(shape), axis=-1), axis=-2)
     return (x + 3 * rng.standard_normal(shape[:-2] + (1, 1))).astype(np.float32)
 
-
-def _tamper(enc: Encoded, **changes) -> Encoded:
-    fields = dict(codec=enc.codec, dtype=enc.dtype, shape=enc.shape, params=dict(enc.params), payload=enc.payload)
-    fields.update(changes)
-    return Encoded(**fields)
 
 
 def _codes(enc: Encoded) -> np.ndarray:
@@ -121,7 +118,7 @@ def test_plane_decoder_refuses_bad_plane_params(bad):
     if bad is not None:
         params["plane"] = bad
     with pytest.raises(CodecError):
-        decode(_tamper(enc, params=params))
+        decode(tamper(enc, params=params))
 
 
 def test_plane_decoder_checks_sizes_before_it_allocates():
@@ -130,15 +127,15 @@ def test_plane_decoder_checks_sizes_before_it_allocates():
     payload = bytes(memoryview(enc.payload))
     for bad in [payload[:-1], payload + b"\0", b""]:
         with pytest.raises(CodecError):
-            decode(_tamper(enc, payload=bad))
+            decode(tamper(enc, payload=bad))
     with pytest.raises(CodecError):
-        decode(_tamper(enc, shape=(1 << 20, 4, 7, 7)))
+        decode(tamper(enc, shape=(1 << 20, 4, 7, 7)))
     with pytest.raises(CodecError):
         decoder_for("plane").decode(b"\0" * 48, 49, {"plane": [7, 7]})
     n = 4 * 49
     frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"\1" * (n + 1))
     with pytest.raises(CodecError):
-        decode(_tamper(get_codec("int8+plane+zstd").encode(x), payload=frame))
+        decode(tamper(get_codec("int8+plane+zstd").encode(x), payload=frame))
 
 
 @pytest.mark.parametrize("change", [
@@ -148,7 +145,7 @@ def test_int_decoder_refuses_bad_order_params(change):
     x = _smooth((1, 4, 7, 7))
     enc = get_codec("int8+plane").encode(x)
     with pytest.raises(CodecError):
-        decode(_tamper(enc, params={**enc.params, **change}))
+        decode(tamper(enc, params={**enc.params, **change}))
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 9, 9), (1, 4, 7, 9), (4, 49), (196,)])
@@ -167,14 +164,14 @@ def test_order_goes_only_with_block_params():
     for spec in ["int8:pt", "int8:pc:f1"]:
         enc = get_codec(spec).encode(x)
         with pytest.raises(CodecError):
-            decode(_tamper(enc, params={**enc.params, "order": "hw"}))
+            decode(tamper(enc, params={**enc.params, "order": "hw"}))
 
 
 def test_plane_decodes_any_bytes_of_the_right_size_to_finite_values():
     x = _smooth((2, 4, 7, 7))
     enc = get_codec("int8+plane").encode(x)
     hostile = np.random.default_rng(9).integers(0, 256, enc.nbytes, dtype=np.uint8).tobytes()
-    bad = _tamper(enc, payload=hostile)
+    bad = tamper(enc, payload=hostile)
     validate(bad)
     y = decode(bad)
     assert y.shape == x.shape and np.all(np.isfinite(y))

@@ -10,7 +10,6 @@ tests must hold on a busy machine. docs/cloud.md "Defences" quotes the figures
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
